@@ -1,0 +1,234 @@
+"""`kdistill` command line. Every verb is a plain function, callable from Python with the same arguments:
+
+    from kdistill.cli import run
+    run("tiny", set=["train.epochs=1"], out="runs/try")
+
+Exit codes: 0 success, 2 bad input or configuration (one line on stderr naming the file/row/key), 1 internal error.
+Also runs as `python -m kdistill.cli ...`, which is what `accelerate launch -m` and `torchrun -m` need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from kdistill.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil large Transformers into small, fast students, and measure the result.")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.epochs=2")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<name>)")]
+
+
+def _config(recipe, overrides):
+    from kdistill.config import load_config
+
+    return load_config(recipe, overrides or [])
+
+
+@app.command("run")
+def run(recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or shipped name (default: default)")]
+        = None, set: SetOpt = None, out: OutOpt = None) -> Path:
+    """The whole pipeline: data -> teacher -> student -> distillation -> evaluation -> report."""
+    from kdistill.pipeline import run as run_pipeline
+
+    run_dir = run_pipeline(_config(recipe, set), out)
+    _print_summary(run_dir)
+    return run_dir
+
+
+@app.command("train-teacher")
+def train_teacher(recipe: str, set: SetOpt = None, out: OutOpt = None) -> Path:
+    """Fine-tune (or train from scratch) the recipe's teacher and evaluate it; writes <out>/teacher."""
+    from kdistill.data import load_data
+    from kdistill.pipeline import get_teacher, prepare_run_dir, standalone_metrics
+
+    cfg = _config(recipe, set)
+    data = load_data(cfg.data)
+    run_dir = prepare_run_dir(cfg, out)
+    _, _, teacher_dir, history = get_teacher(cfg, data, run_dir)
+    standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data)
+    _print_summary(run_dir)
+    return teacher_dir
+
+
+@app.command("distill")
+def distill(recipe: str, teacher: Annotated[Path, typer.Option(help="Trained teacher model dir")],
+            set: SetOpt = None, out: OutOpt = None) -> Path:
+    """Distil a student from an already trained teacher (the run without teacher training)."""
+    from kdistill.pipeline import run as run_pipeline
+
+    run_dir = run_pipeline(_config(recipe, [*(set or []), f"teacher.path={teacher}"]), out)
+    _print_summary(run_dir)
+    return run_dir
+
+
+@app.command("evaluate")
+def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in dataset name or a data file")],
+             split: Annotated[str, typer.Option(help="test | validation | train | all (every row of a file)")]
+             = "test", set: SetOpt = None, out: Annotated[Optional[Path], typer.Option(
+                 help="metrics.json path (default: <model>/metrics.json)")] = None) -> dict:
+    """Accuracy, P/R/F1, confusion matrix, size, latency and throughput of one model dir."""
+    from kdistill.pipeline import evaluate_dir
+
+    metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out)
+    keys = ("accuracy", "macro_f1", "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
+    typer.echo(json.dumps({k: metrics[k] for k in keys}))
+    return metrics
+
+
+@app.command("report")
+def report(run_dirs: Annotated[list[Path], typer.Argument(help="One or more run dirs")],
+           out: Annotated[Optional[Path], typer.Option(help="Where report.md goes (default: first run dir)")]
+           = None) -> Path:
+    """report.md + plots comparing every model of the given runs."""
+    from kdistill.report import write_report
+
+    path = write_report(run_dirs, out)
+    typer.echo(str(path))
+    return path
+
+
+@app.command("export")
+def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf | onnx")] = "onnx",
+           quantize: Annotated[Optional[str], typer.Option(help="int8 (ONNX dynamic quantization)")] = None,
+           out: Annotated[Optional[Path], typer.Option(help="Output dir (default <model>-<format>)")] = None,
+           data: Annotated[Optional[str], typer.Option(help="Dataset whose test split checks parity")] = None,
+           set: SetOpt = None) -> dict:
+    """Export a model dir as a self-contained HF dir or ONNX (optionally int8), with a parity check."""
+    from kdistill.export import export_model
+
+    texts = labels = None
+    if data:
+        from kdistill.pipeline import data_for_model
+
+        bundle = data_for_model(model, data, set or [])
+        texts, labels = list(bundle.splits["test"]["text"]), list(bundle.splits["test"]["label"])
+    out = out or model.with_name(f"{model.name}-{format}{'-' + quantize if quantize else ''}")
+    with _as_user_errors():
+        parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
+                              parity_labels=labels)
+    typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},
+                          default=str))
+    return parity
+
+
+@app.command("predict")
+def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify")] = None,
+            file: Annotated[Optional[Path], typer.Option(help="JSONL input with a 'text' field")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="JSONL output (default stdout)")] = None,
+            batch_size: int = 32) -> list[dict]:
+    """Label, label name and probabilities for texts (PyTorch or ONNX, from what MODEL holds)."""
+    from kdistill.predict import load_predictor, predict_file
+
+    if bool(texts) == bool(file):
+        raise UserError("predict: give TEXT arguments or --file, not both or neither")
+    with _as_user_errors():
+        if file:
+            return predict_file(model, file, out, batch_size=batch_size)
+        preds = load_predictor(model).predict(texts, batch_size=batch_size)
+    for text, p in zip(texts, preds):
+        typer.echo(json.dumps({"text": text, **p}, ensure_ascii=False))
+    return preds
+
+
+@app.command("serve")
+def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          api_key: Annotated[Optional[str], typer.Option(envvar="KDISTILL_API_KEY",
+                                                         help="Require this X-API-Key header")] = None) -> None:
+    """HTTP service: POST /predict, GET /health, GET /metadata (loopback unless --host says otherwise)."""
+    from kdistill.serve import run_server
+
+    with _as_user_errors():
+        run_server(model, host=host, port=port, workers=workers, api_key=api_key)
+
+
+@app.command("recipes")
+def recipes() -> dict[str, str]:
+    """List the shipped recipes and what each demonstrates."""
+    from kdistill.config import list_recipes
+
+    shipped = list_recipes()
+    for name, desc in shipped.items():
+        typer.echo(f"{name:24s} {desc}")
+    return shipped
+
+
+@app.command("datasets")
+def datasets() -> dict[str, str]:
+    """List the built-in datasets."""
+    from kdistill.data import list_datasets
+
+    names = list_datasets()
+    for name, desc in names.items():
+        typer.echo(f"{name:20s} {desc}")
+    return names
+
+
+@app.command("validate")
+def validate(recipe: str, set: SetOpt = None) -> None:
+    """Check a recipe (and overrides) without running it; prints the resolved config."""
+    from kdistill.config import dump_config
+
+    typer.echo(dump_config(_config(recipe, set)), nl=False)
+
+
+def _print_summary(run_dir: Path) -> None:
+    metrics_file = Path(run_dir) / "metrics.json"
+    if metrics_file.is_file():
+        from kdistill.report import summary_table
+
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        typer.echo(summary_table([{"metrics": metrics}]))
+    typer.echo(f"run dir: {run_dir}")
+
+
+@contextmanager
+def _as_user_errors():
+    """Export/predict/serve report bad paths and inputs as ValueError/FileNotFoundError: show them as user errors."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("KDISTILL_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "accelerate", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    # per-shard loading bars and the "newly initialised classifier" note are expected here, not news
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        print(f"kdistill: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors: unknown option, missing argument
+        e.show()
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1, traceback on request
+        if os.environ.get("KDISTILL_DEBUG"):
+            raise
+        print(f"kdistill: internal error: {type(e).__name__}: {e} (set KDISTILL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

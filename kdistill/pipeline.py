@@ -1,0 +1,296 @@
+"""The whole pipeline as plain functions: data -> teacher -> student init -> distillation -> evaluation -> report.
+
+Each step writes into the run directory (see README "Run directory"); the CLI verbs call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from kdistill.config import DataConfig, RunConfig, dump_config, parse_override
+from kdistill.data import DataBundle, load_data, tokenize_splits
+from kdistill.distill.terms import TermSpec, layer_pairs
+from kdistill.errors import UserError
+from kdistill.evaluate import compare_speed, evaluate_model, machine_info
+from kdistill.io import atomic_write_json, atomic_write_text
+from kdistill.models import load_model_dir, read_meta, save_model
+from kdistill.student import build_student, describe_student, num_layers_of, select_layers
+from kdistill.teacher import finetune, train_teacher
+
+log = logging.getLogger(__name__)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / cfg.name
+
+
+def prepare_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    run_dir = Path(out) if out else default_run_dir(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Model dirs named in the recipe exist (before the run dir is created)."""
+    named = [("teacher.path", cfg.teacher.path), ("student.model", cfg.student.model)]
+    named += [(f"distill.extra_teachers[{i}]", p) for i, p in enumerate(cfg.distill.extra_teachers)]
+    for key, path in named:
+        if path and not (Path(path) / "config.json").is_file():
+            raise UserError(f"{key}: {path} is not a model dir (no config.json)")
+
+
+def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path):
+    """(teacher, tokenizer, teacher dir, training history or None): a given trained teacher, or train one."""
+    if cfg.teacher.path:
+        path = Path(cfg.teacher.path)
+        model, tokenizer, meta = load_model_dir(path)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if names != data.label_names:
+            raise UserError(f"teacher.path: {path} was trained on labels {names}, the data has {data.label_names}")
+        return model, tokenizer, path, None
+    teacher_dir = run_dir / "teacher"
+    model, tokenizer, history = train_teacher(cfg, data, teacher_dir, log_dir=run_dir / "logs")
+    save_history(run_dir, history)
+    return model, tokenizer, teacher_dir, history
+
+
+def save_history(run_dir: Path, history) -> None:
+    atomic_write_json(run_dir / "logs" / f"history_{history.name}.json", history.to_dict())
+
+
+def calibration_batch(encoded_train, tokenizer, n: int = 64) -> dict:
+    rows = [{k: encoded_train[i][k] for k in encoded_train.column_names if k != "labels"}
+            for i in range(min(n, len(encoded_train)))]
+    return dict(tokenizer.pad(rows, return_tensors="pt"))
+
+
+def make_student(cfg: RunConfig, teacher, calibration: dict):
+    """The student the recipe describes, and the teacher layers it was copied from."""
+    s = cfg.student
+    if s.model:
+        student, _, _ = load_model_dir(s.model)
+        return student.train(), None
+    t_layers = num_layers_of(teacher.config)
+    layers = s.layers if isinstance(s.layers, list) else select_layers(t_layers, s.layers, s.layer_map)
+    try:
+        student = build_student(teacher, layers=layers, hidden_size=s.hidden_size,
+                                num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
+                                init=s.init, calibration_inputs=calibration, seed=cfg.train.seed)
+    except (ValueError, NotImplementedError) as e:
+        raise UserError(f"student: {e}") from None
+    return student.train(), (layers if s.init != "random" else None)
+
+
+def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
+    try:
+        pairs = layer_pairs(cfg.distill.layer_mapping, student_layers=num_layers_of(student.config),
+                            teacher_layers=num_layers_of(teacher.config), init_layers=init_layers)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads)
+    spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)
+    return spec
+
+
+def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_dir: Path, init_layers, student):
+    """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning)."""
+    spec = term_spec(cfg, teacher, student, init_layers)
+    extra = [load_model_dir(p)[0] for p in cfg.distill.extra_teachers]
+    common = dict(spec=spec, distill=cfg.distill, train=cfg.train, max_length=cfg.data.max_length,
+                  log_dir=run_dir / "logs")
+    strategy = cfg.distill.strategy
+    if strategy == "explicit":
+        from kdistill.distill.explicit import distill_explicit
+
+        return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", **common), None
+    if extra:
+        raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
+    if strategy == "mutual":
+        from kdistill.distill.mutual import distill_mutual
+
+        return distill_mutual(student, teacher, tokenizer, data, **common)
+    from kdistill.distill.alternating import distill_alternating
+
+    return distill_alternating(student, teacher, tokenizer, data, **common)
+
+
+def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
+    """`kdistill run`: the whole pipeline; returns the run directory."""
+    if cfg.task == "causal-lm":
+        from kdistill.causal_lm import run_causal_lm
+
+        return run_causal_lm(cfg, out)
+    started = time.perf_counter()
+    check_paths(cfg)  # bad input fails before anything is written
+    data = load_data(cfg.data)
+    log.info("data: %s", json.dumps(data.summary()["sizes"]))
+    run_dir = prepare_run_dir(cfg, out)
+    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir)
+    teacher_before = None
+    if cfg.distill.strategy != "explicit":
+        # the teacher keeps learning: keep its pre-distillation weights to report both
+        teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    encoded = tokenize_splits(data, tokenizer, cfg.data.max_length)
+    calibration = calibration_batch(encoded["train"], tokenizer)
+    student, init_layers = make_student(cfg, teacher, calibration)
+    shapes = describe_student(teacher, student)
+    baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
+
+    history, teacher_history = distill_student(cfg, teacher, tokenizer, data, run_dir, init_layers, student)
+    save_history(run_dir, history)
+    meta = {"task": cfg.task, "max_length": cfg.data.max_length, "strategy": cfg.distill.strategy,
+            "losses": cfg.distill.losses, "student_init": shapes["init"], "train_wall_time_s": history.wall_time_s}
+    save_model(student, tokenizer, run_dir / "student", {"role": "student", **meta})
+    models = {"teacher": (teacher_dir, None), "student": (run_dir / "student", history)}
+    if teacher_history is not None:
+        save_history(run_dir, teacher_history)
+        save_model(teacher, tokenizer, run_dir / "teacher_after",
+                   {"role": "teacher after " + cfg.distill.strategy, "task": cfg.task,
+                    "max_length": cfg.data.max_length})
+        models["teacher_after"] = (run_dir / "teacher_after", teacher_history)
+        teacher.load_state_dict(teacher_before)
+
+    if baseline_init is not None:
+        student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
+        baseline_history = finetune(student, tokenizer, data, cfg.train, max_length=cfg.data.max_length,
+                                    name="baseline", log_dir=run_dir / "logs")
+        save_history(run_dir, baseline_history)
+        save_model(student, tokenizer, run_dir / "baseline",
+                   {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
+                    "train_wall_time_s": baseline_history.wall_time_s})
+        models["baseline"] = (run_dir / "baseline", baseline_history)
+
+    metrics = evaluate_run(cfg, run_dir, models, data, shapes)
+    if cfg.export.formats:
+        from kdistill.export import export_model
+
+        metrics["exports"] = export_student(cfg, run_dir, data, export_model)
+    metrics["total_wall_time_s"] = time.perf_counter() - started
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    from kdistill.report import write_report
+
+    write_report([run_dir])
+    return run_dir
+
+
+def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, shapes: dict | None) -> dict:
+    """Every model of the run on the same test split; speed measured side by side, interleaved."""
+    loaded = {name: load_model_dir(path)[0] for name, (path, _) in models.items()}
+    # every model of a run shares the teacher's vocabulary
+    tokenizer = load_model_dir(next(iter(models.values()))[0])[1]
+    encoded_test = tokenize_splits(data, tokenizer, cfg.data.max_length)["test"]
+    results = {}
+    for name, model in loaded.items():
+        path, history = models[name]
+        results[name] = evaluate_model(model, tokenizer, encoded_test, data.label_names, cfg.eval, path,
+                                       speed=False)
+        results[name]["train_wall_time_s"] = history.wall_time_s if history else \
+            read_meta(path).get("train_wall_time_s")
+    speed = compare_speed(loaded, encoded_test, tokenizer, cfg.eval)
+    for name, numbers in speed.items():
+        results[name].update(numbers)
+    teacher = results.get("teacher", next(iter(results.values())))
+    for name, r in results.items():
+        r["accuracy_retained_pct"] = 100 * r["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else None
+        r["speedup_vs_teacher"] = teacher["latency_ms_batch1"] / r["latency_ms_batch1"]
+        r["size_ratio_vs_teacher"] = teacher["params"] / r["params"]
+    return {
+        "run": cfg.name,
+        "task": cfg.task,
+        "strategy": cfg.distill.strategy,
+        "data": data.summary(),
+        "student_shape": shapes,
+        "models": results,
+        "machine": {**machine_info(), "host": socket.gethostname(), "eval_threads": cfg.eval.num_threads
+                    or torch.get_num_threads(), "world_size": int(os.environ.get("WORLD_SIZE", 1))},
+        "units": {"latency_ms_batch1": "ms", "throughput_per_s": "examples/s", "size_mb": "MiB",
+                  "train_wall_time_s": "s"},
+    }
+
+
+def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle, export_model) -> dict:
+    texts = list(data.splits["test"]["text"])
+    labels = list(data.splits["test"]["label"])
+    out = {}
+    for fmt in cfg.export.formats:
+        kind, quant = ("onnx", "int8") if fmt == "onnx-int8" else (fmt, None)
+        out[fmt] = export_model(run_dir / "student", fmt=kind, out_dir=run_dir / "export" / fmt, quantize=quant,
+                                parity_texts=texts, parity_labels=labels)
+    return out
+
+
+def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle) -> dict:
+    """Evaluate the given models (e.g. just the teacher) and write metrics.json + report."""
+    from kdistill.report import write_report
+
+    metrics = evaluate_run(cfg, run_dir, models, data, None)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_report([run_dir])
+    return metrics
+
+
+def data_config_for(spec: str, overrides: list[str]) -> DataConfig:
+    """`--data SPEC`: a built-in dataset name or a data file, plus `--set data.x=y` overrides."""
+    from kdistill.config import validate_config
+    from kdistill.data import BUILTIN_DATASETS
+
+    raw = {"data": {"dataset": spec} if spec in BUILTIN_DATASETS else {"train_file": spec, "dataset": None}}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] != "data" or len(keys) != 2:
+            raise UserError(f"--set {item}: only data.* keys apply here")
+        raw["data"][keys[1]] = value
+    return validate_config(raw, "--data").data
+
+
+def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> DataBundle:
+    """Data whose label ids are those of the model's config (the same names, in the model's order)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model dir (no config.json)")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    names = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
+    data = load_data(data_config_for(spec, overrides))
+    if sorted(names) != sorted(data.label_names):
+        raise UserError(f"{model_dir}: model labels {names} differ from the data's {data.label_names} ({spec})")
+    if names != data.label_names:  # same names, other order: renumber the data to the model's ids
+        remap = {i: names.index(n) for i, n in enumerate(data.label_names)}
+        data.splits = data.splits.map(lambda r: {"label": remap[r["label"]]})
+        data.label_names = names
+    return data
+
+
+def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overrides: list[str] | None = None,
+                 out: str | Path | None = None) -> dict:
+    """`kdistill evaluate`: every number of one model dir on one split of a dataset."""
+    from datasets import concatenate_datasets
+
+    from kdistill.config import EvalConfig
+
+    if split not in ("test", "validation", "train", "all"):
+        raise UserError(f"--split: {split!r} is not one of test, validation, train, all")
+    model, tokenizer, meta = load_model_dir(model_dir)
+    data = data_for_model(model_dir, spec, overrides or [])
+    if split != "test":
+        chosen = concatenate_datasets(list(data.splits.values())) if split == "all" else data.splits[split]
+        data.splits["test"] = chosen
+    max_length = meta.get("max_length") or min(tokenizer.model_max_length, 512)
+    encoded = tokenize_splits(data, tokenizer, max_length)["test"]
+    metrics = evaluate_model(model, tokenizer, encoded, data.label_names, EvalConfig(), model_dir)
+    metrics.update({"model": str(model_dir), "data": spec, "split": split, "machine": machine_info(),
+                    "train_wall_time_s": meta.get("train_wall_time_s")})
+    atomic_write_json(Path(out) if out else Path(model_dir) / "metrics.json", metrics)
+    return metrics

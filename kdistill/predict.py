@@ -1,0 +1,423 @@
+"""Predict with an exported or trained classification model dir, on PyTorch or onnxruntime.
+
+A model dir is a Hugging Face directory: `config.json` (with id2label), tokenizer files, and weights as
+`model.safetensors` (PyTorch) and/or `model.onnx` / `model.int8.onnx` (onnxruntime); optionally `kdistill.json`
+with {"task": "classification", "max_length": int, ...}.
+
+    predictor = load_predictor("runs/demo/student")           # backend picked from the files present
+    predictor.predict(["the team won the match"])
+    # [{"label": 0, "label_name": "sport", "probabilities": {"sport": 0.91, "tech": 0.05, "politics": 0.04}}]
+
+Backend choice with backend="auto": `model.int8.onnx` (quantization was asked for when exporting), then
+`model.onnx`, then safetensors weights. Loading never unpickles: safetensors only, no remote code.
+
+Errors a user can act on (missing dir or files, a bad JSONL line) raise FileNotFoundError / ValueError with one
+line naming the path; the CLI maps them to exit code 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+KDISTILL_JSON = "kdistill.json"
+DEFAULT_MAX_LENGTH_CAP = 512
+
+
+# --------------------------------------------------------------------------------------------- model dir
+
+
+@dataclass
+class ModelDirInfo:
+    """What a model dir holds, read from its JSON files without loading weights."""
+
+    path: Path
+    config: dict
+    kdistill: dict
+    task: str
+    labels: list[str]
+    has_safetensors: bool
+    onnx_files: dict[str, Path] = field(default_factory=dict)  # backend name -> file
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _task_from_config(config: dict) -> str:
+    archs = " ".join(config.get("architectures") or [])
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal-lm"
+    return "classification"
+
+
+def inspect_model_dir(model_dir: str | os.PathLike) -> ModelDirInfo:
+    """Check that `model_dir` is a usable model dir and say what it holds (no weights are loaded)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model dir not found: {path}")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model dir")
+    config = _read_json(config_path)
+    meta = _read_json(path / KDISTILL_JSON) if (path / KDISTILL_JSON).is_file() else {}
+    task = meta.get("task") or _task_from_config(config)
+    id2label = config.get("id2label") or {}
+    try:
+        labels_by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{config_path}: id2label keys must be integers") from None
+    if labels_by_id and sorted(labels_by_id) != list(range(len(labels_by_id))):
+        raise ValueError(f"{config_path}: id2label ids must be 0..{len(labels_by_id) - 1}")
+    labels = [labels_by_id[i] for i in range(len(labels_by_id))]
+    has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    onnx = {name: path / f for name, f in ONNX_FILES.items() if (path / f).is_file()}
+    return ModelDirInfo(path, config, meta, task, labels, has_st, onnx)
+
+
+def resolve_max_length(info: ModelDirInfo, tokenizer) -> int:
+    """kdistill.json's max_length if set, else min(tokenizer.model_max_length, 512).
+
+    Also capped by the model's max_position_embeddings, so a tokenizer saved without a limit (its
+    model_max_length is then a huge sentinel) cannot push positions past what the model has.
+    """
+    if info.kdistill.get("max_length") is not None:
+        value = info.kdistill["max_length"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ValueError(f"{info.path / KDISTILL_JSON}: max_length must be an integer >= 2, got {value!r}")
+        return value
+    length = min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH_CAP)), DEFAULT_MAX_LENGTH_CAP)
+    positions = info.config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        length = min(length, positions)
+    return length
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The dir's own tokenizer; never remote code."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: cannot load tokenizer files ({str(e).splitlines()[0]})") from None
+
+
+def load_torch_model(model_dir: str | os.PathLike, task: str = "classification"):
+    """The dir's PyTorch model in eval mode, fp32, from safetensors only (nothing is unpickled)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = Path(model_dir)
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors (only safetensors weights are loaded, never .bin/pickle files)"
+        )
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- runners
+# A runner maps one tokenized batch {name: int64 array (B, L)} to logits (B, C) as float32 numpy.
+
+
+class _TorchRunner:
+    backend = "torch"
+
+    def __init__(self, model):
+        import torch
+
+        self.model = model
+        self.torch = torch
+        self.accepts = set(inspect.signature(model.forward).parameters)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {k: self.torch.from_numpy(v) for k, v in batch.items() if k in self.accepts}
+        with self.torch.inference_mode():
+            return self.model(**inputs).logits.float().numpy()
+
+
+class _OrtRunner:
+    def __init__(self, onnx_path: Path, backend: str, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        self.backend = backend
+        self.path = onnx_path
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+            raise ValueError(f"{onnx_path}: cannot load ONNX model ({str(e).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {}
+        for name in self.input_names:
+            if name in batch:
+                feed[name] = batch[name].astype(np.int64, copy=False)
+            elif name == "token_type_ids":
+                feed[name] = np.zeros_like(batch["input_ids"], dtype=np.int64)
+            else:
+                raise ValueError(f"{self.path}: graph input {name!r} is not produced by the tokenizer")
+        return self.session.run([self.output_name], feed)[0].astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- predictor
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """Tokenizer + one backend + label names. Not thread-safe: call from one thread at a time."""
+
+    def __init__(self, *, tokenizer, runner, labels: list[str], max_length: int, info: ModelDirInfo):
+        self.tokenizer = tokenizer
+        self._runner = runner
+        self.labels = labels
+        self.max_length = max_length
+        self.info = info
+
+    @property
+    def backend(self) -> str:
+        return self._runner.backend
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Model name, labels, backend, max_length and num_parameters (None where unknown)."""
+        num_parameters = getattr(self._runner, "num_parameters", None) or self.info.kdistill.get("num_parameters")
+        archs = self.info.config.get("architectures") or []
+        return {
+            "model": self.info.kdistill.get("name") or self.info.path.resolve().name,
+            "model_type": self.info.config.get("model_type"),
+            "architecture": archs[0] if archs else None,
+            "task": self.info.task,
+            "labels": list(self.labels),
+            "backend": self.backend,
+            "max_length": self.max_length,
+            "num_parameters": int(num_parameters) if num_parameters is not None else None,
+        }
+
+    def encode(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
+        """Tokenize one batch, truncated to max_length and padded; also returns how many were truncated."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        encodings = getattr(enc, "encodings", None)
+        if encodings is not None:
+            n_truncated = sum(1 for e in encodings if e.overflowing)
+        else:  # slow tokenizer: count lengths before truncation
+            full = self.tokenizer(list(texts), truncation=False)["input_ids"]
+            n_truncated = sum(1 for ids in full if len(ids) > self.max_length)
+        return {k: np.asarray(v) for k, v in enc.items()}, n_truncated
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
+        """Logits (N, C) in input order, and the number of inputs that were truncated. No warning."""
+        texts = _check_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_labels = len(self.labels)
+        if not texts:
+            return np.zeros((0, n_labels), dtype=np.float32), 0
+        # Batch texts of similar length together so little compute goes to padding; restore order after.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        logits = np.zeros((len(texts), n_labels), dtype=np.float32)
+        n_truncated = 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch, truncated = self.encode([texts[i] for i in idx])
+            n_truncated += truncated
+            logits[idx] = self._runner(batch)
+        return logits, n_truncated
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict]:
+        """One {"label", "label_name", "probabilities"} per text, in input order.
+
+        Inputs longer than max_length tokens are truncated, with one warning per call saying how many.
+        """
+        results, n_truncated = self.predict_counted(texts, batch_size=batch_size)
+        if n_truncated:
+            logger.warning(
+                "%d of %d input(s) were longer than max_length=%d tokens and were truncated",
+                n_truncated,
+                len(results),
+                self.max_length,
+            )
+        return results
+
+    def predict_counted(self, texts: Sequence[str], batch_size: int = 32) -> tuple[list[dict], int]:
+        """predict() without the warning: the results and how many inputs were truncated (for servers)."""
+        logits, n_truncated = self.predict_logits(texts, batch_size=batch_size)
+        out = []
+        for row in softmax(logits):
+            label = int(row.argmax())
+            out.append(
+                {
+                    "label": label,
+                    "label_name": self.labels[label],
+                    "probabilities": {name: float(p) for name, p in zip(self.labels, row)},
+                }
+            )
+        return out, n_truncated
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+    return texts
+
+
+def _pick_backend(info: ModelDirInfo, backend: str) -> str:
+    if backend == "auto":
+        for name in ("onnx-int8", "onnx"):
+            if name in info.onnx_files:
+                return name
+        if info.has_safetensors:
+            return "torch"
+        raise FileNotFoundError(
+            f"{info.path}: no model weights (expected model.safetensors, model.onnx or model.int8.onnx)"
+        )
+    if backend == "torch":
+        if not info.has_safetensors:
+            raise FileNotFoundError(f"{info.path}: backend 'torch' needs model.safetensors")
+        return backend
+    if backend in ONNX_FILES:
+        if backend not in info.onnx_files:
+            raise FileNotFoundError(f"{info.path}: backend {backend!r} needs {ONNX_FILES[backend]}")
+        return backend
+    raise ValueError(f"unknown backend {backend!r}; choose auto, torch, onnx or onnx-int8")
+
+
+def load_predictor(
+    model_dir: str | os.PathLike, *, backend: Backend = "auto", num_threads: int | None = None
+) -> Predictor:
+    """Load a classification model dir for prediction.
+
+    backend: "auto" (model.int8.onnx, then model.onnx, then safetensors), "torch", "onnx" or "onnx-int8".
+    num_threads: intra-op threads for onnxruntime, or torch.set_num_threads (process-wide) for PyTorch;
+    None leaves each library's default.
+    """
+    info = inspect_model_dir(model_dir)
+    if info.task != "classification":
+        raise ValueError(f"{info.path}: prediction supports classification model dirs only (task={info.task!r})")
+    if not info.labels:
+        raise ValueError(f"{info.path / 'config.json'}: no id2label; cannot name the classes")
+    chosen = _pick_backend(info, backend)
+    tokenizer = load_tokenizer(info.path)
+    max_length = resolve_max_length(info, tokenizer)
+    if chosen == "torch":
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        runner: Any = _TorchRunner(load_torch_model(info.path, info.task))
+    else:
+        runner = _OrtRunner(info.onnx_files[chosen], chosen, num_threads)
+    return Predictor(tokenizer=tokenizer, runner=runner, labels=info.labels, max_length=max_length, info=info)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tuple[list[dict], list[str]]:
+    """Rows and their texts from a JSONL file; blank lines are skipped; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    rows, texts = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
+            if not isinstance(row.get(text_field), str):
+                raise ValueError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
+            rows.append(row)
+            texts.append(row[text_field])
+    return rows, texts
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Write records as JSONL to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder not found: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict_file(
+    model_dir: str | os.PathLike,
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 32,
+    text_field: str = "text",
+    backend: Backend = "auto",
+) -> list[dict]:
+    """Predict every line of a JSONL file (objects with a "text" field).
+
+    Each output line is the input object with a "prediction" field added ({"label", "label_name",
+    "probabilities"}; kept apart so a gold "label" in the input is not overwritten). Written atomically to
+    out_path, or to stdout when out_path is None. Returns the output records.
+    """
+    rows, texts = read_jsonl_texts(in_path, text_field=text_field)
+    predictor = load_predictor(model_dir, backend=backend)
+    preds = predictor.predict(texts, batch_size=batch_size)
+    records = [{**row, "prediction": p} for row, p in zip(rows, preds)]
+    if out_path is None:
+        for r in records:
+            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        write_jsonl_atomic(out_path, records)
+    return records

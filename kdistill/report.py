@@ -1,0 +1,197 @@
+"""report.md + plots/*.png from one or more run dirs: the comparison a person reads.
+
+The report leads with one table (quality, size, speed, and the ratios against the teacher), then the plots:
+training curves per loss term, accuracy against latency and against size for every model, and the student's
+confusion matrix. With several run dirs (e.g. one per strategy) every model of every run is a row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kdistill.errors import UserError  # noqa: E402
+from kdistill.io import atomic_write_text  # noqa: E402
+
+COLUMNS = [
+    ("accuracy", "accuracy", "{:.2%}"),
+    ("macro_f1", "macro-F1", "{:.4f}"),
+    ("params", "params", "{:,}"),
+    ("size_mb", "MB", "{:.1f}"),
+    ("latency_ms_batch1", "latency b=1 (ms)", "{:.2f}"),
+    ("throughput_per_s", "throughput b=32 (/s)", "{:.1f}"),
+    ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
+    ("size_ratio_vs_teacher", "size ratio", "{:.2f}x"),
+    ("accuracy_retained_pct", "acc. retained", "{:.1f}%"),
+    ("train_wall_time_s", "train time (s)", "{:.0f}"),
+]
+
+LM_COLUMNS = [  # causal-lm runs (metrics.json "task": "causal-lm")
+    ("perplexity", "test perplexity", "{:.2f}"),
+    ("params", "params", "{:,}"),
+    ("block_params", "block params", "{:,}"),
+    ("size_mb", "MB", "{:.1f}"),
+    ("generate_tokens_per_s", "generate b=1 (tok/s)", "{:.1f}"),
+    ("score_tokens_per_s", "score (tok/s)", "{:.0f}"),
+    ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
+    ("size_ratio_vs_teacher", "size ratio", "{:.2f}x"),
+    ("train_wall_time_s", "train time (s)", "{:.0f}"),
+]
+
+
+def load_run(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no metrics.json (is this a finished run dir?)")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    histories = {}
+    for f in sorted((Path(run_dir) / "logs").glob("history_*.json")):
+        h = json.loads(f.read_text(encoding="utf-8"))
+        histories[h["name"]] = h
+    return {"dir": Path(run_dir), "metrics": metrics, "histories": histories}
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None:
+        return "–"
+    try:
+        return pattern.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def summary_table(runs: list[dict]) -> str:
+    many = len(runs) > 1
+    columns = LM_COLUMNS if runs[0]["metrics"].get("task") == "causal-lm" else COLUMNS
+    head = "| model | " + " | ".join(label for _, label, _ in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for run in runs:
+        for name, m in run["metrics"]["models"].items():
+            label = f"{run['metrics']['run']}/{name}" if many else name
+            lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k), p) for k, _, p in columns) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(run: dict, path: Path) -> Path | None:
+    histories = [h for h in run["histories"].values() if h["steps"]]
+    if not histories:
+        return None
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.6), squeeze=False)
+    for ax, h in zip(axes[0], histories):
+        terms = [k for k in h["steps"][0] if k not in ("step", "lr", "temperature")]
+        steps = [s["step"] for s in h["steps"]]
+        for term in terms:
+            ax.plot(steps, [s.get(term) for s in h["steps"]], label=term, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(h["name"])
+        if h["evals"]:
+            ax2 = ax.twinx()
+            ax2.plot([e["step"] for e in h["evals"]], [e["accuracy"] for e in h["evals"]], "k--o", ms=3,
+                     label="val accuracy")
+            ax2.set_ylabel("validation accuracy")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("training loss per term (log scale) and validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(runs: list[dict], path: Path) -> Path:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    many = len(runs) > 1
+    for run in runs:
+        for name, m in run["metrics"]["models"].items():
+            label = f"{run['metrics']['run']}/{name}" if many else name
+            for ax, key in ((ax1, "latency_ms_batch1"), (ax2, "size_mb")):
+                if m.get(key) is not None:
+                    ax.scatter(m[key], m["accuracy"], s=40)
+                    ax.annotate(label, (m[key], m["accuracy"]), fontsize=8, xytext=(4, 4),
+                                textcoords="offset points")
+    ax1.set_xlabel("CPU latency, batch 1 (ms)")
+    ax2.set_xlabel("size on disk (MB)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy against latency and size (up and to the left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(run: dict, model: str, path: Path) -> Path | None:
+    m = run["metrics"]["models"].get(model)
+    if not m or "confusion_matrix" not in m:
+        return None
+    labels = run["metrics"]["data"]["labels"]
+    cm = m["confusion_matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{model}: confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
+    """Write report.md and plots/ into `out_dir` (default: the first run dir); returns the report path."""
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out_dir) if out_dir else runs[0]["dir"]
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    first = runs[0]["metrics"]
+    if first.get("task") == "causal-lm":  # perplexity, speed, sample generations: see causal_lm.py
+        from kdistill.causal_lm import write_lm_report
+
+        return write_lm_report(runs, out)
+    lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", ""]
+    lines += [summary_table(runs), ""]
+    machine = first.get("machine", {})
+    lines += [f"Test set: {first['data']['sizes']['test']} examples of {first['data']['source']} "
+              f"({len(first['data']['labels'])} classes). Latency and throughput: CPU, "
+              f"{machine.get('eval_threads', '?')} threads, medians after warm-up, all models measured "
+              f"interleaved in one process. Speed-up and size ratio are relative to the teacher.", ""]
+    leak = first["data"].get("leakage", {})
+    if leak.get("test_texts_also_in_train"):
+        lines += [f"Leakage check: {leak['test_texts_also_in_train']} test texts also appeared in train and were "
+                  f"{'removed' if leak.get('removed') else 'KEPT (accuracy is inflated)'}.", ""]
+    shape = first.get("student_shape")
+    if shape:
+        s, t = shape["student"], shape["teacher"]
+        lines += [f"Student: {s['layers']} layers x {s['hidden']} hidden, {s['heads']} heads, FFN {s['ffn']} "
+                  f"(teacher: {t['layers']} x {t['hidden']}, {t['heads']} heads, FFN {t['ffn']}); "
+                  f"init {shape.get('init')}.", ""]
+    trade = plot_tradeoff(runs, plots / "tradeoff.png")
+    lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]
+    for run in runs:
+        tag = run["metrics"]["run"] if len(runs) > 1 else "run"
+        curves = plot_curves(run, plots / f"curves_{tag}.png")
+        if curves:
+            lines += [f"## Training curves ({run['metrics']['run']})", "", f"![curves](plots/{curves.name})", ""]
+        cm = plot_confusion(run, "student", plots / f"confusion_{tag}.png")
+        if cm:
+            lines += [f"## Student confusion matrix ({run['metrics']['run']})", "", f"![confusion](plots/{cm.name})",
+                      ""]
+    exports = first.get("exports")
+    if exports:
+        lines += ["## Exports (student)", "", "| format | parity / accuracy |", "|---|---|"]
+        for fmt, info in exports.items():
+            lines.append(f"| {fmt} | `{json.dumps(info.get('parity', info), default=str)[:300]}` |")
+        lines.append("")
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
+    return report

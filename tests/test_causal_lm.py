@@ -1,0 +1,312 @@
+"""Causal-LM distillation: packing and splits, every LM loss term in the loop, step-level normalisation under
+gradient accumulation, on-policy / sequence-level KD steps, a tiny GPT-2 end to end, and the real GGUF teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from kdistill import losses
+from kdistill.cache import build_topk_cache
+from kdistill.causal_lm import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks, perplexity
+from kdistill.cli import main
+from kdistill.config import DataConfig, DistillConfig, TrainConfig
+from kdistill.distill.causal import accumulate_step, distill_causal, generate_continuations, with_targets
+from kdistill.distill.terms import TermSpec
+from kdistill.training import make_accelerator
+
+SUBJECTS = ["the minister", "the team", "the company", "a new phone", "the coach", "the market", "the court"]
+VERBS = ["said", "won", "lost", "announced", "rejected", "reported", "expects"]
+OBJECTS = ["a big deal", "the final match", "record profits", "new rules", "the vote", "higher prices", "an appeal"]
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        sentences = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+                     for _ in range(rng.randint(3, 6))]
+        docs.append(f"Story {i}: " + " ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    return make_docs(60)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(docs):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the toy corpus, EOS = <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=64)
+
+
+def tiny_gpt2(tokenizer, layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory, bpe_tokenizer):
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tiny_gpt2(bpe_tokenizer).save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- data, packing
+
+
+def test_pack_blocks_joins_documents_with_eos_and_pads_the_last_block(bpe_tokenizer):
+    texts = ["the team won", "the market lost record profits today"]
+    ids = [bpe_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = bpe_tokenizer.eos_token_id
+    flat = ids[0] + [eos] + ids[1] + [eos]
+    blocks = pack_blocks(texts, bpe_tokenizer, block_size=4)
+    assert blocks.input_ids.shape == (math.ceil(len(flat) / 4), 4)
+    assert blocks.input_ids.flatten()[: len(flat)].tolist() == flat
+    assert blocks.tokens == len(flat)
+    assert blocks.attention_mask.flatten()[len(flat):].sum() == 0  # padding only at the very end
+
+
+def test_next_token_targets_count_only_real_next_tokens_after_the_prompt():
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    labels, valid = next_token_targets(ids, mask)
+    assert labels[0, :3].tolist() == [6, 7, 8]
+    assert valid.tolist() == [[True, True, True, False], [True, False, False, False]]
+    _, valid = next_token_targets(ids, mask, prompt_length=2)  # only tokens 2.. are targets
+    assert valid.tolist() == [[False, True, True, False], [False, False, False, False]]
+
+
+def test_corpus_is_split_by_document_seeded_and_without_leaks(tmp_path, docs):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"body": d} for d in docs] + [{"body": docs[0]}]  # one duplicate document
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    cfg = DataConfig(train_file=str(path), text_column="body", test_fraction=0.2, validation_fraction=0.1, seed=3)
+    a, b = load_lm_corpus(cfg), load_lm_corpus(cfg)
+    assert a.docs == b.docs
+    train = set(a.docs["train"])
+    assert not train & set(a.docs["test"]) and not train & set(a.docs["validation"])
+    assert sum(len(v) for v in a.docs.values()) + a.leakage["test_docs_also_in_train"] \
+        + a.leakage["validation_docs_also_in_train"] == len(rows)
+    capped = load_lm_corpus(cfg.model_copy(update={"limit": 5}))
+    assert all(len(v) <= 5 for v in capped.docs.values())
+    other = load_lm_corpus(cfg.model_copy(update={"seed": 4}))
+    assert other.docs["test"] != a.docs["test"]
+
+
+# --------------------------------------------------------------------------------------- loss terms in the loop
+
+
+def _batch(tokenizer, docs, rows=4, length=16, pad_last=0):
+    blocks = pack_blocks(docs, tokenizer, length)
+    batch = blocks.batch(slice(0, rows))
+    if pad_last:
+        batch["attention_mask"][-1, -pad_last:] = 0
+    batch["idx"] = torch.arange(rows)
+    return with_targets(batch)
+
+
+REFERENCE = {
+    "forward_kl": lambda s, t, d, T: losses.forward_kl_tokens(s, t, temperature=T),
+    "reverse_kl": lambda s, t, d, T: losses.reverse_kl_tokens(s, t, temperature=T),
+    "jsd": lambda s, t, d, T: losses.generalized_jsd_tokens(s, t, beta=d.gjsd_beta, temperature=T),
+    "skew_kl": lambda s, t, d, T: losses.skew_kl_tokens(s, t, alpha=d.skew_alpha, temperature=T),
+    "skew_reverse_kl": lambda s, t, d, T: losses.skew_reverse_kl_tokens(s, t, alpha=d.skew_alpha, temperature=T),
+}
+
+
+@pytest.mark.parametrize("term", [*REFERENCE, "lm", "hidden_mse"])
+def test_each_lm_term_in_the_loop_matches_a_reference_and_trains(term, bpe_tokenizer, docs):
+    teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2).train()
+    batch = _batch(bpe_tokenizer, docs, pad_last=5)
+    distill = DistillConfig(losses={term: 1.0}, gjsd_beta=0.3, skew_alpha=0.2)
+    spec = TermSpec({term: 1.0}, [(1, 2), (2, 4)])
+    accelerator = make_accelerator(TrainConfig())
+    logged = accumulate_step(student, teacher, [batch], spec=spec, distill=distill, temperature=2.0,
+                             accelerator=accelerator)
+    valid = batch["valid"]
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    keep = valid.bool()
+    if term == "lm":
+        expected = torch.nn.functional.cross_entropy(s.logits[keep], batch["labels"][keep]).item()
+    elif term == "hidden_mse":
+        expected = sum(((s.hidden_states[a] - t.hidden_states[b])[keep] ** 2).sum()
+                       for a, b in [(1, 2), (2, 4)]).item() / (2 * int(keep.sum()) * 32)
+    else:  # the reference on the counted tokens only: padding and last positions must not matter
+        total, count = REFERENCE[term](s.logits[keep], t.logits[keep], distill, 2.0)
+        expected = (total / count).item()
+    assert logged[term] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert expected > 0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher never learns
+
+
+def test_full_vocabulary_cache_equals_the_live_teacher(tmp_path, bpe_tokenizer, docs):
+    """With K = V the cached forward KL (renormalised over the stored support) is the full-vocabulary loss."""
+    teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2)
+    batch = _batch(bpe_tokenizer, docs)
+    blocks = LMBlocks(batch["input_ids"], batch["attention_mask"])
+    cache = build_topk_cache(teacher, blocks.input_ids, blocks.attention_mask, k=len(bpe_tokenizer), root=tmp_path)
+    spec, distill = TermSpec({"forward_kl": 1.0, "lm": 0.5}, []), DistillConfig(losses={"forward_kl": 1.0})
+    accelerator = make_accelerator(TrainConfig())
+    live = accumulate_step(student, teacher, [batch], spec=spec, distill=distill, temperature=1.5,
+                           accelerator=accelerator)
+    cached = accumulate_step(student, None, [batch], spec=spec, distill=distill, temperature=1.5,
+                             accelerator=accelerator, cache=cache)
+    assert cached["forward_kl"] == pytest.approx(live["forward_kl"], rel=2e-3)
+    assert cached["lm"] == pytest.approx(live["lm"], rel=1e-6)
+    small = build_topk_cache(teacher, blocks.input_ids, blocks.attention_mask, k=8, root=tmp_path)
+    topk = accumulate_step(student, None, [batch], spec=spec, distill=distill, temperature=1.5,
+                           accelerator=accelerator, cache=small)
+    assert topk["forward_kl"] != pytest.approx(live["forward_kl"], rel=1e-3)  # a different, renormalised support
+
+
+@pytest.mark.parametrize("term", ["jsd", "forward_kl"])
+def test_grad_accumulation_matches_one_big_batch(term, bpe_tokenizer, docs):
+    """Two micro-batches with different numbers of real tokens give the loss and gradients of one batch."""
+    teacher = tiny_gpt2(bpe_tokenizer, seed=1)
+    big = _batch(bpe_tokenizer, docs, rows=4, pad_last=9)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    assert halves[0]["valid"].sum() != halves[1]["valid"].sum()
+    spec = TermSpec({term: 1.0, "lm": 0.3}, [])
+    distill = DistillConfig(losses={term: 1.0}, gjsd_beta=0.4)
+    accelerator = make_accelerator(TrainConfig())
+    results = []
+    for group in ([big], halves):
+        student = tiny_gpt2(bpe_tokenizer, layers=2, seed=2).train()
+        logged = accumulate_step(student, teacher, group, spec=spec, distill=distill, temperature=2.0,
+                                 accelerator=accelerator)
+        results.append((logged, [p.grad.clone() for p in student.parameters()]))
+    (one, g_one), (two, g_two) = results
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=1e-5)
+    for a, b in zip(g_one, g_two):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_generated_continuations_keep_the_prompt_and_count_only_new_tokens(bpe_tokenizer, docs):
+    model = tiny_gpt2(bpe_tokenizer)
+    batch = _batch(bpe_tokenizer, docs, rows=3, length=12)
+    torch.manual_seed(0)
+    out = generate_continuations(model, batch, pad_id=bpe_tokenizer.eos_token_id, eos_id=None)
+    assert out["input_ids"].shape == (3, 12)
+    assert torch.equal(out["input_ids"][:, :6], batch["input_ids"][:, :6])
+    assert out["valid"][:, :5].sum() == 0 and out["valid"][:, 5:11].all()  # positions 5..10 predict 6..11
+
+
+def test_on_policy_and_sequence_level_steps_run_and_are_logged(bpe_tokenizer, docs):
+    teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2)
+    blocks = pack_blocks(docs[:20], bpe_tokenizer, 16)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    history = distill_causal(student, teacher, blocks, blocks, spec=TermSpec({"reverse_kl": 1.0, "lm": 1.0}, []),
+                             distill=DistillConfig(losses={"reverse_kl": 1.0}, on_policy_fraction=0.5,
+                                                   seq_kd_fraction=0.5),
+                             train=TrainConfig(max_steps=6, batch_size=4, lr=1e-3, seed=0),
+                             eos_id=bpe_tokenizer.eos_token_id)
+    kinds = [(s["on_policy"], s["seq_kd"]) for s in history.steps]
+    assert (1.0, 0.0) in kinds and (0.0, 1.0) in kinds  # both generated sources were used
+    assert all("lm" not in s or s["on_policy"] == 0 or s["lm"] == 0 for s in history.steps)
+    assert all(math.isfinite(s["loss"]) for s in history.steps)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert history.evals and math.isfinite(history.evals[-1]["perplexity"])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_run_causal_lm_tiny_gpt2_end_to_end(tmp_path, monkeypatch, tiny_teacher_dir, docs):
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(f"""
+name: tiny-lm
+task: causal-lm
+data: {{train_file: {corpus}, block_size: 32, test_fraction: 0.2, validation_fraction: 0.1}}
+teacher: {{model: {tiny_teacher_dir}}}
+student: {{layers: 2}}
+distill: {{temperature: 1.0, losses: {{forward_kl: 1.0, lm: 0.5}}, cache_top_k: 16}}
+train: {{max_steps: 4, batch_size: 4, grad_accum: 2, lr: 1.0e-3}}
+eval: {{repeats: 2, warmup: 1, throughput_batch_size: 2}}
+""", encoding="utf-8")
+    out = tmp_path / "run"
+    main(["run", str(recipe), "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "causal-lm"
+    assert set(metrics["models"]) == {"teacher", "student", "baseline"}
+    for m in metrics["models"].values():
+        assert m["perplexity"] > 1 and math.isfinite(m["perplexity"])
+        assert m["generate_tokens_per_s"] > 0 and m["score_tokens_per_s"] > 0
+    shape = metrics["student_shape"]
+    assert shape["student"]["layers"] == 2 and shape["block_param_ratio"] == pytest.approx(0.5)
+    assert metrics["teacher_cache"]["status"] == "built" and metrics["teacher_cache"]["k"] == 16
+    assert len(metrics["samples"]["student"]) == 3
+    report = (out / "report.md").read_text()
+    assert "test perplexity" in report and "Sample generations" in report and "baseline" in report
+    student_meta = json.loads((out / "student" / "kdistill.json").read_text())
+    assert student_meta["task"] == "causal-lm"
+    from kdistill.models import load_model_dir
+
+    model, _, _ = load_model_dir(out / "student")
+    assert model.config.n_layer == 2
+
+    # same data, same teacher: the second run reuses the cache and the teacher does not score the training set
+    from kdistill.config import load_config
+    from kdistill.pipeline import run
+
+    run(load_config(recipe, ["train.seed=7", "distill.baseline=false"]), tmp_path / "run2")
+    again = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert again["teacher_cache"]["status"] == "reused"
+    assert again["teacher_cache"]["path"] == metrics["teacher_cache"]["path"]
+    assert set(again["models"]) == {"teacher", "student"}
+
+
+def test_classification_terms_are_refused_for_causal_lm(tmp_path, tiny_teacher_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "lm", "--set", f"teacher.model={tiny_teacher_dir}", "--set", "distill.losses={kd: 1.0}",
+              "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2
+    assert "distill.losses" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ real GGUF teacher
+
+
+@pytest.mark.slow
+def test_gguf_teacher_loads_dequantised_and_predicts_english():
+    from kdistill.causal_lm import block_parameters, load_teacher
+    from kdistill.config import RunConfig
+    from kdistill.student import build_student
+
+    teacher, tokenizer, name, file_mb = load_teacher(RunConfig(task="causal-lm", teacher={"model": "smollm2-135m"}))
+    assert type(teacher).__name__ == "LlamaForCausalLM" and teacher.config.num_hidden_layers == 30
+    assert next(teacher.parameters()).dtype == torch.float32
+    assert getattr(teacher.config, "quantization_config", None) is None  # plain fp32 students
+    assert 50 < file_mb < 200
+    text = ("The government said on Monday that it would increase spending on schools and hospitals next year, "
+            "after the economy grew faster than expected.")
+    blocks = pack_blocks([text], tokenizer, 64)
+    assert perplexity(teacher, blocks)["perplexity"] < 60  # a random model would be near 49152
+    student = build_student(teacher, num_layers=10)
+    assert block_parameters(student) * 3 <= block_parameters(teacher)

@@ -1,0 +1,60 @@
+import pytest
+
+from kdistill.config import list_recipes, load_config, recipe_dir, validate_config
+from kdistill.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_shipped_recipe_validates_and_opens_with_its_command(name):
+    cfg = load_config(name)
+    first_line = (recipe_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith("# kdistill run"), first_line
+    assert cfg.name
+
+
+def test_default_recipe_is_the_builtin_english_pipeline():
+    cfg = load_config(None)
+    assert (cfg.data.dataset, cfg.teacher.model, cfg.task) == ("bbc-news", "minilm-l6", "classification")
+    assert cfg.data.max_length >= 128
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("default", ["train.epochs=2", "student.layers=[0, 5]", "distill.losses={kd: 1}",
+                                  "data.limit=10"])
+    assert cfg.train.epochs == 2 and cfg.student.layers == [0, 5]
+    assert cfg.distill.losses == {"kd": 1} and cfg.data.limit == 10
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochz=3", "unknown key 'train.epochz' (did you mean 'train.epochs'?)"),
+    ("trian.epochs=3", "unknown key 'trian'"),
+    ("train.lr=-1", "train.lr: Input should be greater than 0"),
+    ("distill.strategy=magic", "distill.strategy:"),
+    ("distill.losses={kdd: 1}", "distill.losses: unknown loss term 'kdd' (did you mean 'kd'?)"),
+    ("distill.losses={kd: 0}", "at least one loss term needs a positive weight"),
+    ("train.grad_accum=3", "batch_size must be divisible by grad_accum"),
+    ("train.epochs", "expected key=value"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dataset: bbc-news\n  max_lenght: 64\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'data.max_lenght' \(did you mean 'data.max_length'"):
+        load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml line \d+: invalid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_data_source_required():
+    with pytest.raises(ConfigError, match="set data.dataset or data.train_file"):
+        validate_config({"data": {"dataset": None}})

@@ -1,0 +1,108 @@
+"""Predictor: PyTorch and onnxruntime backends agree, truncation is reported, JSONL in/out, clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from kdistill.export import export_model
+from kdistill.predict import load_predictor, predict_file
+
+LABELS = ["sport", "tech", "politics"]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "onnx"
+    export_model(tiny_bert_dir, fmt="onnx", out_dir=out)
+    return out
+
+
+def test_backends_agree_on_toy_texts(tiny_bert_dir, onnx_dir, toy_examples):
+    texts = [r["text"] for r in toy_examples[:30]]
+    torch_pred = load_predictor(tiny_bert_dir)
+    onnx_pred = load_predictor(onnx_dir)
+    assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnx")
+    a, b = torch_pred.predict(texts, batch_size=7), onnx_pred.predict(texts, batch_size=32)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["label_name"] == LABELS[ra["label"]]
+        assert list(ra["probabilities"]) == LABELS
+        assert sum(ra["probabilities"].values()) == pytest.approx(1.0)
+        assert ra["probabilities"][ra["label_name"]] == max(ra["probabilities"].values())
+        np.testing.assert_allclose(list(ra["probabilities"].values()), list(rb["probabilities"].values()), atol=1e-5)
+    # the order of results follows the input, whatever the batching
+    single = [torch_pred.predict([t])[0]["label"] for t in texts[:5]]
+    assert single == [r["label"] for r in a[:5]]
+
+
+def test_metadata(tiny_bert_dir, onnx_dir):
+    meta = load_predictor(tiny_bert_dir).metadata
+    assert meta["labels"] == LABELS and meta["backend"] == "torch" and meta["max_length"] == 32
+    assert meta["num_parameters"] > 1000
+    onnx_meta = load_predictor(onnx_dir).metadata
+    assert onnx_meta["num_parameters"] == meta["num_parameters"]  # recorded in kdistill.json at export
+    assert onnx_meta["backend"] == "onnx"
+
+
+def test_max_length_from_kdistill_json(tiny_bert_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_bert_dir, d)
+    (d / "kdistill.json").write_text(json.dumps({"task": "classification", "max_length": 8}))
+    assert load_predictor(d).max_length == 8
+
+
+def test_truncation_warning_counts_inputs(tiny_bert_dir, caplog):
+    pred = load_predictor(tiny_bert_dir)
+    long_text = " ".join(["goal match team"] * 40)  # far past max_length=32 tokens
+    with caplog.at_level(logging.WARNING, logger="kdistill.predict"):
+        out = pred.predict([long_text, "vote law", long_text], batch_size=2)
+    assert len(out) == 3
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "2 of 3" in warnings[0].getMessage() and "max_length=32" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdistill.predict"):
+        pred.predict(["vote law"])
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+def test_predict_file_roundtrip(tiny_bert_dir, toy_examples, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"id": i, "text": r["text"], "label": r["label"]} for i, r in enumerate(toy_examples[:6])]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")  # blank line skipped
+    out = tmp_path / "out.jsonl"
+    records = predict_file(tiny_bert_dir, src, out)
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert written == records and len(written) == 6
+    expected = load_predictor(tiny_bert_dir).predict([r["text"] for r in rows])
+    for row, rec, exp in zip(rows, written, expected):
+        assert rec["id"] == row["id"] and rec["label"] == row["label"]  # input fields kept, gold label untouched
+        assert rec["prediction"]["label"] == exp["label"]
+    assert not list(tmp_path.glob(".out.jsonl.*"))  # no temp file left
+
+
+def test_predict_file_bad_line_names_file_and_line(tiny_bert_dir, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "goal"}\n{"text": "vote"}\n{"text": "oops"\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+        predict_file(tiny_bert_dir, src, out)
+    assert not out.exists()
+    src.write_text('{"text": "goal"}\n{"txt": "vote"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'text' missing"):
+        predict_file(tiny_bert_dir, src, out)
+
+
+def test_load_errors_name_the_path(tmp_path, tiny_bert_dir):
+    with pytest.raises(FileNotFoundError, match="model dir not found"):
+        load_predictor(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="needs model.onnx"):
+        load_predictor(tiny_bert_dir, backend="onnx")
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        predict_file(tiny_bert_dir, tmp_path / "missing.jsonl", None)

@@ -1,0 +1,204 @@
+"""The HTTP server over real sockets: a uvicorn server in a thread, httpx clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from kdistill.predict import load_predictor
+from kdistill.serve import create_app
+
+API_KEY = "s3cret"
+MAX_BODY = 3000
+MAX_TEXTS = 8
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """uvicorn.Server on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bert_dir):
+    app = create_app(tiny_bert_dir, max_batch_texts=MAX_TEXTS, max_body_bytes=MAX_BODY, max_text_chars=500,
+                     batch_wait_ms=10)  # fmt: skip
+    with _Server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_bert_dir):
+    with _Server(create_app(tiny_bert_dir, api_key=API_KEY)) as url:
+        yield url
+
+
+def test_health_metadata_and_predictions_match_predictor(server, tiny_bert_dir, toy_examples):
+    url, _ = server
+    texts = [r["text"] for r in toy_examples[:MAX_TEXTS]]
+    expected = load_predictor(tiny_bert_dir).predict(texts)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        meta = c.get("/metadata").json()
+        assert meta["labels"] == ["sport", "tech", "politics"] and meta["backend"] == "torch"
+        assert meta["max_length"] == 32 and meta["limits"]["max_batch_texts"] == MAX_TEXTS
+        many = c.post("/predict", json={"texts": texts})
+        assert many.status_code == 200
+        got = many.json()["predictions"]
+        one = c.post("/predict", json={"text": texts[0]}).json()["prediction"]
+        assert c.post("/predict", json={"texts": ["goal match " * 30, "vote"]}).status_code == 200
+        assert c.get("/metadata").json()["truncated_texts"] == meta["truncated_texts"] + 1
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert one["label"] == expected[0]["label"] and one["label_name"] == expected[0]["label_name"]
+    for g, e in zip(got, expected):
+        assert g["probabilities"] == pytest.approx(e["probabilities"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        ({"content": b'{"text": "goal"', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+        ({"content": b"", "headers": {"content-type": "application/json"}}, 400, "body is empty"),
+        ({"content": b"\xff\xfe{]", "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+        ({"json": {"text": 5}}, 422, "text"),
+        ({"json": {"texts": ["ok", 3]}}, 422, "texts.1"),
+        ({"json": {"text": ["a", "b"]}}, 422, "send a list as 'texts'"),
+        ({"json": ["goal"]}, 422, "JSON object"),
+        ({"json": {}}, 422, "exactly one of"),
+        ({"json": {"text": "a", "texts": ["b"]}}, 422, "exactly one of"),
+        ({"json": {"texts": ["a"], "extra": 1}}, 422, "unknown field 'extra'"),
+        ({"json": {"texts": []}}, 422, "must not be empty"),
+        ({"json": {"texts": ["goal"] * (MAX_TEXTS + 1)}}, 422, "too many texts"),
+        ({"json": {"text": "   "}}, 422, "text is empty"),
+        ({"json": {"texts": ["ok", ""]}}, 422, "texts[1] is empty"),
+        ({"json": {"text": "x" * 501}}, 422, "501 characters"),
+        ({"json": {"texts": ["goal " * 90] * 8}}, 413, "at most 3000"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(server, kwargs, status, message):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", **kwargs)
+        assert r.status_code == status, r.text
+        assert message in r.json()["detail"]
+        assert c.get("/health").status_code == 200  # the server is still fine
+
+
+def test_body_over_limit_without_content_length(server):
+    url, _ = server
+
+    def chunks():  # a generator body is sent chunked, with no Content-Length
+        for _ in range(10):
+            yield b'{"texts": ["' + b"a" * 500 + b'"]}'
+
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 3000 bytes" in r.json()["detail"]
+
+
+def test_api_key(keyed_server):
+    with httpx.Client(base_url=keyed_server, timeout=30) as c:
+        assert c.get("/health").status_code == 200  # health stays open
+        r = c.post("/predict", json={"text": "goal"})
+        assert r.status_code == 401 and "missing X-API-Key" in r.json()["detail"]
+        r = c.post("/predict", json={"text": "goal"}, headers={"X-API-Key": "wrong"})
+        assert r.status_code == 401 and "wrong X-API-Key" in r.json()["detail"]
+        assert c.get("/metadata").status_code == 401
+        r = c.post("/predict", json={"text": "goal"}, headers={"X-API-Key": API_KEY})
+        assert r.status_code == 200 and "prediction" in r.json()
+
+
+def test_concurrent_requests_are_batched(server, tiny_bert_dir, toy_examples):
+    url, app = server
+    texts = [r["text"] for r in toy_examples]
+    expected = {t: p["label"] for t, p in zip(texts, load_predictor(tiny_bert_dir).predict(texts))}
+    before = dict(app.state.batcher.stats)
+    n_requests, n_clients = 200, 16
+
+    def client(worker: int) -> list[tuple[int, bool]]:
+        results = []
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for i in range(worker, n_requests, n_clients):
+                text = texts[i % len(texts)]
+                r = c.post("/predict", json={"text": text})
+                ok = r.status_code == 200 and r.json()["prediction"]["label"] == expected[text]
+                results.append((r.status_code, ok))
+        return results
+
+    with ThreadPoolExecutor(n_clients) as pool:
+        results = [x for chunk in pool.map(client, range(n_clients)) for x in chunk]
+    assert len(results) == n_requests
+    assert [s for s, _ in results] == [200] * n_requests
+    assert all(ok for _, ok in results)
+    stats = app.state.batcher.stats
+    requests = stats["requests"] - before["requests"]
+    batches = stats["batches"] - before["batches"]
+    assert requests == n_requests
+    assert batches < requests and stats["largest_batch"] > 1
+    with httpx.Client(base_url=url) as c:
+        assert c.get("/metadata").json()["batching"]["batches"] == stats["batches"]
+
+
+def test_full_queue_answers_503(tiny_bert_dir):
+    app = create_app(tiny_bert_dir, max_queue=1, max_batch_texts=1, batch_wait_ms=0)
+    predictor = app.state.predictor
+    real_predict = predictor.predict_counted
+
+    def slow_predict(texts, batch_size=32):
+        time.sleep(0.3)
+        return real_predict(texts, batch_size=batch_size)
+
+    predictor.predict_counted = slow_predict  # the batcher calls this for every batch
+    with _Server(app) as url:
+
+        def post(_):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                return c.post("/predict", json={"text": "goal"})
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in responses if r.status_code == 503)
+    assert "queue is full" in busy.json()["detail"] and busy.headers["retry-after"] == "1"
+    assert app.state.batcher.stats["rejected_queue_full"] == codes.count(503)
+
+
+def test_run_server_rejects_bad_options_before_starting(tiny_bert_dir, tmp_path):
+    from kdistill.serve import run_server
+
+    with pytest.raises(FileNotFoundError, match="model dir not found"):
+        run_server(tmp_path / "missing")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        run_server(tiny_bert_dir, workers=0)
+    with pytest.raises(ValueError, match="unknown server option"):
+        run_server(tiny_bert_dir, max_batch=3)
