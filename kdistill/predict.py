@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from kdistill.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -380,19 +381,11 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
-    """Write records as JSONL to a temp file beside `path`, then rename: readers never see half a file."""
+    """Write records as JSONL atomically (temp file + rename): readers never see half a file."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def predict_file(

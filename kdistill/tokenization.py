@@ -44,7 +44,8 @@ def train_wordpiece(
 ) -> PreTrainedTokenizerFast:
     """Train a BERT-style WordPiece tokenizer on `texts` (training split only, so no test text leaks in)."""
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                        show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return _wrap(tok, model_max_length)
 

@@ -1,0 +1,28 @@
+"""What the benchmark scripts share: mean ± spread over seeds, and keeping stdout for the one JSON line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Keep stdout for the one JSON line: libraries' own output (e.g. the WordPiece trainer's progress, written by
+    Rust straight to file descriptor 1) goes to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
