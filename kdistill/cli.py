@@ -27,6 +27,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.epochs=2")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<name>)")]
+ResumeOpt = Annotated[Optional[Path], typer.Option(
+    "--resume", help="Continue a killed run in this run dir: its config.yaml, finished phases kept, the phase it was "
+                     "in from its last checkpoint")]
 
 
 def _config(recipe, overrides):
@@ -37,11 +40,15 @@ def _config(recipe, overrides):
 
 @app.command("run")
 def run(recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or shipped name (default: default)")]
-        = None, set: SetOpt = None, out: OutOpt = None) -> Path:
+        = None, set: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = None) -> Path:
     """The whole pipeline: data -> teacher -> student -> distillation -> evaluation -> report."""
+    from kdistill.checkpoint import resume_config
     from kdistill.pipeline import run as run_pipeline
 
-    run_dir = run_pipeline(_config(recipe, set), out)
+    if resume is not None:
+        run_dir = run_pipeline(resume_config(resume, recipe, set, out), resume, resume=True)
+    else:
+        run_dir = run_pipeline(_config(recipe, set), out)
     _print_summary(run_dir)
     return run_dir
 
@@ -183,6 +190,10 @@ def validate(recipe: str, set: SetOpt = None) -> None:
 
 
 def _print_summary(run_dir: Path) -> None:
+    from kdistill.training import is_main_process
+
+    if not is_main_process():  # several processes ran: the main one reports
+        return
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.is_file():
         from kdistill.report import summary_table
@@ -202,7 +213,9 @@ def _as_user_errors():
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("KDISTILL_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: the other processes warn only
+    logging.basicConfig(level=os.environ.get("KDISTILL_LOG", "INFO") if main_process else "WARNING",
+                        format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers

@@ -5,15 +5,19 @@ Each step writes into the run directory (see README "Run directory"); the CLI ve
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from kdistill.checkpoint import Checkpoints
 from kdistill.config import DataConfig, RunConfig, dump_config, parse_override
 from kdistill.data import DataBundle, load_data, tokenize_splits
 from kdistill.distill.terms import TermSpec, layer_pairs
@@ -23,6 +27,7 @@ from kdistill.io import atomic_write_json, atomic_write_text
 from kdistill.models import load_model_dir, read_meta, save_model
 from kdistill.student import build_student, describe_student, num_layers_of, select_layers
 from kdistill.teacher import finetune, train_teacher
+from kdistill.training import is_main_process, world_size
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +36,48 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / cfg.name
 
 
-def prepare_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+def prepare_run_dir(cfg: RunConfig, out: str | Path | None, *, resume: bool = False) -> Path:
+    """The run dir with its config.yaml (the main process writes; a resumed run keeps the config it resumes)."""
     run_dir = Path(out) if out else default_run_dir(cfg)
+    if not is_main_process():
+        return run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "logs").mkdir(exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     except OSError as e:
         raise UserError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
     return run_dir
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextmanager
+def writing(run_dir: Path):
+    """Disk full, quota, read-only or permission errors on the run dir become one line naming the path."""
+    hint = f"free space or fix permissions, then continue with --resume {run_dir}"
+    try:
+        yield
+    except OSError as e:
+        inside = e.filename is None or Path(e.filename).resolve().is_relative_to(run_dir.resolve())
+        if e.errno not in WRITE_ERRORS or not inside:
+            raise
+        raise UserError(f"cannot write {e.filename or run_dir}: {e.strerror}; {hint}") from None
+    except SafetensorError as e:  # save_pretrained's weights: the OS error comes inside the message
+        if not str(e).startswith("Error while serializing"):
+            raise
+        raise UserError(f"cannot write model weights in {run_dir}: {e}; {hint}") from None
+
+
+def is_saved(model_dir: Path) -> bool:
+    """A phase is done once its model dir is saved (save_model writes it atomically)."""
+    return (model_dir / "model.safetensors").is_file()
+
+
+def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool) -> Checkpoints:
+    return Checkpoints(run_dir / "checkpoints" / phase, every=cfg.train.checkpoint_every, resume=resume)
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -51,8 +89,9 @@ def check_paths(cfg: RunConfig) -> None:
             raise UserError(f"{key}: {path} is not a model dir (no config.json)")
 
 
-def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path):
-    """(teacher, tokenizer, teacher dir, training history or None): a given trained teacher, or train one."""
+def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool = False):
+    """(teacher, tokenizer, teacher dir, training history or None): a given trained teacher, or train one (a
+    resumed run: the one it trained already, or continue training it)."""
     if cfg.teacher.path:
         path = Path(cfg.teacher.path)
         model, tokenizer, meta = load_model_dir(path)
@@ -61,8 +100,16 @@ def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path):
             raise UserError(f"teacher.path: {path} was trained on labels {names}, the data has {data.label_names}")
         return model, tokenizer, path, None
     teacher_dir = run_dir / "teacher"
-    model, tokenizer, history = train_teacher(cfg, data, teacher_dir, log_dir=run_dir / "logs")
-    save_history(run_dir, history)
+    if resume and is_saved(teacher_dir):
+        log.info("teacher: trained before the run was resumed, loaded from %s", teacher_dir)
+        model, tokenizer, _ = load_model_dir(teacher_dir)
+        return model, tokenizer, teacher_dir, None
+    checkpoints = phase_checkpoints(cfg, run_dir, "teacher", resume)
+    model, tokenizer, history = train_teacher(cfg, data, teacher_dir, log_dir=run_dir / "logs",
+                                              checkpoints=checkpoints)
+    if is_main_process():
+        save_history(run_dir, history)
+        checkpoints.clear()
     return model, tokenizer, teacher_dir, history
 
 
@@ -100,12 +147,16 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
     except ValueError as e:
         raise UserError(str(e)) from None
     spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads)
-    spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)
+    with torch.random.fork_rng(devices=[]):  # the projections start the same in every run and every process
+        torch.manual_seed(cfg.train.seed)
+        spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)
     return spec
 
 
-def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_dir: Path, init_layers, student):
-    """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning)."""
+def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_dir: Path, init_layers, student,
+                    checkpoints: Checkpoints | None = None):
+    """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning).
+    `checkpoints`: explicit only (mutual and alternating do not checkpoint)."""
     spec = term_spec(cfg, teacher, student, init_layers)
     extra = [load_model_dir(p)[0] for p in cfg.distill.extra_teachers]
     common = dict(spec=spec, distill=cfg.distill, train=cfg.train, max_length=cfg.data.max_length,
@@ -114,7 +165,8 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_di
     if strategy == "explicit":
         from kdistill.distill.explicit import distill_explicit
 
-        return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", **common), None
+        return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", checkpoints=checkpoints,
+                                **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":
@@ -126,18 +178,31 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_di
     return distill_alternating(student, teacher, tokenizer, data, **common)
 
 
-def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
-    """`kdistill run`: the whole pipeline; returns the run directory."""
+def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False) -> Path:
+    """`kdistill run`: the whole pipeline; returns the run directory.
+
+    resume: `out` is a run dir a killed run left; phases whose model is saved are skipped, the phase it was in
+    continues from its last checkpoint. Several processes (torchrun / accelerate launch) train together; the main
+    process alone writes files and evaluates."""
     if cfg.task == "causal-lm":
+        if resume:
+            raise UserError("--resume: task causal-lm does not checkpoint yet; start the run again")
         from kdistill.causal_lm import run_causal_lm
 
         return run_causal_lm(cfg, out)
     started = time.perf_counter()
     check_paths(cfg)  # bad input fails before anything is written
     data = load_data(cfg.data)
-    log.info("data: %s", json.dumps(data.summary()["sizes"]))
-    run_dir = prepare_run_dir(cfg, out)
-    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir)
+    log.info("data: %s; world size %d", json.dumps(data.summary()["sizes"]), world_size())
+    run_dir = prepare_run_dir(cfg, out, resume=resume)
+    with writing(run_dir):
+        return run_phases(cfg, data, run_dir, resume=resume, started=started)
+
+
+def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float) -> Path:
+    """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process)."""
+    main = is_main_process()
+    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir, resume=resume)
     teacher_before = None
     if cfg.distill.strategy != "explicit":
         # the teacher keeps learning: keep its pre-distillation weights to report both
@@ -149,30 +214,54 @@ def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
     shapes = describe_student(teacher, student)
     baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
 
-    history, teacher_history = distill_student(cfg, teacher, tokenizer, data, run_dir, init_layers, student)
-    save_history(run_dir, history)
-    meta = {"task": cfg.task, "max_length": cfg.data.max_length, "strategy": cfg.distill.strategy,
-            "losses": cfg.distill.losses, "student_init": shapes["init"], "train_wall_time_s": history.wall_time_s}
-    save_model(student, tokenizer, run_dir / "student", {"role": "student", **meta})
-    models = {"teacher": (teacher_dir, None), "student": (run_dir / "student", history)}
-    if teacher_history is not None:
-        save_history(run_dir, teacher_history)
-        save_model(teacher, tokenizer, run_dir / "teacher_after",
-                   {"role": "teacher after " + cfg.distill.strategy, "task": cfg.task,
-                    "max_length": cfg.data.max_length})
-        models["teacher_after"] = (run_dir / "teacher_after", teacher_history)
-        teacher.load_state_dict(teacher_before)
+    models = {"teacher": (teacher_dir, None), "student": (run_dir / "student", None)}
+    learns_too = cfg.distill.strategy != "explicit"  # the teacher kept learning: teacher_after
+    if resume and is_saved(run_dir / "student") and (not learns_too or is_saved(run_dir / "teacher_after")):
+        log.info("student: distilled before the run was resumed (%s)", run_dir / "student")
+        if learns_too:
+            models["teacher_after"] = (run_dir / "teacher_after", None)
+    else:
+        if resume and learns_too:
+            raise UserError(f"--resume {run_dir}: resume not supported for strategy {cfg.distill.strategy} (it was "
+                            "killed while distilling); start the run again without --resume")
+        checkpoints = phase_checkpoints(cfg, run_dir, "student", resume)
+        history, teacher_history = distill_student(cfg, teacher, tokenizer, data, run_dir, init_layers, student,
+                                                   checkpoints)
+        models["student"] = (run_dir / "student", history)
+        meta = {"task": cfg.task, "max_length": cfg.data.max_length, "strategy": cfg.distill.strategy,
+                "losses": cfg.distill.losses, "student_init": shapes["init"],
+                "train_wall_time_s": history.wall_time_s}
+        if main:
+            save_history(run_dir, history)
+            save_model(student, tokenizer, run_dir / "student", {"role": "student", **meta})
+            checkpoints.clear()
+        if teacher_history is not None:
+            if main:
+                save_history(run_dir, teacher_history)
+                save_model(teacher, tokenizer, run_dir / "teacher_after",
+                           {"role": "teacher after " + cfg.distill.strategy, "task": cfg.task,
+                            "max_length": cfg.data.max_length})
+            models["teacher_after"] = (run_dir / "teacher_after", teacher_history)
+            teacher.load_state_dict(teacher_before)
 
-    if baseline_init is not None:
+    if baseline_init is not None and resume and is_saved(run_dir / "baseline"):
+        log.info("baseline: trained before the run was resumed (%s)", run_dir / "baseline")
+        models["baseline"] = (run_dir / "baseline", None)
+    elif baseline_init is not None:
         student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
+        checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume)
         baseline_history = finetune(student, tokenizer, data, cfg.train, max_length=cfg.data.max_length,
-                                    name="baseline", log_dir=run_dir / "logs")
-        save_history(run_dir, baseline_history)
-        save_model(student, tokenizer, run_dir / "baseline",
-                   {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
-                    "train_wall_time_s": baseline_history.wall_time_s})
+                                    name="baseline", log_dir=run_dir / "logs", checkpoints=checkpoints)
+        if main:
+            save_history(run_dir, baseline_history)
+            save_model(student, tokenizer, run_dir / "baseline",
+                       {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
+                        "train_wall_time_s": baseline_history.wall_time_s})
+            checkpoints.clear()
         models["baseline"] = (run_dir / "baseline", baseline_history)
 
+    if not main:  # evaluation, export and report: the main process alone
+        return run_dir
     metrics = evaluate_run(cfg, run_dir, models, data, shapes)
     if cfg.export.formats:
         from kdistill.export import export_model
@@ -233,9 +322,11 @@ def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle, export_model
 
 
 def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle) -> dict:
-    """Evaluate the given models (e.g. just the teacher) and write metrics.json + report."""
+    """Evaluate the given models (e.g. just the teacher) and write metrics.json + report (main process)."""
     from kdistill.report import write_report
 
+    if not is_main_process():
+        return {}
     metrics = evaluate_run(cfg, run_dir, models, data, None)
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_report([run_dir])

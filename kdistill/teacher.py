@@ -16,7 +16,7 @@ from kdistill.data import DataBundle
 from kdistill.distill.terms import TermSpec
 from kdistill.models import from_scratch_classifier, load_classifier, load_tokenizer, save_model
 from kdistill.tokenization import tokenizer_from_vocab, train_wordpiece
-from kdistill.training import History
+from kdistill.training import History, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +46,28 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
 
 
 def finetune(model, tokenizer, data: DataBundle, train: TrainConfig, *, max_length: int, name: str,
-             log_dir: Path | None = None) -> History:
+             log_dir: Path | None = None, checkpoints=None) -> History:
     """Supervised training on hard labels: the explicit loop with the `ce` term alone and no teacher.
 
     AdamW + warmup/decay, early stopping on validation accuracy; the best validation weights are left in `model`.
+    `checkpoints` (checkpoint.Checkpoints): where to save resumable state and whether to resume.
     """
     from kdistill.distill.explicit import distill_explicit
 
     return distill_explicit(model, [], tokenizer, data, spec=TermSpec({"ce": 1.0}, pairs=[]),
                             distill=DistillConfig(losses={"ce": 1.0}), train=train, max_length=max_length,
-                            name=name, log_dir=log_dir)
+                            name=name, log_dir=log_dir, checkpoints=checkpoints)
 
 
-def train_teacher(cfg: RunConfig, data: DataBundle, out_dir: Path, log_dir: Path | None = None):
-    """Build, fine-tune and save the teacher to `out_dir`; returns (model, tokenizer, history)."""
+def train_teacher(cfg: RunConfig, data: DataBundle, out_dir: Path, log_dir: Path | None = None, checkpoints=None):
+    """Build, fine-tune and save the teacher to `out_dir` (main process); returns (model, tokenizer, history)."""
     model, tokenizer, origin = build_teacher(cfg, data)
     train = cfg.train.model_copy(update={"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                          "batch_size": cfg.teacher.batch_size, "max_steps": None,
                                          "grad_accum": 1})
     history = finetune(model, tokenizer, data, train, max_length=cfg.data.max_length, name="teacher",
-                       log_dir=log_dir)
-    save_model(model, tokenizer, out_dir, {"task": "classification", "max_length": cfg.data.max_length,
-                                           "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
+                       log_dir=log_dir, checkpoints=checkpoints)
+    if is_main_process():
+        save_model(model, tokenizer, out_dir, {"task": "classification", "max_length": cfg.data.max_length,
+                                               "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
     return model, tokenizer, history

@@ -5,10 +5,17 @@ Loss normalisation: every loss returns (sum, count). A term's count is a fixed m
 batch — rows (examples) or tokens — so the loop divides each micro-batch's sum by that term's count over the
 whole optimizer step, across micro-batches and processes. Gradient accumulation and several processes then give
 the same loss as one big batch.
+
+Several processes (`torchrun` / `accelerate launch`, DDP): `train.batch_size` stays the number of examples per
+optimizer step over all processes. The samplers build the same global micro-batches (batch_size / grad_accum rows)
+in every process, in the same seeded order, and each process takes its contiguous share of each one, so N processes
+see exactly the data of one process, split N ways; the loss normalisation (global counts, times world_size against
+DDP's averaging) makes the step's gradient that of the whole global batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -20,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast, gather_object
 from accelerate.utils import set_seed as accelerate_set_seed
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
@@ -38,12 +46,31 @@ def set_seed(seed: int) -> None:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator. Our step counts are global optimizer steps (every process takes each one), so the
+    schedule steps once per step, not once per process as accelerate would by default."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     if accelerator.num_processes > 1 and accelerator.is_main_process:
         log.info("distributed run: world size %d (%s)", accelerator.num_processes, accelerator.distributed_type)
     return accelerator
+
+
+def process_state() -> PartialState:
+    """accelerate's view of the processes of this run. Without CUDA, torchrun and `accelerate launch` start CPU
+    processes, which accelerate joins (gloo) only when told cpu=True at its first call: every call goes through here
+    or make_accelerator, with the same flag."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes files (the only process of a plain run)."""
+    return process_state().is_main_process
+
+
+def world_size() -> int:
+    return process_state().num_processes
 
 
 # ------------------------------------------------------------------------------------------------- batching
@@ -53,16 +80,32 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     Indices are shuffled, cut into mega-batches of `group` batches, sorted by length inside each, cut into
     batches, and the batches shuffled: randomness of plain shuffling, padding of sorted batching.
+
+    Several processes (`num_replicas` > 1): every process builds the same batches (the same seed, the same epoch)
+    and yields its contiguous share of each (`rank`'s slice; shares differ by at most one row). A training batch
+    with fewer rows than processes would leave a process without data in a step that all take together, so it is
+    dropped (at most num_replicas - 1 examples an epoch); evaluation batches are never dropped, a process just
+    yields no empty share.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, *, seed: int, shuffle: bool = True, group: int = 50):
+    def __init__(self, lengths: list[int], batch_size: int, *, seed: int, shuffle: bool = True, group: int = 50,
+                 num_replicas: int = 1, rank: int = 0):
         self.lengths, self.batch_size, self.seed, self.shuffle, self.group = lengths, batch_size, seed, shuffle, group
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int | None = None) -> None:
+        """Reshuffle for `epoch`; `skip`: batches of it already done (a resumed run), left out of the next pass.
+
+        (accelerate calls set_epoch(epoch) again when it starts iterating; that keeps a pending skip.)"""
+        if skip is not None:
+            self.skip = skip
+        elif epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def _global_batches(self) -> list[list[int]]:
         n = len(self.lengths)
         if not self.shuffle:
             order = sorted(range(n), key=lambda i: -self.lengths[i])
@@ -76,28 +119,53 @@ class LengthGroupedSampler(Sampler[list[int]]):
             chunk = sorted(idx[start: start + mega], key=lambda i: -self.lengths[i])
             batches += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
+        if self.num_replicas > 1:
+            batches = [b for b in batches if len(b) >= self.num_replicas]
         return batches
 
+    def _share(self, batch: list[int]) -> list[int]:
+        base, extra = divmod(len(batch), self.num_replicas)
+        start = self.rank * base + min(self.rank, extra)
+        return batch[start: start + base + (self.rank < extra)]
+
+    def _batches(self) -> list[list[int]]:
+        shares = (self._share(b) for b in self._global_batches())
+        return [s for s in shares if s]
+
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+        skip, self.skip = self.skip, 0
+        yield from self._batches()[skip:]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        if self.num_replicas == 1:
+            return math.ceil(len(self.lengths) / self.batch_size)
+        return len(self._batches())
 
 
-def make_loader(dataset, tokenizer, batch_size: int, *, seed: int, shuffle: bool) -> DataLoader:
-    """Dynamic padding + length-grouped batches. `dataset` has input_ids/attention_mask/labels columns."""
+def make_loader(dataset, tokenizer, batch_size: int, *, seed: int, shuffle: bool,
+                accelerator: Accelerator | None = None) -> DataLoader:
+    """Dynamic padding + length-grouped batches. `dataset` has input_ids/attention_mask/labels columns.
+
+    `batch_size` counts the rows of a batch over all processes; with an `accelerator` of several processes each
+    process loads its share (see LengthGroupedSampler).
+    """
     lengths = [len(x) for x in dataset["input_ids"]]
-    sampler = LengthGroupedSampler(lengths, batch_size, seed=seed, shuffle=shuffle)
+    shards = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index) if accelerator else {}
+    sampler = LengthGroupedSampler(lengths, batch_size, seed=seed, shuffle=shuffle, **shards)
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     return DataLoader(dataset.with_format("python"), batch_sampler=sampler, collate_fn=collate)
 
 
-def set_loader_epoch(loader, epoch: int) -> None:
-    """Reshuffle for a new epoch (accelerate may wrap our sampler)."""
+def set_loader_epoch(loader, epoch: int, skip: int = 0) -> None:
+    """Reshuffle for a new epoch (accelerate may wrap our sampler); `skip` the first batches of the epoch (our
+    LengthGroupedSampler only)."""
+    if hasattr(loader, "set_epoch"):  # accelerate's loader: keeps its own epoch count, which it applies on iter()
+        loader.set_epoch(epoch)
     sampler = getattr(loader, "batch_sampler", None)
     sampler = getattr(sampler, "batch_sampler", sampler)
-    if hasattr(sampler, "set_epoch"):
+    if skip:
+        sampler.set_epoch(epoch, skip=skip)
+    elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
 
@@ -113,13 +181,62 @@ def micro_batch_groups(loader, grad_accum: int) -> Iterator[list[dict]]:
         yield group
 
 
+class GroupStream:
+    """A step's micro-batches (`grad_accum` of them), epoch after epoch, reshuffled each epoch, for as long as asked;
+    it knows where it is: `epoch`, and `done`, the steps (groups) of that epoch already taken. That is the data
+    position a checkpoint saves; `seek` goes back to it without loading the batches before it.
+
+    `device`: where to put each batch (for loaders that accelerate did not prepare)."""
+
+    def __init__(self, loader, grad_accum: int, *, device: torch.device | None = None):
+        self.loader, self.grad_accum, self.device = loader, grad_accum, device
+        self.per_epoch = math.ceil(len(loader) / grad_accum)
+        self.epoch, self.done = 0, 0
+        self._epoch_batches = None  # the open epoch's batches
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.done >= self.per_epoch
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Where the next step starts: epoch, steps and batches of it done, and the sampler's epoch (its seed)."""
+        epoch, done = (self.epoch + 1, 0) if self.at_epoch_end else (self.epoch, self.done)
+        return {"epoch": epoch, "steps_done": done, "batches_done": done * self.grad_accum, "sampler_epoch": epoch}
+
+    def seek(self, position: dict[str, int]) -> None:
+        """Go to a saved `position`. Call it before restoring the RNG states: an epoch under way opens here."""
+        self.epoch, self.done = position["epoch"], position["steps_done"]
+        self._epoch_batches = None
+        if self.done:
+            self.start_epoch()
+
+    def start_epoch(self) -> None:
+        """Reshuffle for `epoch`, skip the batches of it already done, and open the loader. torch's DataLoader draws
+        a seed from the global RNG when it opens, so a resumed run opens an epoch under way before restoring the RNG
+        states, as the uninterrupted run had opened it before saving them: dropout then draws the same masks."""
+        set_loader_epoch(self.loader, self.epoch, skip=self.done * self.grad_accum)
+        self._epoch_batches = iter(self.loader)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            if self._epoch_batches is None:
+                self.start_epoch()
+            group = list(itertools.islice(self._epoch_batches, self.grad_accum))
+            if not group:  # the epoch is over
+                if self.done == 0:
+                    raise UserError("train: the training split gives no batch")
+                self.epoch, self.done, self._epoch_batches = self.epoch + 1, 0, None
+                continue
+            self.done += 1
+            if self.device is not None:
+                group = [{k: v.to(self.device) for k, v in batch.items()} for batch in group]
+            yield group
+
+
 def endless_groups(loader, grad_accum: int) -> Iterator[list[dict]]:
-    """A step's micro-batches (`micro_batch_groups`), epoch after epoch, reshuffled each epoch, for as long as asked."""
-    epoch = 0
-    while True:
-        set_loader_epoch(loader, epoch)
-        yield from micro_batch_groups(loader, grad_accum)
-        epoch += 1
+    """A step's micro-batches, epoch after epoch, reshuffled each epoch, for as long as asked (see GroupStream)."""
+    return iter(GroupStream(loader, grad_accum))
 
 
 def batch_units(batch: dict) -> dict[str, torch.Tensor]:
@@ -183,12 +300,17 @@ class History:
     evals: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
     writer: object | None = None
+    log_dir: Path | None = None
 
-    def open_tensorboard(self, log_dir: Path | None, accelerator: Accelerator) -> None:
+    def open_tensorboard(self, log_dir: Path | None, accelerator: Accelerator, purge_step: int | None = None) -> None:
+        """TensorBoard events under log_dir/name (main process only). `purge_step`: a resumed run drops the events
+        its killed predecessor logged from that step on, so the curves do not double back."""
+        self.close()
+        self.log_dir = log_dir
         if log_dir is not None and accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(log_dir) / self.name))
+            self.writer = SummaryWriter(str(Path(log_dir) / self.name), purge_step=purge_step)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         self.steps.append({"step": step, **values})
@@ -210,24 +332,29 @@ class History:
     def to_dict(self) -> dict:
         return {"name": self.name, "steps": self.steps, "evals": self.evals, "wall_time_s": self.wall_time_s}
 
+    def load_dict(self, saved: dict) -> None:
+        """Continue from a checkpoint's history (`to_dict`)."""
+        self.steps, self.evals, self.wall_time_s = list(saved["steps"]), list(saved["evals"]), saved["wall_time_s"]
+
 
 # ---------------------------------------------------------------------------------------------- validation
 
 @torch.no_grad()
 def predict_logits(model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split, gathered across processes without duplicated samples."""
+    """Logits and labels of a whole split, in every process. With several processes `loader` is one made with
+    this `accelerator` (each process holds a disjoint share of each batch, see LengthGroupedSampler): the shares
+    are gathered, each example once."""
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
+    parts = []
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+        parts.append((model(**batch).logits.float().cpu(), labels.cpu()))
     model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    if accelerator.num_processes > 1:
+        parts = gather_object(parts)
+    return torch.cat([logits for logits, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
 def validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, float]:
@@ -274,14 +401,30 @@ def eval_points(total_steps: int, steps_per_epoch: int, eval_every: int | None) 
     return points
 
 
-def make_loaders(train_split, val_split, tokenizer, train: TrainConfig):
-    """(training loader of micro-batches, validation loader, optimizer steps to run, steps after which to validate)."""
+def make_loaders(train_split, val_split, tokenizer, train: TrainConfig, accelerator: Accelerator | None = None):
+    """(training loader of micro-batches, validation loader, optimizer steps to run, steps after which to validate).
+
+    With an `accelerator`, each process loads its share of every batch (`make_loader`); `train.batch_size` is the
+    global batch. Without one, the loaders are whole (for accelerate to prepare, in one process)."""
     micro = train.batch_size // train.grad_accum
-    train_loader = make_loader(train_split, tokenizer, micro, seed=train.seed, shuffle=True)
-    val_loader = make_loader(val_split, tokenizer, 64, seed=train.seed, shuffle=False)
+    world = accelerator.num_processes if accelerator else 1
+    if micro < world:
+        raise UserError(f"train.batch_size: {train.batch_size} examples per step in micro-batches of {micro} "
+                        f"(grad_accum {train.grad_accum}) cannot give each of {world} processes a share; "
+                        f"use a batch_size of at least {world * train.grad_accum}")
+    train_loader = make_loader(train_split, tokenizer, micro, seed=train.seed, shuffle=True, accelerator=accelerator)
+    val_loader = make_loader(val_split, tokenizer, 64, seed=train.seed, shuffle=False, accelerator=accelerator)
     total_steps = plan_steps(len(train_loader), train.grad_accum, train.epochs, train.max_steps)
     steps_per_epoch = max(1, len(train_loader) // train.grad_accum)
     return train_loader, val_loader, total_steps, eval_points(total_steps, steps_per_epoch, train.eval_every)
+
+
+def progress(total: int, desc: str, accelerator: Accelerator, initial: int = 0):
+    """A step progress bar, in the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False,
+                disable=None if accelerator.is_main_process else True)
 
 
 class Timer:
@@ -292,13 +435,21 @@ class Timer:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
 
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class LossNotFinite(UserError, FloatingPointError):
+    """The loss went NaN/inf: a too high learning rate or bad data; the run stops (exit 2), its checkpoints kept."""
+
 
 def check_finite(loss: torch.Tensor, step: int, terms: dict[str, float]) -> None:
     """Stop with a message naming the step and the loss term that went NaN/inf."""
     if not torch.isfinite(loss):
         bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
-        raise FloatingPointError(f"loss is not finite at step {step} (term: {', '.join(bad)}); "
-                                 "lower train.lr or check the data; the last good checkpoint is kept")
+        raise LossNotFinite(f"loss is not finite at step {step} (term: {', '.join(bad)}); "
+                            "lower train.lr or check the data; the last good checkpoint is kept")
 
 
 # ------------------------------------------------------------------------------ loops where several models learn
@@ -314,11 +465,18 @@ class Learner:
     scheduler: object
     history: History
     stopper: EarlyStopping
+    extra: torch.nn.Module | None = None
+    """Trained along with `model` but outside DDP (e.g. learned projections): its gradients are averaged here."""
 
     def step(self, step: int, logged: dict[str, float], weights: dict[str, float], accelerator: Accelerator,
              max_grad_norm: float, **extra: float) -> None:
         """Apply the gradients in .grad: check the loss is finite, clip, step optimiser and schedule, log `logged`
-        (each term's step mean) with their weighted sum as "loss"."""
+        (each term's step mean; with several processes each holds its share, summed here) with their weighted sum as
+        "loss"."""
+        if accelerator.num_processes > 1:
+            logged = sum_over_processes(logged, accelerator)
+            if self.extra is not None:
+                average_gradients(self.extra, accelerator)
         total = sum(weights[t] * v for t, v in logged.items())
         check_finite(torch.tensor(total), step, logged)
         accelerator.clip_grad_norm_(self.params, max_grad_norm)
@@ -331,6 +489,8 @@ class Learner:
         """Log validation metrics; True when early stopping says stop."""
         metrics = validation_metrics(self.model, val_loader, accelerator)
         self.history.log_eval(step, metrics)
+        if accelerator.is_main_process:
+            log.info("%s: step %d, validation accuracy %.4f", self.history.name, step, metrics["accuracy"])
         return self.stopper.update(self.model, metrics)
 
     def finish(self, wall_time_s: float) -> History:
@@ -339,6 +499,20 @@ class Learner:
         self.history.wall_time_s = wall_time_s
         self.history.close()
         return self.history
+
+
+def sum_over_processes(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    keys = sorted(values)
+    summed = accelerator.reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device),
+                                reduction="sum")
+    return {k: float(summed[keys.index(k)]) for k in values}
+
+
+def average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """What DDP does for the model, for a module outside it: every process gets the mean of their gradients."""
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def validate_learners(learners: list[Learner], step: int, val_loader, accelerator: Accelerator) -> bool:
@@ -356,10 +530,13 @@ def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainC
     if extra is not None:
         named += list(extra.named_parameters(prefix="extra"))
         extra.to(accelerator.device)
+        if accelerator.num_processes > 1:  # what DDP does for the model: every process starts from the main one's
+            for p in extra.parameters():
+                p.data.copy_(broadcast(p.data, from_process=0))
     optimizer, scheduler = make_optimizer(named, lr=lr, weight_decay=train.weight_decay, total_steps=total_steps,
                                           warmup_ratio=train.warmup_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     history = History(name)
     history.open_tensorboard(log_dir, accelerator)
     return Learner(model, [p for _, p in named if p.requires_grad], optimizer, scheduler, history,
-                   EarlyStopping(patience))
+                   EarlyStopping(patience), extra)

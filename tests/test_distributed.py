@@ -1,0 +1,75 @@
+"""Two CPU processes (torchrun, gloo) train exactly what one process trains on the same global batch.
+
+`train.batch_size` is the global batch: each process takes its half of every micro-batch, and the loss is normalised
+by the global counts (times world_size against DDP's averaging), so the step's gradient is the same. Dropout is
+off (every process draws its own masks); the student is narrower than the teacher, so the learned projection (kept
+outside DDP, its gradients averaged by hand) is checked too, with gradient accumulation (no_sync) on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_resume import (
+    accuracies,
+    assert_same_steps,
+    finish,
+    history,
+    save_teacher_dir,
+    start_kdistill,
+    write_recipe,
+    write_toy_csv,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, tiny_tokenizer):
+    teacher = save_teacher_dir(tmp_path / "teacher", tiny_tokenizer, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)
+    recipe = write_recipe(tmp_path / "toy.yaml", {
+        "name": "toy-ddp",
+        "data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 90)), "max_length": 16},
+        "teacher": {"path": str(teacher)},
+        "student": {"layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+                    "init": "pruned"},
+        "distill": {"losses": {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}, "baseline": True},
+        "train": {"epochs": 2, "batch_size": 16, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.0},
+        "eval": {"repeats": 1, "warmup": 0},
+    })
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdistill.cli", "run", recipe,
+                            "--out", tmp_path / "two"], env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    one = finish(start_kdistill("run", recipe, "--out", tmp_path / "one"))
+    two = finish(two)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2 (DistributedType.MULTI_CPU)" in two.stderr
+    assert two.stdout.count("run dir:") == 1  # the main process alone reports
+
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    metrics = json.loads((two_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["machine"]["world_size"] == 2
+    for name in ("student", "baseline"):
+        steps = history(two_dir, name)["steps"]
+        assert len(steps) == 2 * 4  # 64 training examples, 16 a step (2 micro-batches of 8, 4 + 4 per process)
+        # (rel and abs tolerances: the processes pad their shares to their own lengths and sum in another order;
+        # kd is ~1e-5 here, a difference of logits that cancel, where float noise is ~1e-7)
+        assert_same_steps(steps, history(one_dir, name)["steps"], rel=1e-4, abs=1e-6)
+        # validation gathers each process's share once: the same loss and accuracy as one process over all of it
+        assert_same_steps(history(two_dir, name)["evals"], history(one_dir, name)["evals"], rel=1e-4, abs=1e-6)
+        a, b = load_file(two_dir / name / "model.safetensors"), load_file(one_dir / name / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert accuracies(two_dir) == accuracies(one_dir)
+    assert len(list((two_dir / "logs" / "student").glob("events.out.tfevents.*"))) == 1  # one writer: the main one

@@ -1,0 +1,193 @@
+"""The shared training loop: how batches are split across processes and resumed mid-epoch, and how a run stops with
+an error a user can act on (a NaN loss names its step and term; a run dir that cannot be written names the path)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import resource
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from kdistill.checkpoint import COMPLETE, Checkpoints
+from kdistill.config import DistillConfig
+from kdistill.distill import explicit
+from kdistill.distill.explicit import distill_explicit
+from kdistill.errors import UserError
+from kdistill.pipeline import run
+from kdistill.training import GroupStream, LengthGroupedSampler, LossNotFinite, make_loader, make_loaders
+from tests.test_mutual import teacher_dir, tiny_pair, tiny_train, toy_bundle, toy_run_config  # noqa: F401
+from tests.test_resume import save_teacher_dir, write_recipe, write_toy_csv
+
+LENGTHS = [5 + (7 * i) % 11 for i in range(37)]
+
+
+def batches(sampler) -> list[list[int]]:
+    return [list(b) for b in sampler]
+
+
+# ------------------------------------------------------------------------------------------- batches, shards
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_processes_split_every_global_batch_into_contiguous_disjoint_shares(world):
+    whole = batches(LengthGroupedSampler(LENGTHS, 8, seed=3, group=2))
+    shares = [LengthGroupedSampler(LENGTHS, 8, seed=3, group=2, num_replicas=world, rank=r) for r in range(world)]
+    per_process = [batches(s) for s in shares]
+    kept = [b for b in whole if len(b) >= world]  # 37 = 4 * 8 + 5: the 5-row batch is kept
+    assert kept == whole
+    assert all(len(p) == len(kept) == len(s) for p, s in zip(per_process, shares))  # every process, every step
+    for i, batch in enumerate(kept):
+        assert sum((p[i] for p in per_process), []) == batch  # rank order, contiguous, nothing twice
+        assert max(len(p[i]) for p in per_process) - min(len(p[i]) for p in per_process) <= 1
+
+
+def test_a_training_batch_smaller_than_the_number_of_processes_is_dropped_an_evaluation_batch_is_not():
+    lengths = LENGTHS[:17]  # 2 batches of 8 and one of 1
+    train = [LengthGroupedSampler(lengths, 8, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    assert [len(batches(s)) for s in train] == [2, 2] and [len(s) for s in train] == [2, 2]
+    evaluation = [LengthGroupedSampler(lengths, 8, seed=0, shuffle=False, num_replicas=2, rank=r) for r in range(2)]
+    assert sorted(sum(sum((batches(s) for s in evaluation), []), [])) == list(range(17))
+
+
+def test_a_resumed_epoch_skips_the_batches_done_and_only_once():
+    sampler = LengthGroupedSampler(LENGTHS, 4, seed=1)
+    sampler.set_epoch(2)
+    full = batches(sampler)
+    sampler.set_epoch(2, skip=3)
+    sampler.set_epoch(2)  # accelerate calls set_epoch(epoch) again when it starts iterating: the skip stays
+    assert batches(sampler) == full[3:]
+    assert batches(sampler) == full  # the next pass over the epoch is whole again
+    sampler.set_epoch(1)
+    assert batches(sampler) != full  # another epoch, another order
+
+
+def test_a_stream_sought_to_a_saved_position_continues_with_the_same_batches(toy_examples, tiny_tokenizer):
+    from datasets import Dataset
+
+    data = Dataset.from_dict(dict(tiny_tokenizer([r["text"] for r in toy_examples[:30]]), labels=[0] * 30))
+    data = data.add_column("idx", list(range(30)))
+
+    def stream():
+        return GroupStream(make_loader(data, tiny_tokenizer, 4, seed=5, shuffle=True), grad_accum=2)
+
+    def take(s, n):
+        it = iter(s)
+        return [[b["idx"].tolist() for b in next(it)] for _ in range(n)]
+
+    reference = stream()
+    assert reference.per_epoch == 4  # 8 batches of 4 (the last 2 rows), 2 a step
+    expected = take(reference, 11)
+    for done in (3, 4, 6):  # mid-epoch, an epoch's end, the next epoch
+        first = stream()
+        take(first, done)
+        position = first.position
+        assert position["batches_done"] == 2 * position["steps_done"] and position["epoch"] == done // 4
+        resumed = stream()
+        resumed.seek(position)
+        assert take(resumed, 11 - done) == expected[done:]
+
+
+def test_a_global_batch_too_small_to_share_is_a_user_error(toy_examples, tiny_tokenizer):
+    from datasets import Dataset
+
+    data = Dataset.from_dict(dict(tiny_tokenizer(["a b"] * 8), labels=[0] * 8))
+    four = SimpleNamespace(num_processes=4, process_index=0)
+    with pytest.raises(UserError, match="batch_size: 4 examples per step in micro-batches of 2"):
+        make_loaders(data, data, tiny_tokenizer, tiny_train(batch_size=4, grad_accum=2), four)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def test_a_nan_loss_stops_the_run_naming_its_step_and_term_and_keeps_the_last_checkpoint(monkeypatch, tmp_path,
+                                                                                        tiny_tokenizer):
+    calls = []
+
+    def nan_kd_at_step_3(*args, **kwargs):
+        terms = compute_terms(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # one micro-batch a step: the third call is step 3
+            kd_sum, kd_count = terms["kd"]
+            terms["kd"] = (kd_sum * float("nan"), kd_count)
+        return terms
+
+    compute_terms = explicit.compute_terms
+    monkeypatch.setattr(explicit, "compute_terms", nan_kd_at_step_3)
+    teacher, student, spec = tiny_pair(tiny_tokenizer)
+    with pytest.raises(LossNotFinite, match=r"loss is not finite at step 3 \(term: kd\)") as raised:
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec, distill=DistillConfig(),
+                         train=tiny_train(max_steps=5), max_length=16, checkpoints=Checkpoints(tmp_path, every=2))
+    assert isinstance(raised.value, UserError)  # the CLI: one line, exit 2
+    assert (tmp_path / "step-0000002" / COMPLETE).is_file()  # the last good checkpoint, to resume from
+    assert Checkpoints(tmp_path, resume=True).latest() == tmp_path / "step-0000002"
+
+
+def test_a_full_disk_while_saving_a_model_is_a_user_error_naming_the_run_dir(monkeypatch, tmp_path, teacher_dir):
+    import kdistill.pipeline
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kdistill.pipeline, "save_model", no_space)
+    cfg = toy_run_config(tmp_path, teacher_dir, "explicit")
+    message = re.escape(f"cannot write {tmp_path / 'run'}: No space left on device; ") + ".* --resume"
+    with pytest.raises(UserError, match=message):
+        run(cfg, tmp_path / "run")
+
+
+def kdistill_limited(*args, file_size: int | None = None) -> subprocess.CompletedProcess:
+    def limit():  # files may grow to file_size bytes: a write past it fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "kdistill.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300, preexec_fn=limit if file_size else None)
+
+
+@pytest.fixture(scope="module")
+def small_recipe(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("errors")
+    return write_recipe(root / "toy.yaml", {
+        "data": {"train_file": str(write_toy_csv(root / "toy.csv", 45)), "max_length": 16},
+        "teacher": {"path": str(save_teacher_dir(root / "teacher", tiny_tokenizer))},
+        "student": {"layers": 2},
+        "distill": {"losses": {"kd": 1.0, "ce": 0.5}, "baseline": False},
+        "train": {"max_steps": 4, "batch_size": 8, "checkpoint_every": 2},
+        "eval": {"repeats": 1, "warmup": 0},
+    })
+
+
+def test_a_disk_that_fills_up_during_a_checkpoint_exits_2_naming_the_checkpoint(small_recipe, tmp_path):
+    result = kdistill_limited("run", small_recipe, "--out", tmp_path / "run", file_size=60_000)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kdistill: cannot write checkpoint {tmp_path / 'run' / 'checkpoints' / 'student'}")
+    assert "File too large" in last
+    assert not list((tmp_path / "run" / "checkpoints" / "student").iterdir())  # nothing half-written left
+
+
+def test_a_run_dir_that_cannot_be_created_exits_2_naming_it(small_recipe, tmp_path, capsys):
+    from kdistill.cli import main
+
+    (tmp_path / "file").write_text("not a dir")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(small_recipe), "--out", str(tmp_path / "file" / "run")])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"kdistill: cannot write the run directory {tmp_path / 'file' / 'run'}: Not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only dirs")
+def test_a_read_only_run_dir_exits_2_naming_it(small_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o555)
+    result = kdistill_limited("run", small_recipe, "--out", run_dir)
+    run_dir.chmod(0o755)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"kdistill: cannot write the run directory {run_dir}: Permission denied"
+
