@@ -36,6 +36,7 @@ import random
 import socket
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,40 +235,52 @@ def _generate(model, input_ids: Tensor, new_tokens: int, pad_id: int) -> Tensor:
                           num_beams=1, top_k=None, top_p=None, temperature=None)
 
 
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch CPU threads (None: unchanged), restoring the count afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def compare_lm_speed(models: dict, blocks: LMBlocks, cfg: EvalConfig, pad_id: int) -> dict[str, dict]:
     """Generation tokens/s (batch 1, greedy) and scoring tokens/s (a batch of blocks), models interleaved."""
-    threads_before = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    with torch_threads(cfg.num_threads) as threads_before:
+        return _compare_lm_speed(models, blocks, cfg, pad_id, cfg.num_threads or threads_before)
+
+
+@torch.no_grad()
+def _compare_lm_speed(models: dict, blocks: LMBlocks, cfg: EvalConfig, pad_id: int, threads: int) -> dict:
     n = len(blocks)
     prompt_len = min(SPEED_PROMPT_TOKENS, blocks.input_ids.shape[1])
     times = {name: {"gen": [], "score": []} for name in models}
     bs = cfg.throughput_batch_size
     n_batches = max(1, cfg.repeats // 4)
-    try:
-        for m in models.values():
-            m.eval()
-        for i in range(cfg.warmup + cfg.repeats):
-            prompt = blocks.input_ids[i % n, :prompt_len][None]
-            for name, m in models.items():
-                start = time.perf_counter()
-                _generate(m, prompt.to(next(m.parameters()).device), SPEED_NEW_TOKENS, pad_id)
-                if i >= cfg.warmup:
-                    times[name]["gen"].append(time.perf_counter() - start)
-        scored = []
-        for j in range(n_batches + 1):
-            rows = [(j * bs + r) % n for r in range(bs)]
-            batch = blocks.batch(rows)
-            scored.append(int(batch["attention_mask"].sum()))
-            for name, m in models.items():
-                device = next(m.parameters()).device
-                start = time.perf_counter()
-                m(**{k: v.to(device) for k, v in batch.items()})
-                if j >= 1:  # the first batch warms up
-                    times[name]["score"].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads_before)
+    for m in models.values():
+        m.eval()
+    for i in range(cfg.warmup + cfg.repeats):
+        prompt = blocks.input_ids[i % n, :prompt_len][None]
+        for name, m in models.items():
+            start = time.perf_counter()
+            _generate(m, prompt.to(next(m.parameters()).device), SPEED_NEW_TOKENS, pad_id)
+            if i >= cfg.warmup:
+                times[name]["gen"].append(time.perf_counter() - start)
+    scored = []
+    for j in range(n_batches + 1):
+        rows = [(j * bs + r) % n for r in range(bs)]
+        batch = blocks.batch(rows)
+        scored.append(int(batch["attention_mask"].sum()))
+        for name, m in models.items():
+            device = next(m.parameters()).device
+            start = time.perf_counter()
+            m(**{k: v.to(device) for k, v in batch.items()})
+            if j >= 1:  # the first batch warms up
+                times[name]["score"].append(time.perf_counter() - start)
     tokens_per_batch = statistics.median(scored[1:])
     out = {}
     for name, t in times.items():
@@ -277,14 +290,21 @@ def compare_lm_speed(models: dict, blocks: LMBlocks, cfg: EvalConfig, pad_id: in
             "ms_per_token_batch1": 1000 * gen / SPEED_NEW_TOKENS,
             "score_tokens_per_s": tokens_per_batch / statistics.median(t["score"]),
             "score_batch_size": bs,
-            "threads": cfg.num_threads or threads_before,
+            "threads": threads,
         }
     return out
 
 
 @torch.no_grad()
-def sample_generations(models: dict, tokenizer, prompts=SAMPLE_PROMPTS, new_tokens: int = SAMPLE_NEW_TOKENS) -> dict:
+def sample_generations(models: dict, tokenizer, prompts=SAMPLE_PROMPTS, new_tokens: int = SAMPLE_NEW_TOKENS,
+                       threads: int | None = None) -> dict:
     """Greedy continuations of the fixed prompts by every model: {name: [{"prompt", "completion"}]}."""
+    with torch_threads(threads):
+        return _sample_generations(models, tokenizer, prompts, new_tokens)
+
+
+@torch.no_grad()
+def _sample_generations(models: dict, tokenizer, prompts, new_tokens: int) -> dict:
     out = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for name, model in models.items():
@@ -396,9 +416,10 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
     many = len(runs) > 1
     for run in runs:
         for name, h in sorted(run["histories"].items()):
-            if h["steps"]:
-                ax1.plot([s["step"] for s in h["steps"]], [s["loss"] for s in h["steps"]], lw=1,
-                         label=f"{run['metrics']['run']}/{name}" if many else name)
+            if h["steps"]:  # the data's NLL where the run has that term: comparable between KD and no-KD
+                key = "lm" if "lm" in h["steps"][0] else "loss"
+                ax1.plot([s["step"] for s in h["steps"]], [s[key] for s in h["steps"]], lw=1,
+                         label=(f"{run['metrics']['run']}/{name}" if many else name) + f" ({key})")
         for name, m in run["metrics"]["models"].items():
             if m.get("generate_tokens_per_s") and m.get("perplexity"):
                 ax2.scatter(m["generate_tokens_per_s"], m["perplexity"], s=40)
@@ -406,7 +427,7 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
                              (m["generate_tokens_per_s"], m["perplexity"]), fontsize=8, xytext=(4, 4),
                              textcoords="offset points")
     ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("training loss")
+    ax1.set_ylabel("training NLL on the data (nats/token)")
     ax1.set_yscale("log")
     ax1.legend(fontsize=7)
     ax2.set_xlabel("generation tokens/s, batch 1")
@@ -414,7 +435,7 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
     ax2.set_yscale("log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.suptitle("training loss (KD student: weighted sum of its terms) and perplexity against speed")
+    fig.suptitle("training curves and test perplexity against generation speed")
     fig.tight_layout()
     fig.savefig(plots / "lm_curves_tradeoff.png", dpi=110)
     plt.close(fig)
@@ -460,10 +481,10 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None) -> Path:
     from kdistill.cache import build_topk_cache, default_cache_root
     from kdistill.distill.causal import distill_causal, lm_only_spec
     from kdistill.evaluate import machine_info
-    from kdistill.models import count_parameters, dir_size_mb, save_model
+    from kdistill.models import dir_size_mb, save_model
     from kdistill.pipeline import make_student, prepare_run_dir, save_history, term_spec
     from kdistill.report import write_report
-    from kdistill.student import describe_student
+    from kdistill.student import count_parameters, describe_student
 
     started = time.perf_counter()
     _check_config(cfg)
@@ -557,11 +578,11 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None) -> Path:
                  "blocks": {s: len(b) for s, b in blocks.items()}, "tokens": {s: b.tokens for s, b in blocks.items()}},
         "student_shape": shapes,
         "models": results,
-        "samples": sample_generations(models, tokenizer),
+        "samples": sample_generations(models, tokenizer, threads=cfg.eval.num_threads),
         "teacher_cache": cache_info,
         "machine": {**machine_info(), "host": socket.gethostname(),
                     "eval_threads": cfg.eval.num_threads or torch.get_num_threads(),
-                    "world_size": int(os.environ.get("WORLD_SIZE", 1))},
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
         "units": {"perplexity": "exp(nats/token)", "nll_per_token": "nats", "generate_tokens_per_s": "tokens/s",
                   "score_tokens_per_s": "tokens/s", "ms_per_token_batch1": "ms", "size_mb": "MiB",
                   "train_wall_time_s": "s"},

@@ -147,6 +147,11 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
     except ValueError as e:
         raise UserError(str(e)) from None
     spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads)
+    if spec.needs_qkv:
+        widths = {student.config.hidden_size, teacher.config.hidden_size}
+        if any(w % spec.relation_heads for w in widths):
+            raise UserError(f"distill.relation_heads: {spec.relation_heads} must divide both widths "
+                            f"{sorted(widths)} for the minilm_* terms")
     with torch.random.fork_rng(devices=[]):  # the projections start the same in every run and every process
         torch.manual_seed(cfg.train.seed)
         spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)

@@ -30,7 +30,7 @@ def _random_topk(seed: int = 0):
 
 
 def _key(**over):
-    base = dict(teacher="t0", data="d0", block_size=L, k=K)
+    base = {"teacher": "t0", "data": "d0", "block_size": L, "k": K}
     return cache_key(**{**base, **over})
 
 

@@ -299,7 +299,7 @@ def test_gguf_teacher_loads_dequantised_and_predicts_english():
     from kdistill.config import RunConfig
     from kdistill.student import build_student
 
-    teacher, tokenizer, name, file_mb = load_teacher(RunConfig(task="causal-lm", teacher={"model": "smollm2-135m"}))
+    teacher, tokenizer, _, file_mb = load_teacher(RunConfig(task="causal-lm", teacher={"model": "smollm2-135m"}))
     assert type(teacher).__name__ == "LlamaForCausalLM" and teacher.config.num_hidden_layers == 30
     assert next(teacher.parameters()).dtype == torch.float32
     assert getattr(teacher.config, "quantization_config", None) is None  # plain fp32 students
