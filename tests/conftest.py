@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdistill.tokenization import train_wordpiece
+from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 
 # Tiny models on a shared 2-core machine: one thread is 10x faster than two fighting over the cores.
 torch.set_num_threads(1)
@@ -43,9 +43,12 @@ def toy_examples() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(toy_examples):
-    corpus = [r["text"] for r in toy_examples] + [" ".join(w) for w in KEYWORDS.values()] + [" ".join(FILLER)]
-    return train_wordpiece(corpus * 3, vocab_size=120, model_max_length=32)
+def tiny_tokenizer(tmp_path_factory):
+    """A WordPiece over a fixed vocab (every toy word whole): the same ids in every run, unlike a trained one."""
+    words = sorted({w for ws in KEYWORDS.values() for w in ws} | set(FILLER))
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL_TOKENS + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]))
+    return tokenizer_from_vocab(vocab, model_max_length=32)
 
 
 def tiny_bert_config(tokenizer, **overrides) -> BertConfig:

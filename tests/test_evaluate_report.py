@@ -32,10 +32,10 @@ def toy_data(tmp_path_factory, toy_examples):
 
 def test_evaluate_model_and_interleaved_speed(toy_data, tiny_tokenizer):
     torch.manual_seed(0)
-    big = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer, num_hidden_layers=4)).eval()
+    big = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer, num_hidden_layers=12)).eval()
     small = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer, num_hidden_layers=1)).eval()
     enc = tokenize_splits(toy_data, tiny_tokenizer, 32)["test"]
-    cfg = EvalConfig(repeats=5, warmup=1, throughput_batch_size=4)
+    cfg = EvalConfig(repeats=9, warmup=2, throughput_batch_size=4)
     m = evaluate_model(big, tiny_tokenizer, enc, toy_data.label_names, cfg)
     with torch.no_grad():
         batch = tiny_tokenizer(list(toy_data.splits["test"]["text"]), padding=True, return_tensors="pt")
@@ -45,7 +45,7 @@ def test_evaluate_model_and_interleaved_speed(toy_data, tiny_tokenizer):
     assert m["latency_ms_batch1"] > 0 and m["throughput_per_s"] > 0 and m["threads"] >= 1
     speed = compare_speed({"big": big, "small": small}, enc, tiny_tokenizer, cfg)
     assert set(speed) == {"big", "small"}
-    assert speed["small"]["latency_ms_batch1"] < speed["big"]["latency_ms_batch1"]  # 1 layer vs 4
+    assert speed["small"]["latency_ms_batch1"] < speed["big"]["latency_ms_batch1"]  # 1 layer vs 12: a gap no machine noise hides
 
 
 def test_report_table_and_plots(tmp_path):
