@@ -16,9 +16,8 @@ from kdistill.distill.terms import TermSpec, compute_terms
 from kdistill.features import capture
 from kdistill.pipeline import run
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
-from tests.test_mutual import (  # noqa: F401  (one_thread, teacher_dir: fixtures used here too)
+from tests.test_mutual import (  # noqa: F401  (teacher_dir: a fixture used here too)
     check_run,
-    one_thread,
     record_updates,
     teacher_dir,
     tiny_pair,

@@ -26,15 +26,6 @@ from tests.conftest import tiny_bert_config
 LAYERS, HIDDEN, HEADS = 3, 32, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are overhead-bound; two threads on two shared cores are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _encoder_kwargs(tokenizer):
     return dict(
         vocab_size=len(tokenizer),

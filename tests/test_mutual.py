@@ -31,15 +31,6 @@ from kdistill.training import History
 SPEC_WEIGHTS = {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are overhead-bound; two threads on two shared cores are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------- helpers (also for alternating)
 
 def toy_bundle(n_train: int = 48) -> DataBundle:

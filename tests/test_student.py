@@ -31,15 +31,6 @@ from kdistill.student import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are overhead-bound; two threads on two shared cores are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def encode(tokenizer, rows):
     enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
     labels = torch.tensor([LABELS.index(r["label"]) for r in rows])
