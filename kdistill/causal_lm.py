@@ -31,7 +31,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import socket
 import statistics
@@ -46,6 +45,7 @@ from torch import Tensor
 from kdistill.config import DataConfig, EvalConfig, RunConfig
 from kdistill.errors import DataError, UserError
 from kdistill.io import atomic_write_json, atomic_write_text
+from kdistill.training import world_size
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None) -> Path:
         "teacher_cache": cache_info,
         "machine": {**machine_info(), "host": socket.gethostname(),
                     "eval_threads": cfg.eval.num_threads or torch.get_num_threads(),
-                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+                    "world_size": world_size()},
         "units": {"perplexity": "exp(nats/token)", "nll_per_token": "nats", "generate_tokens_per_s": "tokens/s",
                   "score_tokens_per_s": "tokens/s", "ms_per_token_batch1": "ms", "size_mb": "MiB",
                   "train_wall_time_s": "s"},

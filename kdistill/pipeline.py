@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import socket
 import time
 from contextlib import contextmanager
@@ -309,7 +308,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
         "student_shape": shapes,
         "models": results,
         "machine": {**machine_info(), "host": socket.gethostname(), "eval_threads": cfg.eval.num_threads
-                    or torch.get_num_threads(), "world_size": int(os.environ.get("WORLD_SIZE", 1))},
+                    or torch.get_num_threads(), "world_size": world_size()},
         "units": {"latency_ms_batch1": "ms", "throughput_per_s": "examples/s", "size_mb": "MiB",
                   "train_wall_time_s": "s"},
     }
