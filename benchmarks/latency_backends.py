@@ -3,9 +3,13 @@
     python benchmarks/latency_backends.py --teacher runs/demo/teacher --student runs/demo/student
 
 The student is exported to ONNX (fp32 and int8) in a temp dir first. Each measurement is one
-`Predictor.predict([text])` call (tokenize + forward + softmax: what a caller waits for). Backends take turns
-within every round, so drift on a noisy machine hits all of them alike; the medians after warm-up and the
-ratios to the teacher are what to compare. Prints one JSON line.
+`Predictor.predict([text])` call (tokenize + forward + softmax: what a caller waits for), and separately the
+model call alone on the already tokenized input (`model_ms`: tokenizing a long article costs ~1 ms whatever the
+model). Backends take turns, a block of calls each (after one warm call, so each runs with its own weights in
+cache, as a server would), so drift on a noisy machine hits all of them alike; the medians and the ratios to
+the teacher are what to compare. onnxruntime's thread spinning is off: its idle
+threads would otherwise busy-wait on the cores while the PyTorch models run (measured: teacher 28 -> 49 ms).
+Prints one JSON line.
 
 Inputs: --texts-file (one text per line) or --data (JSONL with a "text" field); by default a few built-in
 English sentences repeated to about 128 tokens (then truncated to each model's max_length).
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-texts", type=int, default=32, help="use at most this many texts, in turn")
     parser.add_argument("--runs", type=int, default=50, help="measured calls per backend")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured calls per backend first")
+    parser.add_argument("--block", type=int, default=10, help="consecutive measured calls per backend and turn")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's default)")
     args = parser.parse_args(argv)
 
@@ -95,18 +100,31 @@ def main(argv: list[str] | None = None) -> dict:
         predictors = {
             "teacher_torch_fp32": load_predictor(args.teacher, backend="torch"),
             "student_torch_fp32": student_torch,
-            "student_onnx_fp32": load_predictor(onnx_dir, backend="onnx", num_threads=threads),
-            "student_onnx_int8": load_predictor(onnx_dir, backend="onnx-int8", num_threads=threads),
+            "student_onnx_fp32": load_predictor(onnx_dir, backend="onnx", num_threads=threads, ort_spinning=False),
+            "student_onnx_int8": load_predictor(
+                onnx_dir, backend="onnx-int8", num_threads=threads, ort_spinning=False
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in predictors}
-        for round_ in range(args.warmup + args.runs):
-            text = texts[round_ % len(texts)]
-            for name, predictor in predictors.items():
-                t0 = time.perf_counter()
+        model_times: dict[str, list[float]] = {name: [] for name in predictors}
+        for name, predictor in predictors.items():
+            for text in texts[: args.warmup]:
                 predictor.predict([text])
-                elapsed = time.perf_counter() - t0
-                if round_ >= args.warmup:
-                    times[name].append(elapsed * 1000)
+        n_rounds = -(-args.runs // args.block)
+        for round_ in range(n_rounds):
+            for name, predictor in predictors.items():
+                # One warm call, then a block of measured ones: what a server running only this model sees
+                # (its weights in cache), while the rotation keeps machine drift fair to every backend.
+                predictor.predict([texts[round_ % len(texts)]])
+                for i in range(args.block):
+                    text = texts[(round_ * args.block + i) % len(texts)]
+                    t0 = time.perf_counter()
+                    predictor.predict([text])
+                    t1 = time.perf_counter()
+                    predictor.run_model(predictor.encode([text])[0])
+                    t2 = time.perf_counter()
+                    times[name].append((t1 - t0) * 1000)
+                    model_times[name].append((t2 - t1) * 1000)
 
         tokens = {
             name: statistics.median(
@@ -115,13 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
             for name, p in predictors.items()
         }
         teacher_ms = statistics.median(times["teacher_torch_fp32"])
+        teacher_model_ms = statistics.median(model_times["teacher_torch_fp32"])
         backends = {}
         for name, values in times.items():
             med = statistics.median(values)
+            model_med = statistics.median(model_times[name])
             backends[name] = {
                 "median_ms": round(med, 3),
                 "p90_ms": round(sorted(values)[int(0.9 * (len(values) - 1))], 3),
                 "speedup_vs_teacher": round(teacher_ms / med, 2),
+                "model_ms": round(model_med, 3),
+                "model_speedup_vs_teacher": round(teacher_model_ms / model_med, 2),
                 "input_tokens": tokens[name],
                 "num_parameters": predictors[name].metadata["num_parameters"],
             }

@@ -110,6 +110,8 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
            quantize: Annotated[Optional[str], typer.Option(help="int8 (ONNX dynamic quantization)")] = None,
            out: Annotated[Optional[Path], typer.Option(help="Output dir (default <model>-<format>)")] = None,
            data: Annotated[Optional[str], typer.Option(help="Dataset whose test split checks parity")] = None,
+           fuse: Annotated[bool, typer.Option(help="Fuse attention/LayerNorm/GELU for onnxruntime (BERT-like "
+                                                   "encoders); --no-fuse keeps a portable plain ONNX graph")] = True,
            set: SetOpt = None) -> dict:
     """Export a model dir as a self-contained HF dir or ONNX (optionally int8), with a parity check."""
     from kdistill.export import export_model
@@ -123,7 +125,7 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
     out = out or model.with_name(f"{model.name}-{format}{'-' + quantize if quantize else ''}")
     with _as_user_errors():
         parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
-                              parity_labels=labels)
+                              parity_labels=labels, fuse=fuse)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},
                           default=str))
     return parity

@@ -149,7 +149,11 @@ class DistillConfig(_Section):
     """causal-lm: probability that a step trains on the teacher's generations (sequence-level KD, Kim & Rush
     2016); on_policy_fraction + seq_kd_fraction <= 1."""
     cache_teacher: Literal["auto", "on", "off"] = "auto"
-    """Cache the frozen teacher's outputs once instead of running it every epoch (auto: when valid)."""
+    """explicit: run the frozen teacher once before training and read its outputs back every epoch. Cached: logits
+    (in memory) and the hidden states the hidden_*/embedding_mse/cls_pkd terms read (fp16, memory-mapped in a temp
+    dir, only the mapped layers; not above 4 GiB, else the teacher runs every step, logged); never attention maps
+    or Q/K/V (too large). `auto`: cache when every teacher output the terms need can be; `on`: the same, but an
+    attention_*/minilm_* term is an error; `off`: run the teacher every step. causal-lm: top-k logits only."""
     cache_top_k: int = Field(64, ge=1)
     """causal-lm: logits stored per token in the teacher cache."""
 
@@ -168,6 +172,16 @@ class DistillConfig(_Section):
         if not any(w > 0 for w in losses.values()):
             raise ValueError("at least one loss term needs a positive weight")
         return losses
+
+    @model_validator(mode="after")
+    def _cacheable(self):
+        from kdistill.distill.terms import ATTENTION_TERMS, RELATION_TERMS
+
+        uncached = sorted(t for t, w in self.losses.items() if w > 0 and t in ATTENTION_TERMS | set(RELATION_TERMS))
+        if self.cache_teacher == "on" and self.strategy == "explicit" and uncached:
+            raise ValueError(f"cache_teacher: on, but {uncached} need the teacher's attention maps or Q/K/V, which "
+                             "are never cached (too large); use auto (caches nothing then) or off")
+        return self
 
 
 class TrainConfig(_Section):

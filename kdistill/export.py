@@ -79,12 +79,15 @@ def export_model(
     overwrite: bool = False,
     opset: int = ONNX_OPSET,
     parity_atol: float = 1e-3,
+    fuse: bool = True,
 ) -> dict[str, Any]:
     """Export `model_dir` to `out_dir` as fmt "hf" or "onnx" (optionally also int8-quantized); return parity.json.
 
     parity_labels: gold label ids for parity_texts, to record accuracy of each backend.
     overwrite: replace an existing non-empty out_dir (otherwise that is an error).
     parity_atol: largest |Δlogit| accepted between PyTorch and the fp32 export.
+    fuse: for encoder families onnxruntime knows (FUSABLE_MODEL_TYPES), fuse attention, LayerNorm and GELU into
+    its contrib ops (see _fuse_onnx); the graph then runs on onnxruntime only. Off: a plain ONNX graph.
     """
     if fmt not in ("hf", "onnx"):
         raise ValueError(f"unknown export format {fmt!r}; choose hf or onnx")
@@ -143,7 +146,14 @@ def export_model(
         else:
             model.config.save_pretrained(str(tmp))
             meta["export"]["opset"] = opset
+            fusable = fuse and model.config.model_type in FUSABLE_MODEL_TYPES
+            if fusable:
+                from kdistill.features import ensure_eager_attention
+
+                ensure_eager_attention(model)  # the fusion matches the eager attention subgraph, not SDPA's
             meta["export"]["onnx_inputs"] = _export_onnx(model, tokenizer, tmp / "model.onnx", opset, max_length)
+            if fusable:
+                meta["export"]["fused_ops"] = _fuse_onnx(tmp / "model.onnx", model.config)
             if quantize:
                 meta["export"]["int8"] = _quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
         (tmp / KDISTILL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -181,6 +191,10 @@ def export_model(
 
 
 # --------------------------------------------------------------------------------------------- ONNX
+
+
+# model_type values whose graphs onnxruntime's BERT optimizer fuses (same encoder block layout)
+FUSABLE_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 
 
 def _export_onnx(model, tokenizer, path: Path, opset: int, max_length: int) -> list[str]:
@@ -237,6 +251,25 @@ def _export_onnx(model, tokenizer, path: Path, opset: int, max_length: int) -> l
     return names
 
 
+def _fuse_onnx(path: Path, config) -> dict[str, int]:
+    """Rewrite `path` in place with onnxruntime's transformer optimizer; return the fused-op counts (> 0 only).
+
+    It replaces each layer's ~40 primitive ops (Q/K/V MatMuls, softmax, LayerNorm, GELU pieces) by a few contrib
+    ops (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization). Measured on the 2-layer x 128
+    student, batch 1, 128 tokens, 2 threads: int8 1.40 -> 1.14 ms; 2 x 384: int8 4.16 -> 3.56 ms; fp32 logits
+    unchanged (max |Δ| 1e-6). The parity check afterwards guards the rewrite.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimize_model(
+            str(path), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+        )
+    optimized.save_model_to_file(str(path))
+    return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+
+
 def _quantize_int8(src: Path, dst: Path) -> dict:
     """onnxruntime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized at run time.
 
@@ -247,7 +280,11 @@ def _quantize_int8(src: Path, dst: Path) -> dict:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    settings = {"weight_type": "QInt8", "op_types": ["MatMul", "Gemm"], "per_channel": True, "reduce_range": False}
+    import onnx
+
+    # Attention: the fused op (see _fuse_onnx) holds the Q/K/V weights; quantizing it gives QAttention.
+    settings = {"weight_type": "QInt8", "op_types": ["MatMul", "Gemm", "Attention"], "per_channel": True,
+                "reduce_range": False}
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs one INFO line per node to the root logger
@@ -261,6 +298,8 @@ def _quantize_int8(src: Path, dst: Path) -> dict:
                 weight_type=QuantType.QInt8,
                 per_channel=settings["per_channel"],
                 reduce_range=settings["reduce_range"],
+                # contrib ops defeat ONNX shape inference; their outputs are float32
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
     finally:
         root.setLevel(level)

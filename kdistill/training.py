@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,18 +374,25 @@ def validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, flo
     }
 
 
-class EarlyStopping:
-    """Keeps the best weights by validation accuracy (ties: lower loss); says when patience runs out."""
+def accuracy_then_loss(metrics: dict[str, float]) -> tuple[float, ...]:
+    """Classifiers: higher validation accuracy is better; ties go to the lower loss."""
+    return (metrics["accuracy"], -metrics["loss"])
 
-    def __init__(self, patience: int | None):
+
+class EarlyStopping:
+    """Keeps the best weights by a validation score (higher is better); says when patience runs out."""
+
+    def __init__(self, patience: int | None,
+                 score: Callable[[dict[str, float]], tuple[float, ...]] = accuracy_then_loss):
         self.patience = patience
-        self.best: tuple[float, float] | None = None
+        self.score = score
+        self.best: tuple[float, ...] | None = None
         self.best_state: dict | None = None
         self.bad_evals = 0
 
     def update(self, model, metrics: dict[str, float]) -> bool:
         """Record an evaluation; True when training should stop."""
-        score = (metrics["accuracy"], -metrics["loss"])
+        score = self.score(metrics)
         if self.best is None or score > self.best:
             self.best, self.bad_evals = score, 0
             unwrapped = getattr(model, "module", model)

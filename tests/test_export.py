@@ -84,6 +84,21 @@ def test_int8_export_records_both_accuracies(onnx_int8_dir):
     assert session.get_outputs()[0].name == "logits"
 
 
+def test_fusion_is_recorded_and_optional(onnx_int8_dir, tiny_bert_dir, toy_examples, tmp_path):
+    out, _ = onnx_int8_dir
+    fused_ops = json.loads((out / "kdistill.json").read_text())["export"]["fused_ops"]
+    assert fused_ops["Attention"] == 4 and fused_ops["SkipLayerNormalization"] >= 4  # one Attention per layer
+    assert {n.op_type for n in _graph_nodes(out / "model.onnx")} >= {"Attention", "SkipLayerNormalization"}
+    assert any(n.op_type == "QAttention" for n in _graph_nodes(out / "model.int8.onnx"))
+
+    plain = tmp_path / "plain"
+    parity = export_model(tiny_bert_dir, fmt="onnx", out_dir=plain, fuse=False,
+                          parity_texts=[r["text"] for r in toy_examples])  # fmt: skip
+    assert "fused_ops" not in json.loads((plain / "kdistill.json").read_text())["export"]
+    assert not {"Attention", "SkipLayerNormalization"} & {n.op_type for n in _graph_nodes(plain / "model.onnx")}
+    assert parity["backends"]["onnx"]["max_abs_logit_diff"] < 1e-4
+
+
 def _graph_nodes(path):
     import onnx
 

@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kdistill.checkpoint import COMPLETE, Checkpoints
 from kdistill.config import DistillConfig
@@ -191,3 +192,33 @@ def test_a_read_only_run_dir_exits_2_naming_it(small_recipe, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"kdistill: cannot write the run directory {run_dir}: Permission denied"
 
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
+    from kdistill.training import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=2)
+    evals = [{"accuracy": 0.5, "loss": 1.0}, {"accuracy": 0.7, "loss": 0.9}, {"accuracy": 0.7, "loss": 0.95},
+             {"accuracy": 0.6, "loss": 0.8}]
+    stops = []
+    for i, metrics in enumerate(evals):
+        with torch.no_grad():
+            model.weight.fill_(float(i))
+        stops.append(stopper.update(model, metrics))
+    assert stops == [False, False, False, True]  # the tie on accuracy lost on loss: a bad evaluation
+    stopper.restore_best(model)
+    assert model.weight.eq(1.0).all()
+
+
+def test_early_stopping_by_loss_for_language_models():
+    from kdistill.training import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=None, score=lambda m: (-m["loss"],))
+    for i, loss in enumerate([3.0, 2.5, 2.7]):
+        with torch.no_grad():
+            model.weight.fill_(float(i))
+        assert not stopper.update(model, {"loss": loss})  # no patience: never stops
+    stopper.restore_best(model)
+    assert model.weight.eq(1.0).all()

@@ -40,6 +40,7 @@ from kdistill.config import DistillConfig, TrainConfig
 from kdistill.distill.terms import LM_TERMS, TermSpec
 from kdistill.features import capture
 from kdistill.training import (
+    EarlyStopping,
     History,
     LengthGroupedSampler,
     Timer,
@@ -279,7 +280,8 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
     history = History(name)
     history.open_tensorboard(log_dir, accelerator)
     evals_at = eval_points(total_steps, steps_per_epoch, train.eval_every)
-    best_loss, best_state, bad_evals = None, None, 0
+    stopper = (EarlyStopping(train.early_stopping_patience, score=lambda m: (-m["loss"],))
+               if train.early_stopping_patience else None)
     step, epoch = 0, 0
     bar = tqdm(total=total_steps, desc=f"train {name}", disable=None if accelerator.is_main_process else True,
                leave=False)
@@ -318,21 +320,14 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
                     metrics = perplexity(accelerator.unwrap_model(student), val_blocks, batch_size=micro)
                     history.log_eval(step, {"loss": metrics["loss"], "perplexity": metrics["perplexity"]})
                     bar.set_postfix(val_ppl=f"{metrics['perplexity']:.1f}")
-                    if train.early_stopping_patience:
-                        if best_loss is None or metrics["loss"] < best_loss:
-                            best_loss, bad_evals = metrics["loss"], 0
-                            best_state = {k: v.detach().clone()
-                                          for k, v in accelerator.unwrap_model(student).state_dict().items()}
-                        else:
-                            bad_evals += 1
-                            if bad_evals >= train.early_stopping_patience:
-                                step = total_steps
+                    if stopper and stopper.update(accelerator.unwrap_model(student), metrics):
+                        step = total_steps
                 if step >= total_steps:
                     break
             epoch += 1
     bar.close()
-    if best_state is not None:
-        accelerator.unwrap_model(student).load_state_dict(best_state)
+    if stopper:
+        stopper.restore_best(accelerator.unwrap_model(student))
     history.wall_time_s = timer.seconds
     history.close()
     return history

@@ -1,8 +1,21 @@
 """Explicit distillation: a frozen teacher, a student that learns its soft outputs, internals and the labels.
 
 The teacher never learns here: it is in eval mode, its parameters do not require grad, and it runs under
-`torch.no_grad()`. When only its logits matter (terms kd/ce), they are computed once before training and read
-from a cache every epoch ("cache_teacher: auto").
+`torch.no_grad()`. So its outputs are the same every epoch, and with `distill.cache_teacher: auto` (the default)
+they are computed once before training and read back at each step instead of running the teacher:
+
+- logits (terms kd/ce; every teacher of a multi-teacher run): in memory, (N, C) float32;
+- hidden states (hidden_mse, hidden_cosine, embedding_mse, cls_pkd): only the main teacher's layers the terms
+  read (`TermSpec.teacher_hidden_layers`), fp16, memory-mapped from a temporary directory removed when training
+  ends (`cache.FeatureStore`: each example's real tokens, put back into each batch's padding);
+- attention maps and Q/K/V (attention_*, minilm_*) are never cached: (N, heads, L, L) per layer is far too big.
+  With such a term the teacher runs every step and nothing is cached (`on` is then an error); likewise for cls_pkd
+  under a left-padding tokenizer (position 0 is then a pad token, whose teacher state depends on the batch).
+
+The hidden states are cached only when they fit `FEATURE_CACHE_MAX_BYTES` (and the temp dir's free space);
+otherwise the teacher runs every step, with a log line saying why. Built in row order, the cache is looked up by
+each example's `idx`, so it works with any batch order, gradient accumulation and several processes (each process
+builds and holds all rows, in a temp dir of its own).
 
 The loop is the one every strategy shares (training.py: loaders, AdamW and schedule, the step-normalised loss,
 logging, validation and early stopping); what is explicit's own is here: the frozen teacher and its cache. With
@@ -13,18 +26,32 @@ the last one (checkpoint.py). It also runs in several processes (DDP; see traini
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from kdistill import losses
+from kdistill.cache import FeatureStore
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
 from kdistill.data import DataBundle, tokenize_splits
-from kdistill.distill.terms import TermSpec, compute_terms, step_loss, step_temperature
-from kdistill.features import capture, ensure_eager_attention
+from kdistill.distill.terms import (
+    ATTENTION_TERMS,
+    RELATION_TERMS,
+    TermSpec,
+    compute_terms,
+    step_loss,
+    step_temperature,
+)
+from kdistill.errors import UserError
+from kdistill.features import Features, capture, ensure_eager_attention
+from kdistill.io import atomic_dir
 from kdistill.training import (
     GroupStream,
     History,
@@ -41,40 +68,139 @@ from kdistill.training import (
 
 log = logging.getLogger(__name__)
 
+FEATURE_CACHE_MAX_BYTES = 4 * 2**30
+"""The largest teacher hidden-state cache built (on disk, memory-mapped). Every epoch reads all of it in a random
+order, fast only while it stays in the page cache; past this the teacher runs every step instead."""
+
 
 def with_index(encoded):
     """Each training example carries its row index, so cached teacher outputs can be looked up."""
     return encoded.add_column("idx", list(range(len(encoded))))
 
 
+@dataclass
+class TeacherCache:
+    """The frozen teachers' outputs for every training example, looked up by row index."""
+
+    logits: list[torch.Tensor]
+    """Per teacher, (N, C) float32, in row order."""
+    features: FeatureStore | None = None
+    """The main teacher's hidden states of the layers the terms read; None when they read none."""
+    num_hidden_states: int = 0
+    """len(hidden_states) of the main teacher (layers + 1), so the cached layers sit at their own indices."""
+
+    def outputs(self, idx: torch.Tensor, attention_mask: torch.Tensor, device) -> tuple[Features | None, list]:
+        """(main teacher's Features or None, each teacher's logits (B, C)) for the batch of rows `idx`."""
+        logits = [c[idx.cpu()].to(device) for c in self.logits]
+        if self.features is None:
+            return None, logits
+        layers = self.features.gather(idx, attention_mask, device)
+        # unread layers stay None: compute_terms reads only the indices the store holds
+        hidden = tuple(layers.get(t) for t in range(self.num_hidden_states))
+        return Features(logits=logits[0], hidden_states=hidden, attention_mask=attention_mask), logits
+
+
+def why_not_cached(spec: TermSpec, tokenizer) -> str | None:
+    """Why the teacher outputs the active terms read cannot be cached; None when they can."""
+    uncached = sorted(set(spec.active) & (ATTENTION_TERMS | set(RELATION_TERMS)))
+    if uncached:
+        return (f"the loss terms {uncached} need the teacher's attention maps or Q/K/V, which are not cached "
+                "((N, heads, L, L) per layer is too large)")
+    if "cls_pkd" in spec.active and getattr(tokenizer, "padding_side", "right") == "left":
+        return ("cls_pkd reads position 0, which left padding fills with pad tokens whose teacher states depend on "
+                "the batch")
+    return None
+
+
+def plan_cache(spec: TermSpec, mode: str, tokenizer, teacher, lengths: list[int], work_dir: Path,
+               accelerator) -> bool:
+    """Whether to cache the teacher's outputs (`mode`: distill.cache_teacher); the log says why not, and how big
+    the hidden states are. Every process decides alike; the main one tells."""
+    tell = log.info if accelerator.is_main_process else log.debug
+    if mode == "off":
+        return False
+    reason = why_not_cached(spec, tokenizer)
+    if reason and mode == "on":
+        raise UserError(f"distill.cache_teacher: on, but {reason}; use auto or off")
+    if reason:
+        tell("teacher cache: off: %s; the teacher runs every step", reason)
+        return False
+    layers, first_only = spec.teacher_hidden_layers
+    if not layers:
+        return True  # logits only: (N, C), small
+    size = FeatureStore.estimate_bytes(lengths, len(layers), teacher.config.hidden_size, first_only=first_only)
+    free = shutil.disk_usage(work_dir).free
+    limit, limit_is = min((FEATURE_CACHE_MAX_BYTES, "FEATURE_CACHE_MAX_BYTES"), (free, f"free space in {work_dir}"))
+    tell("teacher cache: hidden states of teacher layers %s%s for %d examples: %.1f MiB in fp16 (limit %.0f MiB, %s)",
+         layers, ", position 0 only" if first_only else "", len(lengths), size / 2**20, limit / 2**20, limit_is)
+    if size > limit:
+        if accelerator.is_main_process:
+            (log.warning if mode == "on" else log.info)(
+                "teacher cache: off: the hidden states would exceed the limit (%s); the teacher runs every step",
+                limit_is)
+        return False
+    return True
+
+
 @torch.no_grad()
-def cache_teacher_logits(teachers, encoded_train, tokenizer, accelerator) -> list[torch.Tensor]:
-    """Each frozen teacher's logits for every training example, (N, C), in row order (every process: all rows)."""
-    loader = make_loader(encoded_train.remove_columns(["idx"]) if "idx" in encoded_train.column_names
-                         else encoded_train, tokenizer, 64, seed=0, shuffle=False)
-    order = torch.tensor([i for batch in loader.batch_sampler for i in batch])
-    cached = []
-    for teacher in teachers:
-        teacher.to(accelerator.device)
-        logits = []
-        for batch in tqdm(loader, desc="caching teacher logits", leave=False,
+def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, spec: TermSpec,
+                          store_dir: Path | None = None) -> TeacherCache:
+    """Run each frozen teacher once over every training example (every process: all rows) and keep its outputs.
+
+    Logits of every teacher, in memory. With hidden terms active, the main teacher's hidden states of the layers
+    they read, written atomically as a FeatureStore at `store_dir` (which must not exist yet) and memory-mapped.
+    `encoded_train` carries the `idx` column (`with_index`): rows land at their index, whatever the batch order.
+    """
+    layers, first_only = spec.teacher_hidden_layers
+    if layers and store_dir is None:
+        raise ValueError("cache_teacher_outputs: the hidden states need a store_dir")
+    start = time.perf_counter()
+    loader = make_loader(encoded_train, tokenizer, 64, seed=0, shuffle=False)
+    n, device = len(encoded_train), accelerator.device
+    logits: list[torch.Tensor | None] = [None] * len(teachers)
+    num_hidden_states = 0
+    with atomic_dir(store_dir) if layers else nullcontext() as tmp:
+        store = None
+        if layers:
+            lengths = [len(ids) for ids in encoded_train["input_ids"]]
+            store = FeatureStore.create(tmp, lengths, layers, teachers[0].config.hidden_size, first_only=first_only)
+        for teacher in teachers:
+            teacher.to(device)
+        for batch in tqdm(loader, desc="caching teacher outputs", leave=False,
                           disable=None if accelerator.is_main_process else True):
             batch.pop("labels")
-            logits.append(teacher(**{k: v.to(accelerator.device) for k, v in batch.items()}).logits.float().cpu())
-        flat = torch.cat(logits)
-        table = torch.empty_like(flat)
-        table[order] = flat
-        cached.append(table)
-    return cached
+            rows = batch.pop("idx")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for k, teacher in enumerate(teachers):
+                if k == 0 and store is not None:  # one forward gives the main teacher's logits and hidden states
+                    feats = capture(teacher, batch, hidden_states=True)
+                    num_hidden_states = len(feats.hidden_states)
+                    store.put(rows, {t: feats.hidden_states[t] for t in layers}, batch["attention_mask"])
+                    out = feats.logits
+                else:
+                    out = teacher(**batch).logits
+                if logits[k] is None:
+                    logits[k] = torch.empty(n, out.shape[-1])
+                logits[k][rows] = out.float().cpu()
+        if store is not None:
+            store.flush()
+            del store  # closes the write maps before the directory is renamed into place
+    features = FeatureStore.open(store_dir) if layers else None
+    if accelerator.is_main_process:
+        log.info("teacher cache: %d examples through %d teacher(s) in %.1f s%s", n, len(teachers),
+                 time.perf_counter() - start, f"; hidden states in {store_dir}" if layers else "")
+    return TeacherCache(logits, features, num_hidden_states)
 
 
 def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, spec: TermSpec,
                      distill: DistillConfig, train: TrainConfig, max_length: int, name: str = "student",
-                     log_dir: Path | None = None, checkpoints: Checkpoints | None = None) -> History:
+                     log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
+                     work_dir: Path | None = None) -> History:
     """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
 
     Leaves the best validation weights in `student`; returns the history with every loss term per step.
     `checkpoints`: where to save resumable state, and whether to continue from the last one saved there.
+    `work_dir`: where the teacher hidden-state cache's temporary directory goes (default: the system's, $TMPDIR).
     """
     set_seed(train.seed)
     accelerator = make_accelerator(train)
@@ -90,58 +216,68 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
 
     encoded = tokenize_splits(data, tokenizer, max_length)
     encoded_train = with_index(encoded["train"])
-    use_cache = needs_teacher and (distill.cache_teacher == "on" or (distill.cache_teacher == "auto"
-                                                                      and not spec.needs_teacher_features))
-    if use_cache and spec.needs_teacher_features:
-        raise ValueError("distill.cache_teacher: on caches logits only, but the loss terms "
-                         f"{sorted(set(spec.active) - {'kd', 'ce'})} need the teacher's internals; use auto")
-    cached = cache_teacher_logits(teachers, encoded_train, tokenizer, accelerator) if use_cache else None
+    work_dir = Path(work_dir or tempfile.gettempdir())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as cleanup:  # the cache's temp dir goes when training ends, also when it fails
+        cached, store_dir = None, None
+        lengths = [len(ids) for ids in encoded_train["input_ids"]]
+        if needs_teacher and plan_cache(spec, distill.cache_teacher, tokenizer, teachers[0], lengths, work_dir,
+                                        accelerator):
+            if spec.teacher_hidden_layers[0]:  # one per process: each holds all rows
+                tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-teacher-cache-",
+                                                                        dir=work_dir))
+                store_dir = Path(tmp) / "features"
+            with torch.random.fork_rng(devices=[]):  # (its loader draws a seed): the same run with or without it
+                cached = cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, spec=spec,
+                                               store_dir=store_dir)
 
-    train_loader, val_loader, total_steps, evals_at = make_loaders(encoded_train, encoded["validation"], tokenizer,
-                                                                   train, accelerator)
-    learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train, accelerator=accelerator,
-                           log_dir=log_dir, patience=train.early_stopping_patience, extra=spec.projections)
-    student = learner.model  # (wrapped for DDP when several processes run)
-    if not use_cache:
-        teachers = [t.to(accelerator.device) for t in teachers]
-    batches = GroupStream(train_loader, train.grad_accum, device=accelerator.device)
-    step, earlier_s = checkpoints.restore(learner, batches, accelerator) if checkpoints else (0, 0.0)
-    weights = spec.active
-    flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
+        train_loader, val_loader, total_steps, evals_at = make_loaders(encoded_train, encoded["validation"],
+                                                                       tokenizer, train, accelerator)
+        learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train,
+                               accelerator=accelerator, log_dir=log_dir, patience=train.early_stopping_patience,
+                               extra=spec.projections)
+        student = learner.model  # (wrapped for DDP when several processes run)
+        if cached is None:
+            teachers = [t.to(accelerator.device) for t in teachers]
+        batches = GroupStream(train_loader, train.grad_accum, device=accelerator.device)
+        step, earlier_s = checkpoints.restore(learner, batches, accelerator) if checkpoints else (0, 0.0)
+        weights = spec.active
+        flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
 
-    bar = progress(total_steps, f"distill {name}", accelerator, initial=step)
-    with Timer() as timer:
-        student.train()
-        for group in batches:
-            temperature = step_temperature(distill, step, total_steps)
-            units = step_units(group, accelerator)
-            logged = {}
-            for i, batch in enumerate(group):  # batch: input_ids (B, L), attention_mask (B, L), labels (B,), idx (B,)
-                labels, idx = batch.pop("labels"), batch.pop("idx")
-                sync = accelerator.no_sync(student) if i < len(group) - 1 else nullcontext()
-                with sync:
-                    teacher_feats, teacher_log_probs, teacher_logits = None, None, []
-                    if cached is not None:  # (B, C) from the cache: the teacher does not run at all
-                        teacher_logits = [c[idx.cpu()].to(accelerator.device) for c in cached]
-                    elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
-                        with torch.no_grad():  # frozen teacher(s)
-                            teacher_feats = capture(teachers[0], batch, **flags)
-                            teacher_logits = [teacher_feats.logits] + [t(**batch).logits for t in teachers[1:]]
-                    if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
-                        teacher_log_probs = losses.average_teacher_logprobs(
-                            teacher_logits, temperature=temperature, weights=distill.teacher_weights)
-                    student_feats = capture(student, batch, **flags)
-                    terms = compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
-                                          teacher_log_probs=teacher_log_probs)
-                    accelerator.backward(step_loss(terms, weights, batch_units(batch), units,
-                                                   accelerator.num_processes, logged))
-            step += 1
-            learner.step(step, logged, weights, accelerator, train.max_grad_norm, temperature=temperature)
-            bar.update(1)
-            stop = step in evals_at and learner.validate(step, val_loader, accelerator)
-            if stop or step >= total_steps:
-                break
-            if checkpoints and checkpoints.due(step, batches):
-                checkpoints.save(step, learner, batches, accelerator, wall_time_s=earlier_s + timer.elapsed)
-    bar.close()
+        bar = progress(total_steps, f"distill {name}", accelerator, initial=step)
+        with Timer() as timer:
+            student.train()
+            for group in batches:
+                temperature = step_temperature(distill, step, total_steps)
+                units = step_units(group, accelerator)
+                logged = {}
+                for i, batch in enumerate(group):  # batch: input_ids, attention_mask (B, L), labels, idx (B,)
+                    labels, idx = batch.pop("labels"), batch.pop("idx")
+                    sync = accelerator.no_sync(student) if i < len(group) - 1 else nullcontext()
+                    with sync:
+                        teacher_feats, teacher_log_probs, teacher_logits = None, None, []
+                        if cached is not None:  # from the cache: the teacher does not run at all
+                            teacher_feats, teacher_logits = cached.outputs(idx, batch["attention_mask"],
+                                                                           accelerator.device)
+                        elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
+                            with torch.no_grad():  # frozen teacher(s)
+                                teacher_feats = capture(teachers[0], batch, **flags)
+                                teacher_logits = [teacher_feats.logits] + [t(**batch).logits for t in teachers[1:]]
+                        if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
+                            teacher_log_probs = losses.average_teacher_logprobs(
+                                teacher_logits, temperature=temperature, weights=distill.teacher_weights)
+                        student_feats = capture(student, batch, **flags)
+                        terms = compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
+                                              teacher_log_probs=teacher_log_probs)
+                        accelerator.backward(step_loss(terms, weights, batch_units(batch), units,
+                                                       accelerator.num_processes, logged))
+                step += 1
+                learner.step(step, logged, weights, accelerator, train.max_grad_norm, temperature=temperature)
+                bar.update(1)
+                stop = step in evals_at and learner.validate(step, val_loader, accelerator)
+                if stop or step >= total_steps:
+                    break
+                if checkpoints and checkpoints.due(step, batches):
+                    checkpoints.save(step, learner, batches, accelerator, wall_time_s=earlier_s + timer.elapsed)
+        bar.close()
     return learner.finish(earlier_s + timer.seconds)

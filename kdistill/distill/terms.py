@@ -95,6 +95,16 @@ class TermSpec:
         """False when only logits/labels matter: then the teacher's logits can be cached."""
         return self.needs_hidden or self.needs_attentions or self.needs_qkv
 
+    @property
+    def teacher_hidden_layers(self) -> tuple[list[int], bool]:
+        """The teacher `hidden_states` indices `compute_terms` reads, and whether it reads only position 0 of them
+        (cls_pkd alone). The teacher-feature cache stores exactly these; keep the two in step."""
+        active = set(self.active)
+        layers = {0} if "embedding_mse" in active else set()
+        if active & {"hidden_mse", "hidden_cosine", "cls_pkd"}:
+            layers |= {t for _, t in self.pairs}
+        return sorted(layers), (active & HIDDEN_TERMS) == {"cls_pkd"}
+
     def add_projections(self, student_width: int, teacher_width: int) -> None:
         if student_width != teacher_width and self.needs_hidden:
             self.projections["hidden"] = nn.Linear(student_width, teacher_width)

@@ -1,0 +1,192 @@
+"""The explicit loop's teacher cache with hidden-state terms: the ragged fp16 store gives back what the teacher
+computes, padded like the batch; a cached run trains what a live one trains; and the teacher then runs only while
+the cache is built (but every step when an attention term needs it, or the cache would be too big)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kdistill.cache import FeatureStore
+from kdistill.config import DistillConfig
+from kdistill.data import tokenize_splits
+from kdistill.distill import explicit
+from kdistill.distill.explicit import cache_teacher_outputs, distill_explicit, why_not_cached, with_index
+from kdistill.distill.terms import TermSpec
+from kdistill.errors import UserError
+from kdistill.features import capture
+from kdistill.training import make_accelerator, make_loader
+from tests.test_mutual import tiny_pair, tiny_train, toy_bundle
+
+
+def ragged_bundle():
+    """toy_bundle with texts of 2 to 6 words, so that batches pad."""
+    bundle = toy_bundle()
+    for name, split in bundle.splits.items():
+        bundle.splits[name] = split.map(lambda row, i: {"text": " ".join(row["text"].split()[: 2 + i % 5])},
+                                        with_indices=True)
+    return bundle
+
+# ------------------------------------------------------------------------------------------------- the store
+
+
+def test_the_store_puts_each_examples_real_tokens_back_at_the_batchs_real_positions(tmp_path):
+    lengths, width = [3, 1, 4, 2], 5
+    store = FeatureStore.create(tmp_path, lengths, [0, 2], width, first_only=False)
+    values = {i: torch.randn(n, width) for i, n in enumerate(lengths)}  # example i's token states
+    layer_scale = {0: 1.0, 2: -2.0}
+
+    def padded(rows, left: bool):
+        mask = torch.zeros(len(rows), max(lengths[r] for r in rows), dtype=torch.long)
+        hidden = torch.full((*mask.shape, width), 99.0)  # what a model computes at padding: never stored
+        for b, r in enumerate(rows):
+            span = slice(mask.shape[1] - lengths[r], None) if left else slice(0, lengths[r])
+            mask[b, span] = 1
+            hidden[b, span] = values[r]
+        return {t: hidden * s for t, s in layer_scale.items()}, mask
+
+    for rows in ([2, 0], [3, 1]):  # written right-padded, in any row order
+        hidden, mask = padded(rows, left=False)
+        store.put(torch.tensor(rows), hidden, mask)
+    store.flush()
+    del store
+    store = FeatureStore.open(tmp_path)
+    assert len(store) == 4 and set(store.layers) == {0, 2} and store.layers[0].dtype.name == "float16"
+    for left in (False, True):  # read back into right- and left-padded batches of other compositions
+        rows = [1, 2, 3]
+        hidden, mask = padded(rows, left)
+        got = store.gather(torch.tensor(rows), mask)
+        for t in (0, 2):
+            expected = torch.where(mask.bool()[..., None], hidden[t], 0.0).half().float()  # zeros at padding
+            assert torch.equal(got[t], expected)
+    with pytest.raises(ValueError, match="example 2 with 3 real tokens, 4 were cached"):
+        store.gather(torch.tensor([2]), torch.ones(1, 3))
+
+
+def test_a_first_only_store_keeps_one_row_per_example_at_position_0(tmp_path):
+    store = FeatureStore.create(tmp_path, [3, 2], [4], 2, first_only=True)
+    hidden = torch.arange(12.0).reshape(2, 3, 2)
+    store.put([1, 0], {4: hidden}, torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert FeatureStore.estimate_bytes([3, 2], 1, 2, first_only=True) == 2 * 2 * 2
+    got = store.gather([0, 1], torch.tensor([[1, 1], [1, 1]]))[4]
+    assert torch.equal(got[:, 0], hidden[[1, 0], 0]) and not got[:, 1].any()
+
+
+def test_the_cache_equals_the_live_teacher_on_a_shuffled_padded_batch(tmp_path, tiny_tokenizer):
+    teacher, _, _ = tiny_pair(tiny_tokenizer)
+    teacher.eval()
+    spec = TermSpec({"hidden_mse": 1.0, "embedding_mse": 1.0}, pairs=[(1, 2), (2, 4)])
+    encoded = with_index(tokenize_splits(ragged_bundle(), tiny_tokenizer, 16)["train"])
+    cached = cache_teacher_outputs([teacher], encoded, tiny_tokenizer, make_accelerator(tiny_train()), spec=spec,
+                                   store_dir=tmp_path / "features")
+    assert sorted(cached.features.layers) == [0, 2, 4]  # only the layers the terms read
+    assert cached.features.layers[2].shape == (sum(len(x) for x in encoded["input_ids"]), 32)
+
+    batch = next(iter(make_loader(encoded, tiny_tokenizer, 8, seed=1, shuffle=True)))
+    batch.pop("labels")
+    idx = batch.pop("idx")
+    device = next(teacher.parameters()).device  # (the cache moved the teacher to the run's device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    mask = batch["attention_mask"].bool()
+    assert not mask.all()  # the batch has padding
+    feats, logits = cached.outputs(idx, batch["attention_mask"], device)
+    with torch.no_grad():
+        live = capture(teacher, batch, hidden_states=True)
+    torch.testing.assert_close(logits[0], live.logits, rtol=1e-5, atol=1e-5)
+    assert feats.hidden_states[1] is None and feats.hidden_states[3] is None
+    for t in (0, 2, 4):
+        got = feats.hidden_states[t]
+        assert got.dtype == torch.float32 and got.shape == live.hidden_states[t].shape
+        torch.testing.assert_close(got[mask], live.hidden_states[t][mask], rtol=1e-3, atol=1e-3)  # fp16
+        assert not got[~mask].any()
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def train_run(tokenizer, cache: str, extra_terms: dict | None = None, **train):
+    """Steps of tiny_pair's kd + ce + hidden_mse (+ extra_terms), and the order in which teacher and student ran."""
+    teacher, student, spec = tiny_pair(tokenizer)
+    spec.weights.update(extra_terms or {})
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append("teacher"))
+    student.register_forward_hook(lambda *_: calls.append("student"))
+    history = distill_explicit(student, [teacher], tokenizer, ragged_bundle(), spec=spec,
+                               distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train), max_length=16)
+    return history, student, calls
+
+
+@pytest.mark.parametrize("terms", [{}, {"hidden_mse": 0.0, "cls_pkd": 1.0, "embedding_mse": 1.0}],
+                         ids=["hidden_mse", "cls_pkd+embedding_mse"])
+def test_a_cached_run_trains_what_a_live_run_trains_and_the_teacher_runs_only_to_build_it(monkeypatch, caplog,
+                                                                                             tiny_tokenizer, terms):
+    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    train = dict(max_steps=3, batch_size=8, grad_accum=2)
+    live, _, live_calls = train_run(tiny_tokenizer, "off", terms, **train)
+    cached, cached_student, cached_calls = train_run(tiny_tokenizer, "auto", terms, **train)
+    layers = "[0, 2, 4]" if terms else "[2, 4]"
+    assert f"teacher cache: hidden states of teacher layers {layers} for 48 examples" in caplog.text
+
+    assert live_calls.count("teacher") == 3 * 2  # every micro-batch of every step
+    first_student = cached_calls.index("student")
+    assert cached_calls[:first_student] == ["teacher"]  # one cache batch (48 examples), then never again
+    assert "teacher" not in cached_calls[first_student:]
+
+    assert [s["step"] for s in cached.steps] == [1, 2, 3]
+    active = [t for t, w in {"kd": 1, "ce": 1, "hidden_mse": 1, **terms}.items() if w]
+    for a, b in zip(cached.steps, live.steps):
+        assert set(a) == set(b) and set(active) <= set(a)
+    for key in [*active, "loss"]:  # the first step, from the same weights: only fp16 hidden states differ
+        assert cached.steps[0][key] == pytest.approx(live.steps[0][key], rel=1e-3, abs=1e-6), key
+
+    # The only difference is fp16: a live teacher whose hidden states are rounded to fp16 trains the same student.
+    # (Unrounded, the weights differ by ~1% of how far they moved: Adam's first steps are sign-like where a
+    # gradient is near 0, so rounding noise there moves a weight by a whole step.)
+    def fp16_teacher(model, inputs, **flags):
+        feats = capture(model, inputs, **flags)
+        if model.training:  # the student
+            return feats
+        return dataclasses.replace(feats, hidden_states=tuple(h.half().float() for h in feats.hidden_states))
+
+    monkeypatch.setattr(explicit, "capture", fp16_teacher)
+    rounded, rounded_student, _ = train_run(tiny_tokenizer, "off", terms, **train)
+    for a, b in zip(cached.steps, rounded.steps):  # (equal on CPU; CUDA's backward sums in any order)
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-8)
+    for a, b in zip(cached_student.parameters(), rounded_student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_an_attention_term_or_a_cache_over_the_limit_runs_the_teacher_every_step(monkeypatch, caplog,
+                                                                                  tiny_tokenizer):
+    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    _, _, calls = train_run(tiny_tokenizer, "auto", {"attention_mse": 1.0}, max_steps=2)
+    assert calls.count("teacher") == 2
+    assert "teacher cache: off: the loss terms ['attention_mse'] need the teacher's attention maps" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(explicit, "FEATURE_CACHE_MAX_BYTES", 1000)
+    _, _, calls = train_run(tiny_tokenizer, "auto", max_steps=2)
+    assert calls.count("teacher") == 2
+    assert "teacher cache: hidden states of teacher layers [2, 4] for 48 examples" in caplog.text
+    assert "teacher cache: off: the hidden states would exceed the limit (FEATURE_CACHE_MAX_BYTES)" in caplog.text
+
+
+def test_cls_pkd_with_left_padding_is_not_cached():
+    spec = TermSpec({"kd": 1.0, "cls_pkd": 1.0}, pairs=[(1, 2)])
+    assert spec.teacher_hidden_layers == ([2], True)
+    assert why_not_cached(spec, SimpleNamespace(padding_side="right")) is None
+    assert "cls_pkd reads position 0" in why_not_cached(spec, SimpleNamespace(padding_side="left"))
+
+
+def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"cache_teacher: on, but \['minilm_qq'\] need the teacher's attention"):
+        DistillConfig(cache_teacher="on", losses={"kd": 1.0, "minilm_qq": 1.0})
+    teacher, student, spec = tiny_pair(tiny_tokenizer)  # the loop checks the terms it is given too
+    spec.weights["attention_kl"] = 1.0
+    with pytest.raises(UserError, match="distill.cache_teacher: on, but the loss terms"):
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec,
+                         distill=DistillConfig(cache_teacher="on"), train=tiny_train(), max_length=16)
