@@ -16,6 +16,9 @@ from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 # Tiny models on a shared 2-core machine: one thread is 10x faster than two fighting over the cores.
 torch.set_num_threads(1)
 
+# tests/helpers.py asserts too (check_run, assert_same_steps): the same detailed messages as in a test module.
+pytest.register_assert_rewrite("tests.helpers")
+
 LABELS = ["sport", "tech", "politics"]
 KEYWORDS = {
     "sport": ["goal", "match", "team", "coach", "league", "score"],
@@ -77,3 +80,12 @@ def tiny_bert_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random 4-layer teacher whose label ids follow the data's (sorted) label names, as teacher.path needs."""
+    # not at the top: tests.helpers imports this module
+    from tests.helpers import save_teacher_dir
+
+    return save_teacher_dir(tmp_path_factory.mktemp("teacher"), tiny_tokenizer)

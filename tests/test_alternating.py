@@ -16,15 +16,7 @@ from kdistill.distill.terms import TermSpec, compute_terms
 from kdistill.features import capture
 from kdistill.pipeline import run
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
-from tests.test_mutual import (  # noqa: F401  (teacher_dir: a fixture used here too)
-    check_run,
-    record_updates,
-    teacher_dir,
-    tiny_pair,
-    tiny_train,
-    toy_bundle,
-    toy_run_config,
-)
+from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_bundle, toy_run_config
 
 TEMPERATURE = 2.0
 

@@ -21,19 +21,6 @@ PAIRS = [(1, 1), (2, 4)]  # (student, teacher) hidden_states indices: the defaul
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tiny_tokenizer):
-    """A random 4-layer teacher whose label ids follow the data's sorted label names, as teacher.path needs."""
-    names = sorted(LABELS)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer, id2label=dict(enumerate(names)),
-                                                           label2id={n: i for i, n in enumerate(names)}))
-    path = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def toy_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "toy.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:

@@ -1,4 +1,3 @@
-import csv
 import json
 
 import pytest
@@ -6,14 +5,7 @@ import pytest
 from kdistill.config import DataConfig
 from kdistill.data import load_data, tokenize_splits
 from kdistill.errors import DataError
-
-
-def write_csv(path, rows, fields=("text", "label"), delimiter=","):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fields, delimiter=delimiter)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+from tests.helpers import write_csv
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_resume import (
+from tests.helpers import (
     accuracies,
     assert_same_steps,
     finish,

@@ -9,7 +9,7 @@ from kdistill.data import load_data, tokenize_splits
 from kdistill.evaluate import compare_speed, evaluate_model, quality_metrics
 from kdistill.report import summary_table, write_report
 from tests.conftest import tiny_bert_config
-from tests.test_data import write_csv
+from tests.helpers import write_csv
 
 
 def test_quality_metrics_against_hand_computed_values():

@@ -20,7 +20,7 @@ from kdistill.distill.terms import TermSpec
 from kdistill.errors import UserError
 from kdistill.features import capture
 from kdistill.training import make_accelerator, make_loader
-from tests.test_mutual import tiny_pair, tiny_train, toy_bundle
+from tests.helpers import tiny_pair, tiny_train, toy_bundle
 
 
 def ragged_bundle():

@@ -1,19 +1,13 @@
 """Checkpoints and resume: a run killed with SIGKILL mid-epoch and resumed with `--resume` ends exactly where an
 uninterrupted run of the same seed ends; checkpoints are atomic (a half-written one is never loaded); in-process
-resume of the explicit loop with gradient accumulation and learned projections.
-
-The helpers here (a deterministic toy recipe, a teacher dir) are shared with test_distributed.py.
-"""
+resume of the explicit loop with gradient accumulation and learned projections."""
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -29,29 +23,19 @@ from kdistill.distill.terms import TermSpec
 from kdistill.errors import UserError
 from kdistill.student import build_student
 from kdistill.training import Learner
-from tests.conftest import make_toy_examples, tiny_bert_config
-from tests.test_mutual import save_teacher_dir as save_mutual_teacher_dir
-from tests.test_mutual import tiny_train, toy_bundle
-
-# ------------------------------------------------------------------------------------ helpers (also distributed)
-
-def start_kdistill(*args, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two on a shared 2-core box
-    return subprocess.Popen([sys.executable, "-m", "kdistill.cli", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def write_toy_csv(path, n: int = 90, seed: int = 1):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_toy_examples(n, seed=seed))
-    return path
+from tests.conftest import tiny_bert_config
+from tests.helpers import (
+    accuracies,
+    assert_same_steps,
+    finish,
+    history,
+    save_teacher_dir,
+    start_kdistill,
+    tiny_train,
+    toy_bundle,
+    write_recipe,
+    write_toy_csv,
+)
 
 
 def write_vocab(path, tokenizer):
@@ -60,36 +44,6 @@ def write_vocab(path, tokenizer):
     vocab = tokenizer.get_vocab()
     path.write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n", encoding="utf-8")
     return path
-
-
-def save_teacher_dir(path, tokenizer, **config):
-    """test_mutual's random 4-layer teacher dir (label ids in the data's order), with `config` changed."""
-    save_mutual_teacher_dir(path, tokenizer)
-    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    (path / "config.json").write_text(json.dumps({**saved, **config}), encoding="utf-8")
-    return path
-
-
-def write_recipe(path, recipe: dict):
-    path.write_text("# kdistill run " + path.name + "\n" + yaml.safe_dump(recipe), encoding="utf-8")
-    return path
-
-
-def history(run_dir, name: str) -> dict:
-    return json.loads((run_dir / "logs" / f"history_{name}.json").read_text(encoding="utf-8"))
-
-
-def accuracies(run_dir) -> dict[str, float]:
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return {name: m["accuracy"] for name, m in metrics["models"].items()}
-
-
-def assert_same_steps(a: list[dict], b: list[dict], rel: float, abs: float = 1e-7):
-    assert [s["step"] for s in a] == [s["step"] for s in b]
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for key in x:
-            assert y[key] == pytest.approx(x[key], rel=rel, abs=abs), (x["step"], key)
 
 
 # ---------------------------------------------------------------------------------------------- kill, resume

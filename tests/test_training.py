@@ -21,8 +21,15 @@ from kdistill.distill.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.pipeline import run
 from kdistill.training import GroupStream, LengthGroupedSampler, LossNotFinite, make_loader, make_loaders
-from tests.test_mutual import teacher_dir, tiny_pair, tiny_train, toy_bundle, toy_run_config  # noqa: F401
-from tests.test_resume import save_teacher_dir, write_recipe, write_toy_csv
+from tests.helpers import (
+    save_teacher_dir,
+    tiny_pair,
+    tiny_train,
+    toy_bundle,
+    toy_run_config,
+    write_recipe,
+    write_toy_csv,
+)
 
 LENGTHS = [5 + (7 * i) % 11 for i in range(37)]
 

@@ -1,0 +1,172 @@
+"""Helpers shared by several test modules: toy data, tiny models, recipes, kdistill subprocesses, run outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+from transformers import BertForSequenceClassification
+
+from kdistill.config import TrainConfig, load_config
+from kdistill.data import DataBundle
+from kdistill.distill.terms import TermSpec
+from kdistill.student import build_student
+from kdistill.training import History
+from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
+
+SPEC_WEIGHTS = {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}
+
+
+# ------------------------------------------------------------------------------------- toy data, tiny models
+
+def toy_bundle(n_train: int = 48) -> DataBundle:
+    def split(n, seed):
+        rows = make_toy_examples(n, seed)
+        return Dataset.from_dict({"text": [r["text"] for r in rows], "label": [LABELS.index(r["label"]) for r in rows]})
+
+    return DataBundle(DatasetDict(train=split(n_train, 0), validation=split(12, 1), test=split(12, 2)), LABELS, "toy")
+
+
+def tiny_pair(tokenizer):
+    """A random 4-layer teacher and a 2-layer student copied from its layers 1 and 3 (pairs (1, 2), (2, 4))."""
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(tokenizer))
+    student = build_student(teacher, layers=[1, 3])
+    return teacher.train(), student.train(), TermSpec(dict(SPEC_WEIGHTS), pairs=[(1, 2), (2, 4)])
+
+
+def tiny_train(**overrides) -> TrainConfig:
+    # no warmup: with it the first step's learning rate is 0 and nothing would move
+    return TrainConfig(**{"max_steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0, **overrides})
+
+
+def weights_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def record_updates(monkeypatch, teacher, student) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """Every History.log_step (once per optimizer step of its model, right after it) as (history name, step,
+    teacher weights, student weights) at that moment; the first entry is the state before training."""
+    calls = [("start", 0, weights_of(teacher), weights_of(student))]
+    original = History.log_step
+
+    def log_step(self, step, values):
+        calls.append((self.name, step, weights_of(teacher), weights_of(student)))
+        original(self, step, values)
+
+    monkeypatch.setattr(History, "log_step", log_step)
+    return calls
+
+
+# ------------------------------------------------------------------------------ teacher dirs, recipes, runs
+
+def save_teacher_dir(path, tokenizer, **config):
+    """A random 4-layer teacher dir whose label ids follow the data's (sorted) label names, as teacher.path needs,
+    with `config` changed in its config.json."""
+    names = sorted(LABELS)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(tokenizer, id2label=dict(enumerate(names)),
+                                                           label2id={n: i for i, n in enumerate(names)}))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if config:
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        (path / "config.json").write_text(json.dumps({**saved, **config}), encoding="utf-8")
+    return path
+
+
+def toy_run_config(tmp_path, teacher_dir, strategy: str, **distill):
+    data = tmp_path / "toy.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_toy_examples(60, seed=3))
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(json.dumps({
+        "name": f"toy-{strategy}",
+        "data": {"train_file": str(data), "max_length": 16},
+        "teacher": {"path": str(teacher_dir)},
+        "student": {"layers": 2},
+        "distill": {"losses": SPEC_WEIGHTS, "baseline": False, "teacher_lr": 1e-3, **distill},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0},
+        "eval": {"repeats": 1, "warmup": 0},
+    }), encoding="utf-8")
+    return load_config(recipe, [f"distill.strategy={strategy}"])  # as `kdistill run toy.yaml --set ...`
+
+
+def check_run(run_dir, teacher_dir, strategy: str) -> dict:
+    """The run wrote a student and a teacher_after, evaluated both, and the teacher really changed."""
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["strategy"] == strategy
+    assert set(metrics["models"]) == {"teacher", "student", "teacher_after"}
+    for name in ("student", "teacher_after"):
+        assert 0.0 <= metrics["models"][name]["accuracy"] <= 1.0
+    histories = {name: json.loads((run_dir / "logs" / f"history_{name}.json").read_text(encoding="utf-8"))
+                 for name in ("student", "teacher_after")}
+    assert histories["student"]["steps"] and histories["teacher_after"]["steps"]
+    before = load_file(teacher_dir / "model.safetensors")
+    after = load_file(run_dir / "teacher_after" / "model.safetensors")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    assert (run_dir / "report.md").is_file()
+    return histories
+
+
+def start_kdistill(*args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two on a shared 2-core box
+    return subprocess.Popen([sys.executable, "-m", "kdistill.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+def write_csv(path, rows, fields=("text", "label"), delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fields, delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_toy_csv(path, n: int = 90, seed: int = 1):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_toy_examples(n, seed=seed))
+    return path
+
+
+def write_recipe(path, recipe: dict):
+    path.write_text("# kdistill run " + path.name + "\n" + yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ run output
+
+def history(run_dir, name: str) -> dict:
+    return json.loads((run_dir / "logs" / f"history_{name}.json").read_text(encoding="utf-8"))
+
+
+def accuracies(run_dir) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return {name: m["accuracy"] for name, m in metrics["models"].items()}
+
+
+def assert_same_steps(a: list[dict], b: list[dict], rel: float, abs: float = 1e-7):
+    assert [s["step"] for s in a] == [s["step"] for s in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=rel, abs=abs), (x["step"], key)
