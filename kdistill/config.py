@@ -41,6 +41,10 @@ class DataConfig(_Section):
     """Tokens per example (longer inputs are truncated)."""
     limit: int | None = Field(None, ge=1)
     """Cap on examples per split, for quick runs."""
+    labeled_limit: int | None = Field(None, ge=1)
+    """Keep the labels of only this many training examples (the first of the shuffled training split); the rest
+    become unlabeled transfer data: the student learns the teacher's soft targets on them, label terms (`ce`, and
+    a teacher trained in the run) skip them. For few labels plus plenty of unlabeled text (Hinton's transfer set)."""
     seed: int = 42
     """Seed of the train/validation/test split."""
     test_fraction: float = Field(0.2, gt=0, lt=1)

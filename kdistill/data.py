@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # tokenizing a few thousand rows takes a second; its bars only add noise
 
 SPLITS = ("train", "validation", "test")
+UNLABELED = -100
+"""The label id of a training example without a label (data.labeled_limit): the loss functions' ignore_index."""
 
 
 @dataclass
@@ -47,6 +49,7 @@ class DataBundle:
             "source": self.source,
             "labels": self.label_names,
             "sizes": {s: len(self.splits[s]) for s in SPLITS},
+            "unlabeled_train": sum(1 for y in self.splits["train"]["label"] if y == UNLABELED),
             "leakage": self.leakage,
         }
 
@@ -280,6 +283,8 @@ def load_data(cfg: DataConfig) -> DataBundle:
         if cfg.text_pair_column:
             columns["text_pair"] = [r["text_pair"] for r in rows]
         columns["label"] = [label_id[r["label"]] for r in rows]
+        if split_name == "train" and cfg.labeled_limit:
+            columns["label"][cfg.labeled_limit:] = [UNLABELED] * len(columns["label"][cfg.labeled_limit:])
         splits[split_name] = Dataset.from_dict(columns)
     return DataBundle(DatasetDict(splits), names, str(source), leakage)
 

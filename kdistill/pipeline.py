@@ -363,7 +363,7 @@ def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> Da
         raise UserError(f"{model_dir}: model labels {names} differ from the data's {data.label_names} ({spec})")
     if names != data.label_names:  # same names, other order: renumber the data to the model's ids
         remap = {i: names.index(n) for i, n in enumerate(data.label_names)}
-        data.splits = data.splits.map(lambda r: {"label": remap[r["label"]]})
+        data.splits = data.splits.map(lambda r: {"label": remap.get(r["label"], r["label"])})  # UNLABELED stays
         data.label_names = names
     return data
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from kdistill.config import TrainConfig
+from kdistill.data import UNLABELED
 from kdistill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -240,9 +241,14 @@ def endless_groups(loader, grad_accum: int) -> Iterator[list[dict]]:
 
 
 def batch_units(batch: dict) -> dict[str, torch.Tensor]:
-    """The units a loss term can count: examples (rows) and real, unpadded tokens."""
+    """The units a loss term can count: examples (rows), labeled examples, and real, unpadded tokens.
+
+    Call it before the labels are popped: without them every row counts as labeled."""
     mask = batch["attention_mask"]
-    return {"rows": torch.tensor(float(mask.shape[0])), "tokens": mask.sum().float()}
+    labels = batch.get("labels")
+    rows = torch.tensor(float(mask.shape[0]))
+    labeled = (labels != UNLABELED).sum().float().cpu() if labels is not None else rows
+    return {"rows": rows, "labeled": labeled, "tokens": mask.sum().float()}
 
 
 def step_units(group: list[dict], accelerator: Accelerator) -> dict[str, torch.Tensor]:
@@ -264,6 +270,8 @@ def normalise(term_sum: torch.Tensor, term_count, unit_in_batch, unit_in_step, w
     the global mean.
     """
     per_unit = float(term_count) / max(float(unit_in_batch), 1.0)
+    if per_unit == 0.0:  # nothing counted here (e.g. no labeled row in this micro-batch): the sum is 0 too
+        return term_sum * 0.0
     return term_sum * world_size / (per_unit * float(unit_in_step))
 
 

@@ -49,7 +49,7 @@ def tiny_train(**overrides) -> TrainConfig:
 
 
 def weights_of(model) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])  # on CPU: comparable across devices
 
 
 def record_updates(monkeypatch, teacher, student) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:

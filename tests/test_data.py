@@ -3,7 +3,7 @@ import json
 import pytest
 
 from kdistill.config import DataConfig
-from kdistill.data import load_data, tokenize_splits
+from kdistill.data import UNLABELED, load_data, tokenize_splits
 from kdistill.errors import DataError
 from tests.helpers import write_csv
 
@@ -109,3 +109,15 @@ def test_tokenize_splits_unpadded_with_labels(toy_csv, tiny_tokenizer):
     row = enc["train"][0]
     assert set(row) >= {"input_ids", "attention_mask", "labels"}
     assert len(row["input_ids"]) <= 8 and row["labels"] == data.splits["train"][0]["label"]
+
+
+def test_labeled_limit_keeps_labels_on_the_first_training_rows_only(toy_csv):
+    full = load_data(DataConfig(train_file=str(toy_csv)))
+    part = load_data(DataConfig(train_file=str(toy_csv), labeled_limit=10))
+    train = part.splits["train"]
+    assert train["text"] == full.splits["train"]["text"]  # the same rows: only their labels go
+    assert train["label"][:10] == full.splits["train"]["label"][:10]
+    assert set(train["label"][10:]) == {UNLABELED}
+    for split in ("validation", "test"):
+        assert part.splits[split]["label"] == full.splits[split]["label"]
+    assert part.summary()["unlabeled_train"] == len(train) - 10

@@ -4,6 +4,7 @@ an error a user can act on (a NaN loss names its step and term; a run dir that c
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import resource
@@ -229,3 +230,43 @@ def test_early_stopping_by_loss_for_language_models():
         assert not stopper.update(model, {"loss": loss})  # no patience: never stops
     stopper.restore_best(model)
     assert model.weight.eq(1.0).all()
+
+
+def test_ce_over_unlabeled_rows_is_normalised_by_the_labeled_rows_of_the_whole_step():
+    from kdistill.data import UNLABELED
+    from kdistill.distill.terms import step_loss
+    from kdistill.losses import hard_ce
+    from kdistill.training import batch_units
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, UNLABELED, UNLABELED, UNLABELED, 2, 1])  # 3 labeled rows of 6
+    mask = torch.ones(6, 4, dtype=torch.long)
+    whole = {"attention_mask": mask, "labels": labels}
+    halves = [{"attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]} for i in (0, 3)]
+    step = {k: sum(batch_units(b)[k] for b in halves) for k in ("rows", "labeled", "tokens")}
+    assert step["labeled"] == 3
+
+    one = step_loss({"ce": hard_ce(logits, labels)}, {"ce": 1.0}, batch_units(whole), batch_units(whole), 1, {})
+    accumulated = sum(step_loss({"ce": hard_ce(logits[i:i + 3], labels[i:i + 3])}, {"ce": 1.0}, batch_units(b),
+                                step, 1, {}) for i, b in zip((0, 3), halves))
+    expected = torch.nn.functional.cross_entropy(logits[[0, 4, 5]], labels[[0, 4, 5]])
+    torch.testing.assert_close(one, expected)
+    torch.testing.assert_close(accumulated, expected)  # 1 + 2 labeled rows: not the mean of the halves' means
+
+    unlabeled = {"attention_mask": mask[1:4], "labels": labels[1:4]}
+    alone = step_loss({"ce": hard_ce(logits[1:4], labels[1:4])}, {"ce": 1.0}, batch_units(unlabeled),
+                      batch_units(unlabeled), 1, {})
+    assert alone.item() == 0.0  # a micro-batch with no label adds nothing, and no NaN
+
+
+def test_a_run_with_few_labels_distils_on_the_unlabeled_rest(tmp_path, teacher_dir):
+    cfg = toy_run_config(tmp_path, teacher_dir, "explicit")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labeled_limit": 8}),
+                                 "distill": cfg.distill.model_copy(update={"baseline": True})})
+    run_dir = run(cfg, tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["data"]["unlabeled_train"] > 8
+    for name in ("student", "baseline"):
+        steps = json.loads((run_dir / "logs" / f"history_{name}.json").read_text(encoding="utf-8"))["steps"]
+        assert steps and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)

@@ -89,7 +89,8 @@ def teacher_meta_gradients(student, teacher, batch: dict, labels: torch.Tensor, 
         quiz_sum, quiz_count = losses.hard_ce(functional_call(student, lookahead, args=(), kwargs=quiz).logits,
                                               quiz_labels)
         task_sum, task_count = losses.hard_ce(teacher_feats.logits, labels)
-        quiz_loss, task_loss = quiz_sum / quiz_count, task_sum / task_count
+        # clamp: a batch of unlabeled transfer rows (data.labeled_limit) has no task loss, not a NaN one
+        quiz_loss, task_loss = quiz_sum / quiz_count, task_sum / task_count.clamp(min=1)
         teacher_params = trainable(teacher)
         teacher_grads = torch.autograd.grad(task_weight * task_loss + quiz_loss, teacher_params, allow_unused=True)
     teacher_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(teacher_params, teacher_grads)]
@@ -152,12 +153,13 @@ def distill_alternating(student, teacher, tokenizer, data: DataBundle, *, spec: 
             units = step_units(group, accelerator)
             logged = {}
             for batch in group:
+                in_batch = batch_units(batch)
                 labels = batch.pop("labels")
                 with torch.no_grad():
                     teacher_feats = capture(teacher, batch, **flags)
                 terms = compute_terms(spec, capture(student, batch, **flags), teacher_feats, labels,
                                       temperature=temperature)
-                accelerator.backward(step_loss(terms, spec.active, batch_units(batch), units,
+                accelerator.backward(step_loss(terms, spec.active, in_batch, units,
                                                accelerator.num_processes, logged))
             step += 1
             student_learner.step(step, logged, spec.active, accelerator, train.max_grad_norm, temperature=temperature)

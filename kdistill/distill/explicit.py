@@ -252,6 +252,7 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
                 units = step_units(group, accelerator)
                 logged = {}
                 for i, batch in enumerate(group):  # batch: input_ids, attention_mask (B, L), labels, idx (B,)
+                    in_batch = batch_units(batch)
                     labels, idx = batch.pop("labels"), batch.pop("idx")
                     sync = accelerator.no_sync(student) if i < len(group) - 1 else nullcontext()
                     with sync:
@@ -269,7 +270,7 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
                         student_feats = capture(student, batch, **flags)
                         terms = compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
                                               teacher_log_probs=teacher_log_probs)
-                        accelerator.backward(step_loss(terms, weights, batch_units(batch), units,
+                        accelerator.backward(step_loss(terms, weights, in_batch, units,
                                                        accelerator.num_processes, logged))
                 step += 1
                 learner.step(step, logged, weights, accelerator, train.max_grad_norm, temperature=temperature)

@@ -133,6 +133,7 @@ def distill_mutual(student, teacher, tokenizer, data: DataBundle, *, spec: TermS
             units = step_units(group, accelerator)
             logged = [{} for _ in peers]
             for batch in group:
+                in_batch = batch_units(batch)
                 labels = batch.pop("labels")
                 feats = [capture(model, batch, hidden_states=spec.needs_hidden, attentions=spec.needs_attentions,
                                  qkv=spec.needs_qkv) for model in peers]
@@ -140,7 +141,7 @@ def distill_mutual(student, teacher, tokenizer, data: DataBundle, *, spec: TermS
                 for k in range(len(peers)):  # each peer's loss sees the others as constants
                     terms = peer_terms(k, feats, labels, spec=spec, teacher_terms=teacher_terms,
                                        temperature=temperature)
-                    loss = loss + step_loss(terms, weights[k], batch_units(batch), units, accelerator.num_processes,
+                    loss = loss + step_loss(terms, weights[k], in_batch, units, accelerator.num_processes,
                                             logged[k])
                 accelerator.backward(loss)
             step += 1

@@ -1,8 +1,9 @@
 """Recipe loss terms -> computations on captured features. Shared by every strategy.
 
 A term maps (student features, teacher features, labels) to a (sum, count) pair from `kdistill.losses`;
-`UNITS` says whether its count is per example ("rows") or per real token ("tokens"), which the loop uses to
-normalise over a whole optimizer step (see training.normalise).
+`UNITS` says whether its count is per example ("rows"), per labeled example ("labeled": unlabeled transfer rows
+carry no label) or per real token ("tokens"), which the loop uses to normalise over a whole optimizer step (see
+training.normalise).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kdistill import losses
 from kdistill.training import normalise
 
 UNITS = {
-    "kd": "rows", "ce": "rows", "cls_pkd": "rows",
+    "kd": "rows", "ce": "labeled", "cls_pkd": "rows",
     "hidden_mse": "tokens", "embedding_mse": "tokens", "hidden_cosine": "tokens",
     "attention_kl": "tokens", "attention_mse": "tokens",
     "minilm_qq": "tokens", "minilm_kk": "tokens", "minilm_vv": "tokens",
