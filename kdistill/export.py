@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -261,13 +262,13 @@ def _fuse_onnx(path: Path, config) -> dict[str, int]:
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _onnxruntime_tools_quiet():
         optimized = optimize_model(
             str(path), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
         )
-    optimized.save_model_to_file(str(path))
-    return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+        optimized.save_model_to_file(str(path))
+        fused = optimized.get_fused_operator_statistics()
+    return {op: n for op, n in fused.items() if n}
 
 
 def _quantize_int8(src: Path, dst: Path) -> dict:
@@ -285,25 +286,32 @@ def _quantize_int8(src: Path, dst: Path) -> dict:
     # Attention: the fused op (see _fuse_onnx) holds the Q/K/V weights; quantizing it gives QAttention.
     settings = {"weight_type": "QInt8", "op_types": ["MatMul", "Gemm", "Attention"], "per_channel": True,
                 "reduce_range": False}
+    with _onnxruntime_tools_quiet():  # the quantizer logs one INFO line per node
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=settings["op_types"],
+            weight_type=QuantType.QInt8,
+            per_channel=settings["per_channel"],
+            reduce_range=settings["reduce_range"],
+            # contrib ops defeat ONNX shape inference; their outputs are float32
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return settings
+
+
+@contextmanager
+def _onnxruntime_tools_quiet():
+    """onnxruntime's optimizer and quantizer log INFO lines through the root logger's level, and warn; mute both."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs one INFO line per node to the root logger
+    root.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(
-                src,
-                dst,
-                op_types_to_quantize=settings["op_types"],
-                weight_type=QuantType.QInt8,
-                per_channel=settings["per_channel"],
-                reduce_range=settings["reduce_range"],
-                # contrib ops defeat ONNX shape inference; their outputs are float32
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
+            yield
     finally:
         root.setLevel(level)
-    return settings
 
 
 # --------------------------------------------------------------------------------------------- parity

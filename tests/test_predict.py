@@ -106,3 +106,29 @@ def test_load_errors_name_the_path(tmp_path, tiny_bert_dir):
         load_predictor(tiny_bert_dir, backend="onnx")
     with pytest.raises(FileNotFoundError, match="input file not found"):
         predict_file(tiny_bert_dir, tmp_path / "missing.jsonl", None)
+
+
+def test_long_inputs_are_tokenized_from_a_prefix_with_the_same_result(tiny_bert_dir, monkeypatch):
+    import kdistill.predict as predict_mod
+
+    pred = load_predictor(tiny_bert_dir)  # max_length 32: texts past 256 characters are cut first
+    words = "goal match team coach vote senate chip data robot phone network the".split()
+    texts = [
+        " ".join(words[i % len(words)] for i in range(200)),  # long: cut, still overflows
+        "short text",
+        " ".join(words[:3]) + "\n" + "x" * 400,  # one 400-char word past the cut: cut before it, overflows
+        "senate " * 30 + "y" * 300,  # 31 tokens of the prefix fit: re-tokenized whole
+        "机器人" * 200,  # no whitespace: never cut (one 600-character word: a single [UNK] here)
+        "team\tcoach\r\nvote " * 40,
+    ]
+    calls = []
+    tokenize = predict_mod.Predictor._tokenize
+    monkeypatch.setattr(predict_mod.Predictor, "_tokenize", lambda self, t: calls.append(list(t)) or tokenize(self, t))
+    got, got_truncated = pred.encode(texts)
+    assert any(len(c) < len(t) for c, t in zip(calls[0], texts))  # some were cut
+    monkeypatch.setattr(predict_mod, "PREFIX_CHARS_PER_TOKEN", 10**6)  # never cut: the reference
+    want, want_truncated = pred.encode(texts)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got_truncated == want_truncated == 4
