@@ -179,9 +179,9 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _cacheable(self):
-        from kdistill.distill.terms import ATTENTION_TERMS, RELATION_TERMS
+        from kdistill.distill.terms import uncacheable_terms
 
-        uncached = sorted(t for t, w in self.losses.items() if w > 0 and t in ATTENTION_TERMS | set(RELATION_TERMS))
+        uncached = uncacheable_terms(t for t, w in self.losses.items() if w > 0)
         if self.cache_teacher == "on" and self.strategy == "explicit" and uncached:
             raise ValueError(f"cache_teacher: on, but {uncached} need the teacher's attention maps or Q/K/V, which "
                              "are never cached (too large); use auto (caches nothing then) or off")

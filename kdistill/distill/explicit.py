@@ -42,12 +42,11 @@ from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
 from kdistill.data import DataBundle, tokenize_splits
 from kdistill.distill.terms import (
-    ATTENTION_TERMS,
-    RELATION_TERMS,
     TermSpec,
     compute_terms,
     step_loss,
     step_temperature,
+    uncacheable_terms,
 )
 from kdistill.errors import UserError
 from kdistill.features import Features, capture, ensure_eager_attention
@@ -102,7 +101,7 @@ class TeacherCache:
 
 def why_not_cached(spec: TermSpec, tokenizer) -> str | None:
     """Why the teacher outputs the active terms read cannot be cached; None when they can."""
-    uncached = sorted(set(spec.active) & (ATTENTION_TERMS | set(RELATION_TERMS)))
+    uncached = uncacheable_terms(spec.active)
     if uncached:
         return (f"the loss terms {uncached} need the teacher's attention maps or Q/K/V, which are not cached "
                 "((N, heads, L, L) per layer is too large)")

@@ -28,6 +28,11 @@ ATTENTION_TERMS = {"attention_kl", "attention_mse"}
 RELATION_TERMS = {"minilm_qq": "query", "minilm_kk": "key", "minilm_vv": "value"}
 
 
+def uncacheable_terms(terms) -> list[str]:
+    """Those of `terms` that read the teacher's attention maps or Q/K/V, which no cache holds (too large)."""
+    return sorted(set(terms) & (ATTENTION_TERMS | set(RELATION_TERMS)))
+
+
 def known_terms() -> list[str]:
     return list(UNITS) + list(LM_TERMS)
 
