@@ -251,18 +251,16 @@ class Predictor:
         tokenized whole again.
         """
         texts = list(texts)
-        budget = self.max_length * PREFIX_CHARS_PER_TOKEN
-        prefixes = [_cut_at_whitespace(t, budget) for t in texts]
-        enc = self._tokenize(prefixes)
-        encodings = getattr(enc, "encodings", None)
-        if encodings is None:  # slow tokenizer: whole texts, and count lengths before truncation
+        if not getattr(self.tokenizer, "is_fast", False):  # slow: whole texts, lengths counted before truncation
             enc = self._tokenize(texts)
             full = self.tokenizer(texts, truncation=False)["input_ids"]
             return {k: np.asarray(v) for k, v in enc.items()}, sum(1 for ids in full if len(ids) > self.max_length)
-        if any(p is not t and not e.overflowing for p, t, e in zip(prefixes, texts, encodings)):
+        budget = self.max_length * PREFIX_CHARS_PER_TOKEN
+        prefixes = [_cut_at_whitespace(t, budget) for t in texts]
+        enc = self._tokenize(prefixes)
+        if any(p is not t and not e.overflowing for p, t, e in zip(prefixes, texts, enc.encodings)):
             enc = self._tokenize(texts)  # a cut text fit after all: its tokens may go on past the cut
-            encodings = enc.encodings
-        return {k: np.asarray(v) for k, v in enc.items()}, sum(1 for e in encodings if e.overflowing)
+        return {k: np.asarray(v) for k, v in enc.items()}, sum(1 for e in enc.encodings if e.overflowing)
 
     def _tokenize(self, texts: list[str]):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
