@@ -3,6 +3,7 @@
     python benchmarks/distill_speed.py --teacher runs/default-1/teacher                          # kd + ce
     python benchmarks/distill_speed.py --teacher runs/default-1/teacher --losses logits+hidden   # + hidden MSE
     python benchmarks/distill_speed.py --teacher runs/default-1/teacher --smoke                  # plumbing, seconds
+    python benchmarks/distill_speed.py --teacher runs/default-1/teacher --systems kdistill plain textbrewer kdistill-bf16
 
 TextBrewer is not a kdistill dependency: `pip install textbrewer==0.2.1` first, or it is reported as skipped.
 
@@ -23,10 +24,17 @@ How each system gets there:
               the best validation weights; that time counts.
   plain       the loop a user writes: every text padded to max_length, DataLoader(shuffle=True), the teacher run
               under no_grad every step, torch.optim.AdamW as it comes, get_linear_schedule_with_warmup.
+  kdistill-bf16  (only when asked: --systems ... kdistill-bf16) kdistill with train.mixed_precision: bf16, teacher
+              (cache pass) and student under bf16 autocast; the other systems stay fp32, so its ratios compare a
+              precision choice too (on a CPU with AMX-BF16 it pays; see benchmarks/precision_compile.py).
   textbrewer  GeneralDistiller (its single-teacher distiller) on the same padded DataLoader, trained for the same
               number of steps; checkpoints at each epoch end into a temp dir, as its loop does. Its kd loss 'ce'
               is H(p_T, p_S) without the T² factor, so kd_loss_weight = T²·1.0 (the same gradient as T²·KL);
               it sums intermediate matches, so each hidden pair weighs 1.0 / number of pairs.
+
+The plain loop also times its teacher forwards: `teacher_caching_ceiling_vs_plain` = its wall time / (wall time
+minus that), the speed-up the plain loop would get from a teacher that cost nothing, the ceiling of what caching
+the teacher's outputs can give (kdistill's other savings are dynamic padding and the fused optimizer step).
 
 Timed per system: from the raw texts to the trained student (tokenization, kdistill's logit cache, training), not the
 evaluation. samples_per_s = training examples × epochs / wall time. Each student is then scored on the test split by
@@ -50,7 +58,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
 from benchmarks._common import stdout_to_stderr  # noqa: E402
 
-SYSTEMS = ("kdistill", "plain", "textbrewer")
+SYSTEMS = ("kdistill", "plain", "textbrewer", "kdistill-bf16")
+DEFAULT_SYSTEMS = SYSTEMS[:3]
 LOSSES = {
     "logits": {"kd": 1.0, "ce": 0.1},
     "logits+hidden": {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0},
@@ -104,7 +113,7 @@ def grouped_params(model, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}]
 
 
-def train_plain(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
+def train_plain(student, teacher, tokenizer, data, cfg, plan: dict) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -114,13 +123,17 @@ def train_plain(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train.warmup_ratio * plan["steps"]), plan["steps"])
     teacher.to(device).eval()
     student.to(device).train()
-    step = 0
+    step, teacher_s = 0, 0.0
     while step < plan["steps"]:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
+            started = time.perf_counter()
             with torch.no_grad():
                 teacher_out = teacher(**batch, output_hidden_states=hidden)
+            if device == "cuda":
+                torch.cuda.synchronize()  # (kernels run asynchronously: time them to the end)
+            teacher_s += time.perf_counter() - started
             student_out = student(**batch, output_hidden_states=hidden)
             loss = plain_loss(student_out, teacher_out, labels, batch["attention_mask"], weights=plan["weights"],
                               temperature=cfg.distill.temperature, pairs=plan["pairs"])
@@ -132,7 +145,7 @@ def train_plain(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
             step += 1
             if step == plan["steps"]:
                 break
-    return step
+    return {"steps": step, "teacher_forward_s": teacher_s}
 
 
 # ---------------------------------------------------------------------------------------------------- TextBrewer
@@ -159,7 +172,7 @@ def textbrewer_distiller(student, teacher, *, weights: dict, temperature: float,
                             model_S=student, adaptor_T=textbrewer_adaptor, adaptor_S=textbrewer_adaptor)
 
 
-def train_textbrewer(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
+def train_textbrewer(student, teacher, tokenizer, data, cfg, plan: dict) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -181,7 +194,7 @@ def train_textbrewer(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
                             scheduler_args={"num_warmup_steps": int(train.warmup_ratio * plan["steps"]),
                                             "num_training_steps": plan["steps"]},
                             output_hidden_states=plan["hidden"])
-    return int(optimizer.state[next(student.parameters())]["step"])  # the optimizer steps it took
+    return {"steps": int(optimizer.state[next(student.parameters())]["step"])}  # the optimizer steps it took
 
 
 def textbrewer_missing() -> str | None:
@@ -194,16 +207,22 @@ def textbrewer_missing() -> str | None:
 
 # ------------------------------------------------------------------------------------------------------ kdistill
 
-def train_kdistill(student, teacher, tokenizer, data, cfg, plan: dict) -> int:
+def train_kdistill(student, teacher, tokenizer, data, cfg, plan: dict) -> dict:
     from kdistill.pipeline import distill_student
 
     with tempfile.TemporaryDirectory(prefix="distill-speed-kdistill-") as run_dir:
         history, _ = distill_student(cfg, teacher, tokenizer, data, Path(run_dir), plan["init_layers"], student)
-    return len(history.steps)
+    return {"steps": len(history.steps)}
 
 
-TRAIN = {"kdistill": train_kdistill, "plain": train_plain, "textbrewer": train_textbrewer}
-"""Each trains the student in place and returns the optimizer steps it took."""
+def train_kdistill_bf16(student, teacher, tokenizer, data, cfg, plan: dict) -> dict:
+    bf16 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"mixed_precision": "bf16"})})
+    return train_kdistill(student, teacher, tokenizer, data, bf16, plan)
+
+
+TRAIN = {"kdistill": train_kdistill, "plain": train_plain, "textbrewer": train_textbrewer,
+         "kdistill-bf16": train_kdistill_bf16}
+"""Each trains the student in place and returns the optimizer steps it took ("steps"), and what else it timed."""
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -264,20 +283,31 @@ def run_system(name: str, setup) -> dict:
     torch.manual_seed(cfg.train.seed)
     print(f"distill_speed: {name}, {plan['steps']} steps", file=sys.stderr)
     started = time.perf_counter()
-    steps = TRAIN[name](student, teacher, tokenizer, data, cfg, plan)
+    timed = TRAIN[name](student, teacher, tokenizer, data, cfg, plan)
     wall = time.perf_counter() - started
+    steps = timed.pop("steps")
     if steps != plan["steps"]:
         raise RuntimeError(f"{name} took {steps} optimizer steps instead of {plan['steps']}: not comparable")
     examples = len(data.splits["train"]) * cfg.train.epochs
-    return {"samples_per_s": examples / wall, "wall_time_s": wall, "steps": steps,
+    return {"samples_per_s": examples / wall, "wall_time_s": wall, "steps": steps, **timed,
             **score(student, tokenizer, encoded_test, data.label_names)}
+
+
+def caching_ceiling(plain: dict) -> float | None:
+    """The plain loop's speed-up if its teacher forwards cost nothing: wall / (wall - time in teacher forwards).
+    The most that computing the teacher's outputs once, instead of every step, can give on this data; more needs
+    a cheaper student step (or less padding)."""
+    if "teacher_forward_s" not in plain:
+        return None
+    return plain["wall_time_s"] / (plain["wall_time_s"] - plain["teacher_forward_s"])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="a trained teacher model dir (e.g. runs/default-1/teacher)")
     parser.add_argument("--losses", choices=list(LOSSES), default="logits")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS),
+                        help="kdistill-bf16: kdistill with train.mixed_precision=bf16 (not run by default)")
     parser.add_argument("--epochs", type=float, help="student epochs (default 3; --smoke: 0.5)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (data.max_length)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default: the default recipe's)")
@@ -311,8 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     cfg, data, _, _, student, plan, _ = setup
 
-    def speedup(other: str) -> float | None:
-        a, b = results.get("kdistill", {}), results.get(other, {})
+    def speedup(ours: str, other: str) -> float | None:
+        a, b = results.get(ours, {}), results.get(other, {})
         return a["samples_per_s"] / b["samples_per_s"] if "samples_per_s" in a and "samples_per_s" in b else None
 
     line = {
@@ -323,8 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
         "max_length": cfg.data.max_length, "limit": cfg.data.limit, "n_train": len(data.splits["train"]),
         "n_test": len(data.splits["test"]), "student_params": sum(p.numel() for p in student.parameters()),
         "systems": results,
-        "speedup_samples_per_s": {"kdistill_vs_plain": speedup("plain"),
-                                  "kdistill_vs_textbrewer": speedup("textbrewer")},
+        "speedup_samples_per_s": {
+            "kdistill_vs_plain": speedup("kdistill", "plain"), "kdistill_vs_textbrewer": speedup("kdistill", "textbrewer"),
+            **({"kdistill_bf16_vs_plain": speedup("kdistill-bf16", "plain"),
+                "kdistill_bf16_vs_textbrewer": speedup("kdistill-bf16", "textbrewer")}
+               if "kdistill-bf16" in results else {})},
+        "teacher_caching_ceiling_vs_plain": caching_ceiling(results.get("plain", {})),
         "device": plan["device"], "threads": torch.get_num_threads(), "machine": machine_info(),
         "smoke": args.smoke,
     }

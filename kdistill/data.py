@@ -24,7 +24,7 @@ from kdistill.config import DataConfig
 from kdistill.errors import DataError
 
 log = logging.getLogger(__name__)
-datasets.disable_progress_bars()  # tokenizing a few thousand rows takes a second; its bars only add noise
+datasets.disable_progress_bars()  # its bars (loading from disk, relabelling a split) take a second and only add noise
 
 SPLITS = ("train", "validation", "test")
 UNLABELED = -100
@@ -297,13 +297,14 @@ def _read(path: str, cfg: DataConfig) -> list[dict]:
 # -------------------------------------------------------------------------------------------- tokenization
 
 def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int) -> DatasetDict:
-    """input_ids / attention_mask (/ token_type_ids) / labels per split, unpadded: batches pad dynamically."""
+    """input_ids / attention_mask (/ token_type_ids) / labels per split, unpadded: batches pad dynamically.
 
-    def encode(batch):
-        pair = batch["text_pair"] if "text_pair" in batch else None
-        enc = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
-        enc["labels"] = batch["label"]
-        return enc
+    One tokenizer call per split, not `Dataset.map`: map fingerprints its function by pickling the tokenizer
+    (about 1 s per split here, every run, for a cache we do not use)."""
 
-    return bundle.splits.map(encode, batched=True, remove_columns=bundle.splits["train"].column_names,
-                             load_from_cache_file=False)
+    def encode(split: Dataset) -> Dataset:
+        pair = list(split["text_pair"]) if "text_pair" in split.column_names else None
+        enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
+        return Dataset.from_dict({**enc, "labels": list(split["label"])})
+
+    return DatasetDict({name: encode(split) for name, split in bundle.splits.items()})

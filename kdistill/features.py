@@ -57,6 +57,18 @@ class Features:
     attention_mask: Tensor | None = None
     """(B, L), 1 = real token, as given to the forward; None when the inputs carried none."""
 
+    def float(self) -> Features:
+        """The same features in float32. A forward under bf16/fp16 autocast returns them in low precision; the
+        losses compare them with the student's, which accelerate returns in float32 (in bf16, log-softmax alone is
+        off enough to make a KL divergence negative)."""
+        return Features(
+            logits=self.logits.float() if self.logits is not None else None,
+            hidden_states=tuple(h.float() for h in self.hidden_states),
+            attentions=tuple(a.float() for a in self.attentions),
+            qkv=[{k: v.float() for k, v in layer.items()} for layer in self.qkv],
+            attention_mask=self.attention_mask,
+        )
+
 
 def ensure_eager_attention(model: nn.Module) -> bool:
     """Switch `model` to the eager attention implementation, the only one that returns attention maps.

@@ -169,8 +169,9 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_di
     if strategy == "explicit":
         from kdistill.distill.explicit import distill_explicit
 
+        # work_dir: the teacher hidden-state cache goes on the run dir's disk, not in a possibly small $TMPDIR
         return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", checkpoints=checkpoints,
-                                **common), None
+                                work_dir=run_dir, **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":

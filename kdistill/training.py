@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, gather_object
 from accelerate.utils import set_seed as accelerate_set_seed
 from torch.utils.data import DataLoader, Sampler
@@ -51,6 +52,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     schedule steps once per step, not once per process as accelerate would by default."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+        # accelerate keeps one precision per process and refuses another; one process may train with several
+        # (a benchmark comparing them, a notebook): forget the old one (the processes' state, PartialState, stays)
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               step_scheduler_with_optimizer=False)
     if accelerator.num_processes > 1 and accelerator.is_main_process:

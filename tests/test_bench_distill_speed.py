@@ -116,6 +116,24 @@ def test_smoke_kdistill_and_plain(capsys, teacher_dir, toy_csv, losses):
     ratio = line["systems"]["kdistill"]["samples_per_s"] / line["systems"]["plain"]["samples_per_s"]
     assert line["speedup_samples_per_s"] == {"kdistill_vs_plain": pytest.approx(ratio),
                                              "kdistill_vs_textbrewer": None}
+    plain = line["systems"]["plain"]
+    assert 0.0 < plain["teacher_forward_s"] < plain["wall_time_s"]
+    assert line["teacher_caching_ceiling_vs_plain"] == pytest.approx(
+        plain["wall_time_s"] / (plain["wall_time_s"] - plain["teacher_forward_s"]))
+
+
+def test_smoke_kdistill_bf16_is_kdistill_under_bf16_autocast(capsys, teacher_dir, toy_csv, monkeypatch):
+    from kdistill import pipeline
+
+    precisions = []
+    original = pipeline.distill_student
+    monkeypatch.setattr(pipeline, "distill_student",
+                        lambda cfg, *a, **k: precisions.append(cfg.train.mixed_precision) or original(cfg, *a, **k))
+    line = run_smoke(capsys, teacher_dir, toy_csv, "--systems", "kdistill-bf16", "plain")
+    assert precisions == ["bf16"] and line["systems"]["kdistill-bf16"]["steps"] == line["steps"]
+    ratio = line["systems"]["kdistill-bf16"]["samples_per_s"] / line["systems"]["plain"]["samples_per_s"]
+    assert line["speedup_samples_per_s"]["kdistill_bf16_vs_plain"] == pytest.approx(ratio)
+    assert line["speedup_samples_per_s"]["kdistill_vs_plain"] is None
 
 
 def test_textbrewer_missing_is_reported_as_skipped(capsys, teacher_dir, toy_csv, monkeypatch):

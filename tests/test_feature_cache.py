@@ -160,6 +160,24 @@ def test_a_cached_run_trains_what_a_live_run_trains_and_the_teacher_runs_only_to
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_under_bf16_the_teacher_runs_in_bf16_whether_cached_or_live(tiny_tokenizer):
+    """train.mixed_precision: bf16 puts the frozen teacher's forward under autocast too (as the student's), in the
+    cache pass and in the live loop alike, so caching changes nothing but the fp16 rounding of hidden states."""
+    autocast_seen = {}
+    runs = {}
+    for cache in ("off", "auto"):
+        teacher, student, spec = tiny_pair(tiny_tokenizer)
+        teacher.register_forward_hook(
+            lambda module, args, out, cache=cache: autocast_seen.setdefault(cache, set()).add(
+                (torch.is_autocast_enabled("cpu"), out.logits.dtype)))
+        runs[cache] = distill_explicit(student, [teacher], tiny_tokenizer, ragged_bundle(), spec=spec,
+                                       distill=DistillConfig(cache_teacher=cache), max_length=16,
+                                       train=tiny_train(max_steps=2, batch_size=8, mixed_precision="bf16"))
+    assert autocast_seen == {"off": {(True, torch.bfloat16)}, "auto": {(True, torch.bfloat16)}}
+    for key in ("kd", "ce", "hidden_mse", "loss"):  # the first step, from the same weights
+        assert runs["auto"].steps[0][key] == pytest.approx(runs["off"].steps[0][key], rel=1e-2), key
+
+
 def test_an_attention_term_or_a_cache_over_the_limit_runs_the_teacher_every_step(monkeypatch, caplog,
                                                                                   tiny_tokenizer):
     caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")

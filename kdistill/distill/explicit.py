@@ -172,12 +172,14 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
             batch = {k: v.to(device) for k, v in batch.items()}
             for k, teacher in enumerate(teachers):
                 if k == 0 and store is not None:  # one forward gives the main teacher's logits and hidden states
-                    feats = capture(teacher, batch, hidden_states=True)
+                    with accelerator.autocast():  # train.mixed_precision, as the live teacher's forward
+                        feats = capture(teacher, batch, hidden_states=True)
                     num_hidden_states = len(feats.hidden_states)
                     store.put(rows, {t: feats.hidden_states[t] for t in layers}, batch["attention_mask"])
                     out = feats.logits
                 else:
-                    out = teacher(**batch).logits
+                    with accelerator.autocast():
+                        out = teacher(**batch).logits
                 if logits[k] is None:
                     logits[k] = torch.empty(n, out.shape[-1])
                 logits[k][rows] = out.float().cpu()
@@ -260,9 +262,10 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
                             teacher_feats, teacher_logits = cached.outputs(idx, batch["attention_mask"],
                                                                            accelerator.device)
                         elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
-                            with torch.no_grad():  # frozen teacher(s)
-                                teacher_feats = capture(teachers[0], batch, **flags)
-                                teacher_logits = [teacher_feats.logits] + [t(**batch).logits for t in teachers[1:]]
+                            with torch.no_grad(), accelerator.autocast():  # frozen teacher(s)
+                                teacher_feats = capture(teachers[0], batch, **flags).float()
+                                teacher_logits = [teacher_feats.logits] + [t(**batch).logits.float()
+                                                                           for t in teachers[1:]]
                         if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
                             teacher_log_probs = losses.average_teacher_logprobs(
                                 teacher_logits, temperature=temperature, weights=distill.teacher_weights)
