@@ -158,7 +158,8 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
     n, device = len(encoded_train), accelerator.device
     logits: list[torch.Tensor | None] = [None] * len(teachers)
     num_hidden_states = 0
-    with atomic_dir(store_dir) if layers else nullcontext() as tmp:
+    # autocast: train.mixed_precision, as for the live teacher's forward
+    with atomic_dir(store_dir) if layers else nullcontext() as tmp, accelerator.autocast():
         store = None
         if layers:
             lengths = [len(ids) for ids in encoded_train["input_ids"]]
@@ -172,14 +173,12 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
             batch = {k: v.to(device) for k, v in batch.items()}
             for k, teacher in enumerate(teachers):
                 if k == 0 and store is not None:  # one forward gives the main teacher's logits and hidden states
-                    with accelerator.autocast():  # train.mixed_precision, as the live teacher's forward
-                        feats = capture(teacher, batch, hidden_states=True)
+                    feats = capture(teacher, batch, hidden_states=True)
                     num_hidden_states = len(feats.hidden_states)
                     store.put(rows, {t: feats.hidden_states[t] for t in layers}, batch["attention_mask"])
                     out = feats.logits
                 else:
-                    with accelerator.autocast():
-                        out = teacher(**batch).logits
+                    out = teacher(**batch).logits
                 if logits[k] is None:
                     logits[k] = torch.empty(n, out.shape[-1])
                 logits[k][rows] = out.float().cpu()
