@@ -11,3 +11,23 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset file is missing, malformed or unusable."""
+
+
+def decode_utf8(raw: bytes, where: str, error: type[UserError] = UserError) -> str:
+    """The text of a user's file (a leading BOM dropped); bytes that are not UTF-8 are an `error` naming the line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1  # e.object lacks the BOM the decoder dropped
+        raise error(f"{where}: line {line}: not valid UTF-8 text (byte {e.start + len(raw) - len(e.object)}); "
+                    "re-save the file as UTF-8") from None
+
+
+def encode_utf8(text: str, where: str, error: type[UserError] = UserError) -> bytes:
+    """`text` as UTF-8; an unpaired surrogate (what a JSON "\\ud800" escape or an undecodable command-line byte
+    gives, and what no tokenizer accepts) is an `error` naming `where` and the character."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(f"{where}: unpaired surrogate U+{ord(text[e.start]):04X} at character {e.start}; a text must be "
+                    "valid Unicode (encodable as UTF-8)") from None

@@ -76,15 +76,23 @@ def load_tokenizer(name: str):
         raise UserError(f"cannot load tokenizer of '{name}': {str(e).splitlines()[0]}") from None
 
 
+def _local_source(name: str) -> tuple[str, dict]:
+    """resolve_model_source, and a local model dir (not a GGUF file) must hold safetensors weights: loading never
+    unpickles, also for a teacher."""
+    source, extra = resolve_model_source(name)
+    if "gguf_file" not in extra and Path(source).is_dir():
+        require_safetensors(source)
+    return source, extra
+
+
 def load_classifier(name: str, label_names: list[str] | None = None, **kwargs):
     """A sequence classifier from a pretrained model; a new head when `label_names` differ from its own."""
-    source, extra = resolve_model_source(name)
+    source, extra = _local_source(name)
     kw = dict(trust_remote_code=False, **extra, **kwargs)
     if label_names is not None:
         kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)})
     try:
-        # a pretrained encoder without a head may be stored as .bin: allow it only for dirs that have no safetensors
         model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
     except OSError as e:
         raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
@@ -92,7 +100,7 @@ def load_classifier(name: str, label_names: list[str] | None = None, **kwargs):
 
 
 def load_causal_lm(name: str, **kwargs):
-    source, extra = resolve_model_source(name)
+    source, extra = _local_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, torch_dtype=torch.float32,
                                                      **extra, **kwargs)
@@ -133,11 +141,34 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str | Path, also_accepted: str | None = None) -> None:
+    """UserError unless the model dir `path` has safetensors weights. Every loader of a model dir calls this
+    first: from_pretrained would otherwise fall back to pytorch_model.bin, a pickle, which can run code.
+
+    also_accepted: other weight files the caller could have used, named in the message when there are none.
+    """
+    path = Path(path)
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+    if pickled:
+        raise UserError(
+            f"{path}: holds {', '.join(pickled)} but no model.safetensors, and kdistill never unpickles (a pickle "
+            "can run code); convert it where you trust it: from_pretrained(dir).save_pretrained(dir)"
+        )
+    expected = "model.safetensors" + (f", {also_accepted}" if also_accepted else "")
+    raise UserError(f"{path}: no model weights (expected {expected})")
+
+
 def load_model_dir(path: str | Path, *, task: str | None = None):
     """(model, tokenizer, meta) from a dir kdistill (or any HF tool) saved; eval mode, fp32."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model dir (no config.json)")
+    require_safetensors(path)
     meta = read_meta(path)
     task = task or meta.get("task") or _guess_task(path)
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification

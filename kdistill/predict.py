@@ -2,7 +2,8 @@
 
 A model dir is a Hugging Face directory: `config.json` (with id2label), tokenizer files, and weights as
 `model.safetensors` (PyTorch) and/or `model.onnx` / `model.int8.onnx` (onnxruntime); optionally `kdistill.json`
-with {"task": "classification", "max_length": int, ...}.
+with {"task": "classification", "max_length": int, ...}. A dir whose PyTorch weights are only a pickle
+(`pytorch_model.bin`) is refused (kdistill.models.require_safetensors).
 
     predictor = load_predictor("runs/demo/student")           # backend picked from the files present
     predictor.predict(["the team won the match"])
@@ -11,8 +12,9 @@ with {"task": "classification", "max_length": int, ...}.
 Backend choice with backend="auto": `model.int8.onnx` (quantization was asked for when exporting), then
 `model.onnx`, then safetensors weights. Loading never unpickles: safetensors only, no remote code.
 
-Errors a user can act on (missing dir or files, a bad JSONL line) raise FileNotFoundError / ValueError with one
-line naming the path; the CLI maps them to exit code 2.
+Errors a user can act on (missing dir or files, a bad JSONL line, a text that is not valid Unicode) raise
+FileNotFoundError / ValueError (UserError for pickle-only weights and unpaired surrogates) with one line naming the
+path; the CLI maps them to exit code 2.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kdistill.errors import encode_utf8
 from kdistill.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,6 @@ class ModelDirInfo:
     kdistill: dict
     task: str
     labels: list[str]
-    has_safetensors: bool
     onnx_files: dict[str, Path] = field(default_factory=dict)  # backend name -> file
 
 
@@ -95,9 +97,8 @@ def inspect_model_dir(model_dir: str | os.PathLike) -> ModelDirInfo:
     if labels_by_id and sorted(labels_by_id) != list(range(len(labels_by_id))):
         raise ValueError(f"{config_path}: id2label ids must be 0..{len(labels_by_id) - 1}")
     labels = [labels_by_id[i] for i in range(len(labels_by_id))]
-    has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     onnx = {name: path / f for name, f in ONNX_FILES.items() if (path / f).is_file()}
-    return ModelDirInfo(path, config, meta, task, labels, has_st, onnx)
+    return ModelDirInfo(path, config, meta, task, labels, onnx)
 
 
 def resolve_max_length(info: ModelDirInfo, tokenizer) -> int:
@@ -134,11 +135,10 @@ def load_torch_model(model_dir: str | os.PathLike, task: str = "classification")
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from kdistill.models import require_safetensors
+
     path = Path(model_dir)
-    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors (only safetensors weights are loaded, never .bin/pickle files)"
-        )
+    require_safetensors(path)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     try:
         model = auto.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
@@ -335,6 +335,7 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+        encode_utf8(t, f"texts[{i}]")
     return texts
 
 
@@ -343,14 +344,11 @@ def _pick_backend(info: ModelDirInfo, backend: str) -> str:
         for name in ("onnx-int8", "onnx"):
             if name in info.onnx_files:
                 return name
-        if info.has_safetensors:
-            return "torch"
-        raise FileNotFoundError(
-            f"{info.path}: no model weights (expected model.safetensors, model.onnx or model.int8.onnx)"
-        )
+        backend = "torch"
     if backend == "torch":
-        if not info.has_safetensors:
-            raise FileNotFoundError(f"{info.path}: backend 'torch' needs model.safetensors")
+        from kdistill.models import require_safetensors  # not at the top: it imports torch, which ONNX needn't
+
+        require_safetensors(info.path, also_accepted="model.onnx or model.int8.onnx")  # before the tokenizer loads
         return backend
     if backend in ONNX_FILES:
         if backend not in info.onnx_files:
@@ -414,9 +412,17 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
             if not isinstance(row.get(text_field), str):
                 raise ValueError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
+            encode_utf8(row[text_field], f"{path}:{lineno}: field {text_field!r}")
             rows.append(row)
             texts.append(row[text_field])
     return rows, texts
+
+
+def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl") -> None:
+    """ValueError when the output file `path` is an existing folder; called before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder, not a file; give a file path such as {path / example}")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
@@ -442,6 +448,8 @@ def predict_file(
     "probabilities"}; kept apart so a gold "label" in the input is not overwritten). Written atomically to
     out_path, or to stdout when out_path is None. Returns the output records.
     """
+    if out_path is not None:
+        check_output_file(out_path)
     rows, texts = read_jsonl_texts(in_path, text_field=text_field)
     predictor = load_predictor(model_dir, backend=backend)
     preds = predictor.predict(texts, batch_size=batch_size)

@@ -6,16 +6,25 @@ Endpoints
     POST /predict    {"text": "one text"}         -> {"prediction": {"label", "label_name", "probabilities"}}
                      {"texts": ["a", "b", ...]}   -> {"predictions": [{...}, {...}, ...]}  (same order)
 
+    GET  /docs, /redoc, /openapi.json                          (need the API key when one is set)
+
 Exactly one of "text" (a string) and "texts" (a non-empty list of strings) is accepted; {"text": [...]} is a
 422 that points to "texts", so each field has one meaning. Every error is JSON {"detail": "<one clear line>"}:
 400 malformed JSON, 401 missing/wrong X-API-Key (when an api_key is set), 413 body over max_body_bytes
-(Content-Length and the bytes actually received are both checked), 422 wrong types, empty list, empty or
-whitespace-only text, text over max_text_chars, more than max_batch_texts texts, 503 queue full (Retry-After).
+(Content-Length and the bytes actually received are both checked; the body is still read, up to
+DRAIN_LIMIT_BYTES, so that clients which send it all before reading, like Python's urllib, get the 413), 422
+wrong types, empty list, empty or whitespace-only text, text that is not UTF-8 encodable (an unpaired surrogate
+such as "\ud800"), text over max_text_chars, more than max_batch_texts texts, 503 queue full or no answer
+within request_timeout_s (both with Retry-After). Every text is checked before it is queued, so a request
+that gets past the checks cannot fail the others batched with it; should the model fail on a batch anyway,
+each request of that batch is run again on its own and only the one that fails again gets its error (500).
 
-Micro-batching: each request's texts go into a bounded asyncio queue (max_queue requests; full -> 503). One
-background task takes the first waiting request, then keeps collecting until it has max_batch_texts texts or
-batch_wait_ms has passed, runs one batched predict in a worker thread, and hands each request its slice. While
-a batch runs, new requests queue up and form the next batch, so throughput grows with concurrency.
+Micro-batching: each request's texts go into an asyncio queue. One background task takes the first waiting
+request, then keeps collecting until it has max_batch_texts texts or batch_wait_ms has passed, runs one batched
+predict in a worker thread, and hands each request its slice. While a batch runs, new requests queue up and
+form the next batch, so throughput grows with concurrency. A request holds its place (one of max_queue, its
+texts' UTF-8 bytes out of max_queue_bytes) from the moment it is queued until it is answered, times out or its
+client hangs up; a request that timed out or whose client hung up is dropped before it is computed.
 
 Several worker processes (`run_server(workers=N)`): uvicorn imports `kdistill.serve:app_from_env` as a factory
 in each worker; the app config travels in the KDISTILL_SERVE_CONFIG environment variable. Counters in
@@ -30,20 +39,31 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from starlette.requests import ClientDisconnect
 
+from kdistill.errors import UserError, encode_utf8
 from kdistill.predict import Backend, inspect_model_dir, load_predictor
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "KDISTILL_SERVE_CONFIG"
 API_KEY_HEADER = "X-API-Key"
+LIMITS = ("max_batch_texts", "max_body_bytes", "max_text_chars", "batch_wait_ms", "max_queue", "max_queue_bytes",
+          "request_timeout_s")  # fmt: skip
+DRAIN_LIMIT_BYTES = 64 * 2**20
+"""An oversized body is read and dropped up to this many bytes before the 413 goes out: a client that sends the
+whole body before reading the answer (Python's urllib, requests) sees a broken pipe, not the 413, when the
+connection closes under it. A larger body is not worth the bandwidth: its connection is just closed."""
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client hung up first"; nobody reads it, the log does
 
 
 class PredictRequest(BaseModel):
@@ -63,25 +83,30 @@ class PredictRequest(BaseModel):
 
 
 class QueueFullError(Exception):
-    pass
+    """max_queue requests or max_queue_bytes of text are waiting; the message says which."""
 
 
 class MicroBatcher:
     """Collects concurrent requests into batches for one predict function that runs in a worker thread."""
 
-    def __init__(self, predict_fn, *, max_batch_texts: int, batch_wait_ms: float, max_queue: int):
+    def __init__(self, predict_fn: Callable[[list[str]], list[dict]], *, max_batch_texts: int,
+                 batch_wait_ms: float, max_queue: int, max_queue_bytes: int):  # fmt: skip
         self.predict_fn = predict_fn
         self.max_batch_texts = max_batch_texts
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_queue = max_queue
-        self.stats = {"batches": 0, "requests": 0, "texts": 0, "largest_batch": 0, "rejected_queue_full": 0}
+        self.max_queue_bytes = max_queue_bytes
+        self.stats = {"batches": 0, "requests": 0, "texts": 0, "largest_batch": 0, "rejected_queue_full": 0,
+                      "timed_out": 0, "dropped_disconnected": 0, "batches_rerun_per_request": 0}  # fmt: skip
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: list = []
+        self._held_requests = 0
+        self._held_bytes = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._queue = asyncio.Queue()  # bounded by submit's accounting, which also frees abandoned requests
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdistill-predict")
         self._task = asyncio.create_task(self._run(), name="kdistill-batcher")
 
@@ -101,17 +126,33 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, texts: list[str]) -> list[dict]:
-        """Queue `texts` and wait for their predictions; QueueFullError when max_queue requests wait."""
+    async def submit(self, texts: list[str], n_bytes: int) -> list[dict]:
+        """Queue `texts` (`n_bytes` of UTF-8) and wait for their predictions; QueueFullError when the queue holds
+        max_queue requests or the texts would take it past max_queue_bytes.
+
+        Cancelling the wait (time limit, client gone) frees the place at once; the batcher skips the request.
+        """
         if self._queue is None:
             raise RuntimeError("batcher not started")
+        if self._held_requests >= self.max_queue:
+            full = f"the request queue is full ({self._held_requests} requests, max_queue={self.max_queue})"
+        elif self._held_bytes + n_bytes > self.max_queue_bytes:
+            full = (f"the request queue is full ({self._held_bytes} bytes of text + {n_bytes} would pass "
+                    f"max_queue_bytes={self.max_queue_bytes})")
+        else:
+            full = None
+        if full:
+            self.stats["rejected_queue_full"] += 1
+            raise QueueFullError(f"server busy: {full}; retry later")
         fut = asyncio.get_running_loop().create_future()
+        self._held_requests += 1
+        self._held_bytes += n_bytes
         try:
             self._queue.put_nowait((texts, fut))
-        except asyncio.QueueFull:
-            self.stats["rejected_queue_full"] += 1
-            raise QueueFullError from None
-        return await fut
+            return await fut
+        finally:
+            self._held_requests -= 1
+            self._held_bytes -= n_bytes
 
     async def _next(self, timeout: float):
         """The next queued item, or None after `timeout` seconds; an unclaimed item stays in the queue."""
@@ -144,32 +185,42 @@ class MicroBatcher:
                     break
                 items.append(item)
                 n += len(item[0])
-            items = [it for it in items if not it[1].done()]  # drop requests whose client went away
+            items = [it for it in items if not it[1].done()]  # timed out or client gone: not computed
             if not items:
                 continue
-            texts = [t for it in items for t in it[0]]
             self._inflight = items
             try:
-                results = await loop.run_in_executor(self._executor, self.predict_fn, texts)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a failed batch fails its requests, not the server
-                logger.exception("batch of %d texts failed", len(texts))
-                for _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
+                await self._compute(items)
             finally:
                 self._inflight = []
-            self.stats["batches"] += 1
-            self.stats["requests"] += len(items)
-            self.stats["texts"] += len(texts)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
-            start = 0
-            for item_texts, fut in items:
-                if not fut.done():
-                    fut.set_result(results[start : start + len(item_texts)])
-                start += len(item_texts)
+
+    async def _compute(self, items: list) -> None:
+        """Predict one batch and hand each request its slice. When the batch fails, each of its requests is run
+        again on its own, so one request the model cannot handle fails alone, not everyone batched with it."""
+        texts = [t for it in items for t in it[0]]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.predict_fn, texts)
+        except Exception as e:  # CancelledError is not an Exception: shutdown still stops the loop
+            if len(items) > 1:
+                logger.warning("batch of %d requests failed; running each on its own", len(items))
+                self.stats["batches_rerun_per_request"] += 1
+                for item in items:
+                    if not item[1].done():
+                        await self._compute([item])
+            else:
+                logger.error("request of %d texts failed", len(texts), exc_info=e)
+                if not items[0][1].done():
+                    items[0][1].set_exception(e)
+            return
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(items)
+        self.stats["texts"] += len(texts)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(texts))
+        start = 0
+        for item_texts, fut in items:
+            if not fut.done():
+                fut.set_result(results[start : start + len(item_texts)])
+            start += len(item_texts)
 
 
 class _TruncationLog:
@@ -220,16 +271,29 @@ def create_app(
     max_text_chars: int = 20_000,
     batch_wait_ms: float = 5,
     max_queue: int = 1024,
+    max_queue_bytes: int = 32_000_000,
+    request_timeout_s: float = 30.0,
     backend: Backend = "auto",
     num_threads: int | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving `model_dir` (loaded now, so a bad dir fails before any port is opened)."""
+    """A FastAPI app serving `model_dir` (loaded now, so a bad dir fails before any port is opened).
+
+    max_queue, max_queue_bytes: most requests, and most UTF-8 bytes of their texts, held at once (queued or being
+    computed); past either, 503. request_timeout_s: a request not answered within this many seconds (queue wait
+    included) gets 503 and is dropped.
+    """
     for name, value in [("max_batch_texts", max_batch_texts), ("max_body_bytes", max_body_bytes),
-                        ("max_text_chars", max_text_chars), ("max_queue", max_queue)]:  # fmt: skip
+                        ("max_text_chars", max_text_chars), ("max_queue", max_queue),
+                        ("max_queue_bytes", max_queue_bytes)]:  # fmt: skip
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_queue_bytes < max_body_bytes:  # a body's texts never take more bytes than the body
+        raise ValueError(f"max_queue_bytes ({max_queue_bytes}) must be >= max_body_bytes ({max_body_bytes}), "
+                         "or a request that passes the body limit could never be queued")  # fmt: skip
     if batch_wait_ms < 0:
         raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+    if not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s!r}")
     predictor = load_predictor(model_dir, backend=backend, num_threads=num_threads)
     truncation_log = _TruncationLog(predictor.max_length)
     batcher = MicroBatcher(
@@ -237,6 +301,7 @@ def create_app(
         max_batch_texts=max_batch_texts,
         batch_wait_ms=batch_wait_ms,
         max_queue=max_queue,
+        max_queue_bytes=max_queue_bytes,
     )
     limits = {
         "max_batch_texts": max_batch_texts,
@@ -244,6 +309,8 @@ def create_app(
         "max_text_chars": max_text_chars,
         "batch_wait_ms": batch_wait_ms,
         "max_queue": max_queue,
+        "max_queue_bytes": max_queue_bytes,
+        "request_timeout_s": request_timeout_s,
     }
 
     @asynccontextmanager
@@ -254,7 +321,9 @@ def create_app(
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="kdistill", summary="Text classification with a distilled model", lifespan=lifespan)
+    # FastAPI's own docs routes cannot take a dependency; the ones below are the same pages behind require_key
+    app = FastAPI(title="kdistill", summary="Text classification with a distilled model", lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)  # fmt: skip
     app.state.predictor = predictor
     app.state.batcher = batcher
 
@@ -271,6 +340,18 @@ def create_app(
     async def internal_error(request: Request, exc: Exception):
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=[Depends(require_key)])
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.get("/health")
     async def health() -> dict:
@@ -314,38 +395,79 @@ def create_app(
             raise HTTPException(422, "'texts' must not be empty")
         if len(texts) > max_batch_texts:
             raise HTTPException(422, f"too many texts: {len(texts)} (at most {max_batch_texts} per request)")
+        n_bytes = 0
         for i, t in enumerate(texts):
             where = field if field == "text" else f"texts[{i}]"
             if not t.strip():
                 raise HTTPException(422, f"{where} is empty")
             if len(t) > max_text_chars:
                 raise HTTPException(422, f"{where} has {len(t)} characters (at most {max_text_chars})")
+            try:
+                n_bytes += len(encode_utf8(t, where))
+            except UserError as e:
+                raise HTTPException(422, str(e)) from None
+        job = asyncio.ensure_future(batcher.submit(texts, n_bytes))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            results = await batcher.submit(texts)
-        except QueueFullError:
-            raise HTTPException(503, "server busy: request queue is full; retry later", headers={"Retry-After": "1"})
+            await asyncio.wait({job, gone}, timeout=request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            job.cancel()  # no-op when answered; else the batcher skips the request and its place is freed
+        if not job.done() or job.cancelled():
+            if gone.done() and not gone.cancelled():
+                batcher.stats["dropped_disconnected"] += 1
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            batcher.stats["timed_out"] += 1
+            raise HTTPException(503, f"no answer within request_timeout_s={request_timeout_s:g} s (server busy); "
+                                "retry later", headers={"Retry-After": "1"})  # fmt: skip
+        try:
+            results = job.result()
+        except QueueFullError as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         return {"prediction": results[0]} if field == "text" else {"predictions": results}
 
     return app
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as the declared or received size passes `limit` bytes."""
+    """The request body, or 413 when the declared or received size passes `limit` bytes.
+
+    An oversized body is drained (read and dropped, up to DRAIN_LIMIT_BYTES past the limit) before the 413, unless
+    the client asked "Expect: 100-continue" and so has not sent it yet.
+    """
     declared = request.headers.get("content-length")
+    size = None
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
             raise HTTPException(400, "invalid Content-Length header") from None
-        if size > limit:
-            raise HTTPException(413, f"request body is {size} bytes (at most {limit})")
+    too_big = (f"request body is {size} bytes (at most {limit})" if size is not None
+               else f"request body is over {limit} bytes")  # fmt: skip
+    if size is not None and size > limit and (
+        size > limit + DRAIN_LIMIT_BYTES or request.headers.get("expect", "").lower() == "100-continue"
+    ):
+        raise HTTPException(413, too_big)
     chunks, received = [], 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise HTTPException(413, f"request body is over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received <= limit:
+                chunks.append(chunk)
+            elif received > limit + DRAIN_LIMIT_BYTES:
+                break
+    except ClientDisconnect:
+        raise HTTPException(CLIENT_CLOSED_REQUEST, "client disconnected while sending the body") from None
+    if received > limit or (size is not None and size > limit):
+        raise HTTPException(413, too_big)
     return b"".join(chunks)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has hung up. Called after the body was read, so the next ASGI message is the
+    disconnect (servers send it when the connection drops, or after the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def app_from_env() -> FastAPI:
@@ -370,7 +492,8 @@ def run_server(
 ) -> None:
     """Serve `model_dir` with uvicorn until interrupted.
 
-    limits: create_app's max_batch_texts, max_body_bytes, max_text_chars, batch_wait_ms, max_queue.
+    limits: create_app's max_batch_texts, max_body_bytes, max_text_chars, batch_wait_ms, max_queue,
+    max_queue_bytes, request_timeout_s.
     num_threads: compute threads per worker; by default the CPU count divided among the workers.
     """
     import uvicorn
@@ -378,7 +501,7 @@ def run_server(
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     info = inspect_model_dir(model_dir)  # fail fast, before any worker starts
-    unknown = set(limits) - {"max_batch_texts", "max_body_bytes", "max_text_chars", "batch_wait_ms", "max_queue"}
+    unknown = set(limits) - set(LIMITS)
     if unknown:
         raise ValueError(f"unknown server option(s): {', '.join(sorted(unknown))}")
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -156,3 +156,23 @@ def test_hf_export_of_causal_lm(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="classification model dirs only"):
         export_model(src, fmt="onnx", out_dir=tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_export_dot_from_inside_and_outside_a_model_dir(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from kdistill.cli import main
+
+    monkeypatch.chdir(tmp_path)  # not a model dir: one line, exit 2, nothing written
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "."])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "no config.json" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    monkeypatch.chdir(model)  # a model dir: `.` exports beside it, as any other path would
+    main(["export", ".", "--format", "hf"])
+    assert (tmp_path / "model-hf" / "model.safetensors").is_file()

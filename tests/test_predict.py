@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -132,3 +133,88 @@ def test_long_inputs_are_tokenized_from_a_prefix_with_the_same_result(tiny_bert_
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
     assert got_truncated == want_truncated == 4
+
+
+# ------------------------------------------------------------------------------------- bad deployment inputs
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    """kdistill.cli.main in-process: (exit code, stderr)."""
+    from kdistill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def test_texts_with_unpaired_surrogates_are_refused_naming_them(tiny_bert_dir, tmp_path):
+    from kdistill.errors import UserError
+
+    pred = load_predictor(tiny_bert_dir)
+    with pytest.raises(UserError, match=r"texts\[1\]: unpaired surrogate U\+D800 at character 4"):
+        pred.predict(["goal", "vote\ud800"])
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "goal"}\n{"text": "bad \\udc80 text"}\n', encoding="utf-8")  # a JSON escape
+    with pytest.raises(UserError, match=r"in\.jsonl:2: field 'text': unpaired surrogate U\+DC80"):
+        predict_file(tiny_bert_dir, src, tmp_path / "out.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate"])
+def test_out_that_is_a_folder_is_exit_2_and_nothing_is_written(verb, tiny_bert_dir, toy_examples, tmp_path,
+                                                               capsys):  # fmt: skip
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in toy_examples[:6]), encoding="utf-8")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    data_args = ["--file", src] if verb == "predict" else ["--data", src, "--split", "all"]
+    code, err = _cli([verb, tiny_bert_dir, *data_args, "--out", out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(out) in err and "is a folder" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results"]
+
+
+def test_predict_texts_honour_out(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    from kdistill.cli import main
+
+    main(["predict", str(tiny_bert_dir), "goal match", "vote", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == ["goal match", "vote"] and all("label_name" in r for r in rows)
+
+
+@pytest.fixture
+def pickle_only_dir(tiny_bert_dir, tmp_path):
+    """tiny_bert_dir with its weights as pytorch_model.bin only: a pickle that would make a folder if unpickled."""
+    import pickle
+    import shutil
+
+    path = tmp_path / "pickled"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "UNPICKLED"),))
+
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": Payload()}))
+    return path
+
+
+def test_a_pickle_only_model_dir_is_refused_by_every_loader(pickle_only_dir, tmp_path, capsys):
+    from kdistill.errors import UserError
+    from kdistill.models import load_causal_lm, load_classifier, load_model_dir
+    from kdistill.predict import load_torch_model
+
+    refused = r"pickled[/\\]?: holds pytorch_model\.bin but no model\.safetensors.*never unpickles"
+    for load in (lambda: load_predictor(pickle_only_dir), lambda: load_predictor(pickle_only_dir, backend="torch"),
+                 lambda: load_torch_model(pickle_only_dir), lambda: load_model_dir(pickle_only_dir),
+                 lambda: load_classifier(str(pickle_only_dir)), lambda: load_causal_lm(str(pickle_only_dir)),
+                 lambda: export_model(pickle_only_dir, fmt="hf", out_dir=tmp_path / "exported")):  # fmt: skip
+        with pytest.raises(UserError, match=refused):
+            load()
+    code, err = _cli(["predict", pickle_only_dir, "goal"], capsys)
+    assert code == 2 and "never unpickles" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "UNPICKLED").exists() and not (tmp_path / "exported").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -202,3 +203,159 @@ def test_run_server_rejects_bad_options_before_starting(tiny_bert_dir, tmp_path)
         run_server(tiny_bert_dir, workers=0)
     with pytest.raises(ValueError, match="unknown server option"):
         run_server(tiny_bert_dir, max_batch=3)
+
+
+# ------------------------------------------------------------------------------------- hostile clients
+
+
+def _wait_until(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def _spy_predict(app, *, delay_s: float = 0.0, poison: str | None = None) -> list[str]:
+    """Wrap the predictor the batcher calls: record every text it computes, optionally sleep, and raise on
+    `poison` (a failure that no up-front check catches). Returns the record."""
+    predictor = app.state.predictor
+    real = predictor.predict_counted
+    seen: list[str] = []
+
+    def spy(texts, batch_size=32):
+        seen.extend(texts)
+        time.sleep(delay_s)
+        if poison in texts:
+            raise RuntimeError("simulated model failure")
+        return real(texts, batch_size=batch_size)
+
+    predictor.predict_counted = spy
+    return seen
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [(b'{"text": "caf\\ud800"}', "text"), (b'{"texts": ["ok", "\\udfff tail"]}', "texts[1]"),
+     (b'{"texts": ["\\ud83d\\ude00 fine", "\\ude00\\ud83d"]}', "texts[1]")],  # fmt: skip
+)
+def test_text_that_is_not_utf8_encodable_is_422_naming_it(server, body, where):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        json_headers = {"content-type": "application/json"}
+        r = c.post("/predict", content=body, headers=json_headers)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"{where}: ") and "surrogate" in r.json()["detail"]
+        ok = c.post("/predict", content=b'{"text": "\\ud83d\\ude00 goal"}', headers=json_headers)
+        assert ok.status_code == 200  # a proper surrogate pair is one character, and fine
+
+
+POISON_REPEATS, GOOD_PER_ROUND = 5, 8
+
+
+@pytest.mark.parametrize("poison", ["surrogate", "model failure"])
+def test_a_poisoned_request_fails_alone(tiny_bert_dir, poison):
+    """GOOD_PER_ROUND good requests and one poisoned one, sent at once so they share micro-batches, repeated."""
+    app = create_app(tiny_bert_dir, batch_wait_ms=100, max_batch_texts=16)
+    if poison == "surrogate":  # caught by the up-front check
+        bad_body, bad_status = b'{"text": "goal \\ud800 match"}', 422
+    else:  # passes every check, then the model fails on it: only its own request may fail
+        _spy_predict(app, poison="poisoned text")
+        bad_body, bad_status = b'{"text": "poisoned text"}', 500
+    barrier = threading.Barrier(GOOD_PER_ROUND + 1)
+
+    def post(i):
+        body = bad_body if i == GOOD_PER_ROUND else b'{"text": "goal match %d"}' % i
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            return i, c.post("/predict", content=body, headers={"content-type": "application/json"})
+
+    failed_good, bad_codes = 0, []
+    with _Server(app) as url:
+        for _ in range(POISON_REPEATS):
+            with ThreadPoolExecutor(GOOD_PER_ROUND + 1) as pool:
+                for i, r in pool.map(post, range(GOOD_PER_ROUND + 1)):
+                    if i == GOOD_PER_ROUND:
+                        bad_codes.append(r.status_code)
+                    elif r.status_code != 200 or "prediction" not in r.json():
+                        failed_good += 1
+    print(f"poison={poison!r}: {POISON_REPEATS} x {GOOD_PER_ROUND} good requests, failed: {failed_good}")
+    assert failed_good == 0
+    assert bad_codes == [bad_status] * POISON_REPEATS
+    if poison != "surrogate":
+        assert app.state.batcher.stats["batches_rerun_per_request"] >= 1  # it really shared a batch with good ones
+
+
+def test_request_time_limit_answers_503(tiny_bert_dir):
+    app = create_app(tiny_bert_dir, request_timeout_s=0.3)
+    _spy_predict(app, delay_s=1.5)
+    with _Server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        start = time.monotonic()
+        r = c.post("/predict", json={"text": "goal"})
+        took = time.monotonic() - start
+    assert r.status_code == 503 and "0.3 s" in r.json()["detail"] and r.headers["retry-after"] == "1"
+    assert took < 1.2  # answered at the limit, not when the model finished
+
+
+def test_a_request_whose_client_hung_up_is_not_computed(tiny_bert_dir):
+    app = create_app(tiny_bert_dir, batch_wait_ms=0)
+    seen = _spy_predict(app, delay_s=1.0)  # the first request keeps the model busy
+    with _Server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(lambda: httpx.post(f"{url}/predict", json={"text": "first"}, timeout=30))
+            _wait_until(lambda: "first" in seen)
+            body = b'{"text": "abandoned"}'
+            with socket.create_connection(("127.0.0.1", port)) as s:  # sends, then hangs up without reading
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                time.sleep(0.2)
+            assert first.result().status_code == 200
+        time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.post("/predict", json={"text": "after"}).status_code == 200
+            stats = c.get("/metadata").json()["batching"]
+    assert "first" in seen and "after" in seen and "abandoned" not in seen
+    assert stats["dropped_disconnected"] == 1
+
+
+def test_queue_is_bounded_in_bytes(tiny_bert_dir):
+    app = create_app(tiny_bert_dir, max_body_bytes=2000, max_queue_bytes=2000, max_text_chars=2000,
+                     batch_wait_ms=0)  # fmt: skip
+    seen = _spy_predict(app, delay_s=0.5)
+    body = {"text": "goal " * 300}  # 1500 bytes of text
+    with _Server(app) as url, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(lambda: httpx.post(f"{url}/predict", json=body, timeout=30))
+        _wait_until(lambda: seen)  # the first one holds its bytes while the model works
+        second = httpx.post(f"{url}/predict", json=body, timeout=30)
+        first = first.result()
+    assert first.status_code == 200
+    assert second.status_code == 503 and "max_queue_bytes=2000" in second.json()["detail"]
+    assert app.state.batcher.stats["rejected_queue_full"] == 1
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        create_app(tiny_bert_dir, max_body_bytes=2000, max_queue_bytes=1000)
+
+
+def test_docs_and_schema_need_the_key_when_one_is_set(keyed_server, server):
+    with httpx.Client(base_url=keyed_server, timeout=30) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            r = c.get(path)
+            assert r.status_code == 401 and "X-API-Key" in r.json()["detail"], path
+            assert c.get(path, headers={"X-API-Key": API_KEY}).status_code == 200, path
+        assert "/predict" in c.get("/openapi.json", headers={"X-API-Key": API_KEY}).json()["paths"]
+    with httpx.Client(base_url=server[0], timeout=30) as c:  # no key set: open, as before
+        assert [c.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_body_413_reaches_a_urllib_client(server, chunked):
+    import urllib.error
+    import urllib.request
+
+    url, _ = server
+    body = b'{"text": "' + b"a" * 5_000_000 + b'"}'
+    data = iter([body[i : i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    req = urllib.request.Request(f"{url}/predict", data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 413
+    assert f"{MAX_BODY}" in json.loads(err.value.read())["detail"]
