@@ -8,6 +8,7 @@ message names the dotted key (and the closest valid key for a typo).
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, decode_utf8
 
 
 class _Section(BaseModel):
@@ -250,6 +251,15 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # the default run dir is runs/<name>: a path here would write (or --overwrite) outside runs/
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"{name!r} is not a plain name (no path separators, not empty, not starting with "
+                             "'.'); use e.g. my-run, and --out DIR to choose where it goes")
+        return name
+
     @model_validator(mode="after")
     def _data_source(self):
         if self.data.train_file is None and self.data.dataset is None:
@@ -275,10 +285,17 @@ def _key_hint(loc: tuple, model: type[BaseModel]) -> str:
     return f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
 
 
+_UNION_MEMBER = re.compile(r"(function-[a-z-]+|constrained-\w+|int|float|str|bool|none|list|dict|literal)(\[.*\])?")
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "int"))))
-    key = ".".join(str(p) for p in loc) or "<top level>"
+    # pydantic adds the member of a union it tried (`int`, `list[int]`, `literal['a','b']`) to the location; the
+    # last part of an unknown key's location is the user's key, whatever it is called
+    unknown = len(first["loc"]) - 1 if first["type"] == "extra_forbidden" else None
+    loc = tuple(p for i, p in enumerate(first["loc"])
+                if i == unknown or not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
+    key = ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc) or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{_key_hint(loc, RunConfig)}"
     msg = first["msg"].removeprefix("Value error, ")
@@ -322,15 +339,22 @@ def resolve_recipe(recipe: str | Path | None) -> tuple[dict, str]:
         shipped = recipe_dir() / f"{str(recipe).removesuffix('.yaml')}.yaml"
         if not shipped.is_file():
             raise ConfigError(f"recipe not found: {recipe} (not a file, nor one of: {', '.join(list_recipes())})")
-        text, source = shipped.read_text(encoding="utf-8"), f"recipe '{path.stem}'"
+        path, source = shipped, f"recipe '{path.stem}'"
     else:
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        source = str(path)
+    try:
+        text = decode_utf8(path.read_bytes(), source, ConfigError)
+    except OSError as e:  # a directory named like a recipe, no permission
+        raise ConfigError(f"{source}: cannot read the recipe: {e.strerror or e}") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # PyYAML's text may span lines
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply for a recipe") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe is a mapping of sections (data:, teacher:, ...)")
     return raw, source

@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import logging
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
@@ -21,7 +23,7 @@ from datasets import Dataset, DatasetDict
 from sklearn.model_selection import train_test_split
 
 from kdistill.config import DataConfig
-from kdistill.errors import DataError
+from kdistill.errors import DataError, decode_utf8, encode_utf8
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # its bars (loading from disk, relabelling a split) take a second and only add noise
@@ -100,13 +102,82 @@ def list_datasets() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- user's files
 
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    return decode_utf8(path.read_bytes(), str(path), DataError)
+
+
+def _show(name) -> str:
+    """A column name or value for a one-line message: as written, or repr'd when it holds line breaks or controls."""
+    return name if isinstance(name, str) and name.isprintable() else repr(name)
+
+
+def _one_line(error: Exception) -> str:
+    """A library's error message for ours, which is one line (pyarrow's list a schema, one field a line)."""
+    return " ".join(str(error).split())
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys; which one holds the labels is the user's call, not ours.
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        raise _DuplicateKey(next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+    return row
+
+
+def _json(text: str, path: Path, line: int | None = None):
+    """One JSON value; `line` is its line in a JSON Lines file (None: the whole file is one value)."""
+    where = f"{path}: line {line}:" if line else f"{path}:"
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 text (byte {e.start}); re-save the file as UTF-8") \
-            from None
+        return json.loads(text, object_pairs_hook=_object)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {line or e.lineno}: invalid JSON: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{where} key '{_show(e.args[0])}' appears twice in one object; rename one so it is clear "
+                        "which column is meant") from None
+    except RecursionError:
+        raise DataError(f"{where} JSON nested too deeply to be a table of records") from None
+
+
+def _record(value, where: str) -> dict:
+    """A JSON value as a row: an object whose strings are valid Unicode."""
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected a JSON object like {{\"text\": ..., \"label\": ...}}, got "
+                        f"{type(value).__name__}")
+    for column, cell in value.items():
+        # JSON escapes such as "\ud800" decode to lone surrogates, which no tokenizer or Arrow column accepts.
+        if isinstance(cell, str) and not cell.isascii():
+            encode_utf8(cell, f"{where}: column '{_show(column)}'", DataError)
+    return value
+
+
+def _duplicates(columns: list, path: Path) -> None:
+    counts = Counter(c for c in columns if c)  # unnamed columns (trailing separators) are never read
+    twice = [c for c, n in counts.items() if n > 1]
+    if twice:
+        raise DataError(f"{path}: column '{_show(twice[0])}' appears {counts[twice[0]]} times in the header; rename "
+                        "one so it is clear which column is meant")
+
+
+def _read_csv(path: Path, delimiter: str) -> list[dict]:
+    text = _decode(path)
+    # The csv module refuses cells over 128 KiB by default; no cell can be longer than the file that holds it.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        _duplicates(reader.fieldnames or [], path)
+        for i, row in enumerate(reader, 2):
+            extra = row.pop(None, None)
+            if extra and any(cell.strip() for cell in extra):
+                raise DataError(f"{path}: line {i}: {len(reader.fieldnames) + len(extra)} fields, but the header has "
+                                f"{len(reader.fieldnames)}; quote text that holds the delimiter {delimiter!r}")
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: cannot read CSV: {e}") from None
+    return rows
 
 
 def read_table(path: str | Path) -> tuple[list[dict], str]:
@@ -120,42 +191,37 @@ def read_table(path: str | Path) -> tuple[list[dict], str]:
         try:
             ds = load_from_disk(str(path))
         except Exception as e:  # datasets raises several types for a non-dataset dir
-            raise DataError(f"{path}: not a dataset saved with datasets.save_to_disk ({e})") from None
+            raise DataError(f"{path}: not a dataset saved with datasets.save_to_disk ({_one_line(e)})") from None
         if isinstance(ds, DatasetDict):
             raise DataError(f"{path}: holds several splits ({', '.join(ds)}); point data.train_file/test_file "
                             f"at one split each (e.g. {path}/train)")
         return ds.to_list(), "row"
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        text = _decode(path)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        return [dict(r) for r in reader], "data row"
+        return _read_csv(path, "\t" if suffix == ".tsv" else ","), "data row"
     if suffix in (".jsonl", ".json"):
         text = _decode(path)
         if suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                return json.loads(text), "item"
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+            items = _json(text, path)
+            return [_record(v, f"{path}: item {i}") for i, v in enumerate(items, 1)], "item"
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        # JSON Lines ends records at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other
+        # characters that JSON allows unescaped inside strings.
+        for i, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                rows.append(_record(_json(line, path, i), f"{path}: line {i}"))
         return rows, "line"
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist(), "row"
+            parquet = pq.ParquetFile(path)
+            _duplicates(parquet.schema_arrow.names, path)
+            return parquet.read().to_pylist(), "row"
+        except DataError:
+            raise
         except Exception as e:  # pyarrow's errors for corrupt files vary
-            raise DataError(f"{path}: cannot read Parquet: {e}") from None
+            raise DataError(f"{path}: cannot read Parquet: {_one_line(e)}") from None
     raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv, .jsonl, .json, .parquet "
                     "or a save_to_disk directory)")
 
@@ -169,30 +235,100 @@ def _select_columns(rows: list[dict], cfg: DataConfig, source: str, unit: str) -
         wanted.append(("data.text_pair_column", cfg.text_pair_column))
     for key, col in wanted:
         if col not in columns:
-            raise DataError(f"{source}: column '{col}' not found (columns: {', '.join(map(str, columns))}); "
+            raise DataError(f"{source}: column '{_show(col)}' not found (columns: {', '.join(map(_show, columns))}); "
                             f"set {key}")
     out = []
     # CSV rows are numbered from 2: line 1 is the header.
     first = 2 if unit == "data row" else 1
+    unit = "line" if unit == "data row" else unit
     for i, row in enumerate(rows, first):
-        where = f"{source}: {'line' if unit == 'data row' else unit} {i}"
+        where = f"{source}: {unit} {i}"
         item = {"text": _text(row.get(cfg.text_column), where, cfg.text_column)}
         if cfg.text_pair_column:
             item["text_pair"] = _text(row.get(cfg.text_pair_column), where, cfg.text_pair_column)
-        label = row.get(cfg.label_column)
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise DataError(f"{where}: empty label in column '{cfg.label_column}'")
-        item["label"] = str(label).strip() if not isinstance(label, bool) else str(int(label))
         out.append(item)
+    labels = _class_labels([row.get(cfg.label_column) for row in rows], f"{unit} {{}}", first,
+                           f"{source}: column '{_show(cfg.label_column)}'")
+    for item, label in zip(out, labels):
+        item["label"] = label
     return out
 
 
 def _text(value, where: str, column: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: column '{column}' is {type(value).__name__}, expected text")
+        what = "no text" if value is None else f"{type(value).__name__}, expected text"
+        raise DataError(f"{where}: column '{_show(column)}' holds {what}")
     if not value.strip():
-        raise DataError(f"{where}: empty text in column '{column}'")
+        raise DataError(f"{where}: empty text in column '{_show(column)}'")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(\.[0-9]*)?[eE][+-]?[0-9]+)")
+_KINDS = {"integer": "integers", "decimal": "decimal numbers", "bool": "true/false", "name": "names"}
+
+
+def _kind(value) -> str:
+    """A label's kind, whether a file typed it (JSON, Parquet) or wrote it as text (CSV)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "missing" if math.isnan(value) else "decimal"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.lower() == "nan":
+            return "missing"
+        return "integer" if _INTEGER.fullmatch(text) else "decimal" if _DECIMAL.fullmatch(text) else "name"
+    return "missing" if value is None else "other"
+
+
+def _class_labels(values: list, where: str, first: int, column: str) -> list[str]:
+    """Raw label values -> class names; refuse anything that would be silently merged, split or invented.
+
+    `where` formats a row number ("line {}"), `column` opens every message ("data.csv: column 'label'").
+    """
+    by_kind: dict[str, list[tuple[int, object]]] = {}
+    for i, value in enumerate(values, first):
+        by_kind.setdefault(_kind(value), []).append((i, value))
+
+    def examples(kind, n=3):
+        return ", ".join(f"{where.format(i)}: {v!r}" for i, v in by_kind[kind][:n])
+
+    if "missing" in by_kind:
+        shown = ", ".join(f"{where.format(i)} ({v!r})" for i, v in by_kind["missing"][:3])
+        raise DataError(f"{column} has no label at {shown}; fill in those labels or drop the rows")
+    if "other" in by_kind:
+        i, value = by_kind["other"][0]
+        raise DataError(f"{column} holds {type(value).__name__} values ({where.format(i)}: {value!r}); a label is "
+                        "one integer or name per example (multi-label data is not supported)")
+    decimals = {float(v) for _, v in by_kind.get("decimal", [])}
+    if any(not d.is_integer() for d in decimals):
+        raise DataError(f"{column} holds decimal numbers ({len(decimals)} distinct, e.g. {examples('decimal')}): this "
+                        "looks like a regression target; kdistill classification needs class labels (integers or "
+                        "names)")
+    if len(by_kind) > 1:
+        kinds = ", ".join(f"{_KINDS[k]} ({examples(k, 2)})" for k in _KINDS if k in by_kind)
+        raise DataError(f"{column} mixes kinds of labels: {kinds}; write every label one way, as integers or as "
+                        "names")
+    if "decimal" in by_kind:
+        raise DataError(f"{column} holds decimal numbers ({examples('decimal')}); class labels are integers or "
+                        "names: write 1, not 1.0")
+    if "bool" in by_kind:
+        return [str(int(v)) for v in values]
+    labels = [str(v).strip() for v in values]
+    if "integer" in by_kind:
+        spellings: dict[int, dict[str, int]] = {}
+        for i, value in by_kind["integer"]:
+            spellings.setdefault(int(value), {}).setdefault(repr(value.strip() if isinstance(value, str) else value), i)
+        clash = next((s for s in spellings.values() if len(s) > 1), None)
+        if clash:
+            shown = ", ".join(f"{s} ({where.format(i)})" for s, i in list(clash.items())[:3])
+            raise DataError(f"{column} writes one class in several ways: {shown}; write each class one way")
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------------- splits
@@ -203,24 +339,22 @@ def _normalise(text: str) -> str:
 
 def _label_names(labels: list[str]) -> list[str]:
     unique = set(labels)
-    if all(_is_int(v) for v in unique):
+    if all(_INTEGER.fullmatch(v) for v in unique):
         return sorted(unique, key=int)
     return sorted(unique)
 
 
-def _is_int(v: str) -> bool:
-    try:
-        int(v)
-    except ValueError:
-        return False
-    return True
-
-
-def _stratified_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def _stratified_split(rows: list[dict], fraction: float, seed: int, source: str,
+                      split: str) -> tuple[list[dict], list[dict]]:
     labels = [r["label"] for r in rows]
     counts = Counter(labels)
+    n_held = math.ceil(len(rows) * fraction)  # how sklearn sizes the held-out side
+    if n_held >= len(rows):
+        raise DataError(f"{source}: {len(rows)} example(s) are too few to hold out a {split} split "
+                        f"(data.{split}_fraction: {fraction}); use more data or set data.{split}_file")
     # Stratify only when every class can appear on both sides; tiny classes would make sklearn refuse.
-    stratify = labels if min(counts.values()) >= 2 and len(rows) * fraction >= len(counts) else None
+    stratify = labels if min(counts.values()) >= 2 and n_held >= len(counts) and len(rows) - n_held >= len(counts) \
+        else None
     keep, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
     return keep, held
 
@@ -259,9 +393,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
                             f"training data {source} (column '{cfg.label_column}')")
 
     if test_rows is None:
-        train_rows, test_rows = _stratified_split(train_rows, cfg.test_fraction, cfg.seed)
+        train_rows, test_rows = _stratified_split(train_rows, cfg.test_fraction, cfg.seed, source, "test")
     if val_rows is None:
-        train_rows, val_rows = _stratified_split(train_rows, cfg.validation_fraction, cfg.seed)
+        train_rows, val_rows = _stratified_split(train_rows, cfg.validation_fraction, cfg.seed, source, "validation")
 
     test_rows, test_leaks = _remove_leaks(train_rows, test_rows, cfg.drop_test_duplicates)
     val_rows, val_leaks = _remove_leaks(train_rows, val_rows, cfg.drop_test_duplicates)

@@ -58,3 +58,35 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 def test_data_source_required():
     with pytest.raises(ConfigError, match="set data.dataset or data.train_file"):
         validate_config({"data": {"dataset": None}})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: caf\xe9\n", r"latin1.yaml: line 1: not valid UTF-8 text \(byte 9\); re-save the file as UTF-8"),
+    (b"data: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"latin1.yaml: invalid YAML: nested too deeply"),
+])
+def test_unreadable_recipe_files_are_config_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("student.intermediate_size=abc", "student.intermediate_size:"),
+    ("student.hidden_size=abc", "student.hidden_size:"),
+    ("distill.layer_mapping=sideways", "distill.layer_mapping:"),
+])
+def test_errors_in_union_typed_keys_name_the_whole_key(override, key):
+    with pytest.raises(ConfigError, match=f"--set: {key}"):
+        load_config("default", [override])
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"int": 1}, "config: unknown key 'int'"),
+    ({"data": {"list": 1}}, "config: unknown key 'data.list'"),
+    ({"data": {"a\nb": 1}}, "config: unknown key 'data.'a\\nb''"),
+])
+def test_unknown_keys_named_like_types_or_holding_line_breaks_are_named_on_one_line(raw, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

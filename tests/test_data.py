@@ -121,3 +121,145 @@ def test_labeled_limit_keeps_labels_on_the_first_training_rows_only(toy_csv):
     for split in ("validation", "test"):
         assert part.splits[split]["label"] == full.splits[split]["label"]
     assert part.summary()["unlabeled_train"] == len(train) - 10
+
+
+# ------------------------------------------------------------------------------ hostile files (issue 12, item 4)
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+def _rows(labels, text="text {}"):
+    return [{"text": text.format(i), "label": y} for i, y in enumerate(labels)]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("arrays.json", '[["hello", "a"], ["world", "b"]]', r"arrays.json: item 1: expected a JSON object"),
+    ("scalar.json", '"just text"', r"scalar.json: line 1: expected a JSON object"),
+    ("surrogate.jsonl", '{"text": "ok", "label": "a"}\n{"text": "bad \\ud800 text", "label": "b"}\n',
+     r"surrogate.jsonl: line 2: column 'text': unpaired surrogate U\+D800"),
+    ("surrogate.json", '[{"text": "ok", "label": "a\\udfff"}]', r"surrogate.json: item 1: column 'label': "
+                                                                   r"unpaired surrogate U\+DFFF"),
+    ("twice.jsonl", '{"text": "ok", "label": "a", "label": "b"}\n', r"twice.jsonl: line 1: key 'label' appears twice"),
+    ("twice.csv", "text,label,label\nhello,a,b\nworld,b,a\n", r"twice.csv: column 'label' appears 2 times in the "
+                                                              "header"),
+    ("shifted.csv", "text,label\nhello,a\nhello, world,b\n", r"shifted.csv: line 3: 3 fields, but the header has 2"),
+])
+def test_hostile_files_are_one_clear_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message) as err:
+        load_data(DataConfig(train_file=str(path)))
+    assert "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_parquet_file_with_two_columns_of_one_name_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "twice.parquet"
+    pq.write_table(pa.table([["hello", "world"], ["a", "b"], ["b", "a"]], names=["text", "label", "label"]), path)
+    with pytest.raises(DataError, match="twice.parquet: column 'label' appears 2 times"):
+        load_data(DataConfig(train_file=str(path)))
+
+
+def test_csv_cells_longer_than_the_csv_modules_default_limit_load(tmp_path):
+    import csv
+
+    long_text = "word " * csv.field_size_limit()
+    path = write_csv(tmp_path / "long.csv", _rows(["a", "b"] * 10, text=long_text + "{}"))
+    data = load_data(DataConfig(train_file=str(path)))
+    assert min(len(t) for t in data.splits["train"]["text"]) > len(long_text)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_strings_may_hold_characters_that_str_splitlines_splits_on(tmp_path, separator):
+    path = tmp_path / "data.jsonl"
+    rows = _rows(["a", "b"] * 10, text="first" + separator + "second {}")
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    data = load_data(DataConfig(train_file=str(path)))
+    texts = [t for s in data.splits.values() for t in s["text"]]
+    assert sorted(texts) == sorted(r["text"] for r in rows)
+
+
+def test_too_few_rows_to_split_is_a_data_error(tmp_path):
+    path = _jsonl(tmp_path / "two.jsonl", _rows(["a", "b"]))
+    with pytest.raises(DataError, match=r"two.jsonl: 1 example.* too few .*data.validation_fraction"):
+        load_data(DataConfig(train_file=str(path)))
+
+
+# ---------------------------------------------------------------------- labels are never coerced (item 5)
+
+@pytest.mark.parametrize("labels, message", [
+    ([1, 1.0, True, "1", 2, 2], r"column 'label' mixes kinds of labels: integers \(line 1: 1, line 4: '1'\), "
+                                r"decimal numbers \(line 2: 1.0\), true/false \(line 3: True\); write every label "
+                                "one way"),
+    ([1, "1", 2, 2], r"column 'label' writes one class in several ways: 1 \(line 1\), '1' \(line 2\); "
+                     "write each class one way"),
+    (["a", float("nan"), "b", None], r"column 'label' has no label at line 2 \(nan\), line 4 \(None\); fill in "
+                                     "those labels or drop the rows"),
+    (["a", ["a", "b"], "b"], r"column 'label' holds list values \(line 2: \['a', 'b'\]\); a label is one "
+                             r"integer or name per example \(multi-label data is not supported\)"),
+    (["a", {"x": 1}, "b"], r"column 'label' holds dict values \(line 2: \{'x': 1\}\)"),
+    ([i * 0.37 for i in range(30)], r"column 'label' holds decimal numbers \(30 distinct, e.g. line 1: 0.0, line 2: "
+                                    r"0.37, line 3: 0.74\): this looks like a regression target; kdistill "
+                                    "classification needs class labels"),
+    ([1.0, 2.0, 1.0, 2.0], r"column 'label' holds decimal numbers \(line 1: 1.0, line 2: 2.0, line 3: 1.0\); class "
+                           "labels are integers or names: write 1, not 1.0"),
+])
+def test_labels_are_never_coerced_silently(tmp_path, labels, message):
+    path = _jsonl(tmp_path / "labels.jsonl", _rows(labels))
+    with pytest.raises(DataError, match=r"labels.jsonl: " + message) as err:
+        load_data(DataConfig(train_file=str(path)))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cells, message", [
+    (["1", "01", "2", "2"], r"writes one class in several ways: '1' \(line 2\), '01' \(line 3\)"),
+    (["1", "2", "other", "2"], r"mixes kinds of labels: integers \(line 2: '1', line 3: '2'\), names \(line 4: "
+                               r"'other'\)"),
+    (["2.5", "3.25", "1", "4"], r"holds decimal numbers .*: this looks like a regression target"),
+    (["a", "NaN", "b", "b"], r"has no label at line 3 \('NaN'\)"),
+])
+def test_csv_labels_are_never_coerced_silently(tmp_path, cells, message):
+    path = write_csv(tmp_path / "labels.csv", _rows(cells))
+    with pytest.raises(DataError, match=r"labels.csv: column 'label' " + message):
+        load_data(DataConfig(train_file=str(path)))
+
+
+def test_integer_labels_sort_by_value_whether_typed_or_written_as_text(tmp_path):
+    labels = [10, 2, 0, 1] * 10
+    typed = load_data(DataConfig(train_file=str(_jsonl(tmp_path / "typed.jsonl", _rows(labels)))))
+    text = load_data(DataConfig(train_file=str(write_csv(tmp_path / "text.csv", _rows(labels)))))
+    boolean = load_data(DataConfig(train_file=str(_jsonl(tmp_path / "bool.jsonl", _rows([True, False] * 10)))))
+    assert typed.label_names == text.label_names == ["0", "1", "2", "10"]
+    assert typed.splits["test"]["label"] == text.splits["test"]["label"]
+    assert boolean.label_names == ["0", "1"]
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+def test_vocab_tokens_may_hold_characters_that_str_splitlines_splits_on(tmp_path):
+    from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
+
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(SPECIAL_TOKENS + ["a\u2028b", "hello"]), encoding="utf-8")
+    assert tokenizer_from_vocab(path, lowercase=False).convert_tokens_to_ids("hello") == len(SPECIAL_TOKENS) + 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"teacher.from_scratch.tokenizer: vocab file not found: .*vocab.txt"),
+    (b"[PAD]\n[UNK]\ncaf\xe9\n", r"teacher.from_scratch.tokenizer: .*vocab.txt: line 3: not valid UTF-8"),
+    (b"[PAD]\nhello\n", r"teacher.from_scratch.tokenizer: .*vocab.txt lacks the special tokens \[UNK\]"),
+])
+def test_bad_vocab_files_are_config_errors(tmp_path, content, message):
+    from kdistill.errors import ConfigError
+    from kdistill.tokenization import tokenizer_from_vocab
+
+    path = tmp_path / "vocab.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        tokenizer_from_vocab(path)
