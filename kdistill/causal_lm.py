@@ -476,19 +476,15 @@ def _check_config(cfg: RunConfig) -> None:
         raise UserError("distill.extra_teachers: not supported for causal-lm")
 
 
-def run_causal_lm(cfg: RunConfig, out: str | Path | None = None) -> Path:
-    """`kdistill run` for `task: causal-lm`; returns the run directory."""
-    from kdistill.cache import build_topk_cache, default_cache_root
-    from kdistill.distill.causal import distill_causal, lm_only_spec
-    from kdistill.evaluate import machine_info
-    from kdistill.models import dir_size_mb, save_model
-    from kdistill.pipeline import make_student, prepare_run_dir, save_history, term_spec
-    from kdistill.report import write_report
-    from kdistill.student import count_parameters, describe_student
+def run_causal_lm(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """`kdistill run` for `task: causal-lm`; returns the run directory (created once data and teacher loaded)."""
+    from kdistill.pipeline import preflight, run_dir_of
+    from kdistill.rundir import run_dir_for, run_fingerprint
 
     started = time.perf_counter()
     _check_config(cfg)
-    run_dir = prepare_run_dir(cfg, out)
+    run_dir = run_dir_of(cfg, out)
+    preflight(cfg, run_dir, overwrite=overwrite)
     corpus = load_lm_corpus(cfg.data)
     teacher, tokenizer, teacher_name, teacher_file_mb = load_teacher(cfg)
     limit = _max_positions(teacher.config)
@@ -497,6 +493,21 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None) -> Path:
     blocks = {s: pack_blocks(corpus.docs[s], tokenizer, cfg.data.block_size) for s in SPLITS}
     log.info("data: %s documents -> %s blocks of %d tokens", corpus.summary()["documents"],
              {s: len(b) for s, b in blocks.items()}, cfg.data.block_size)
+    fingerprint = run_fingerprint(cfg, {s: corpus.docs[s] for s in ("train", "validation")})
+    with run_dir_for(cfg, run_dir, fingerprint, overwrite=overwrite):
+        return _distil_lm(cfg, run_dir, corpus, blocks, teacher, tokenizer, teacher_name, teacher_file_mb, started)
+
+
+def _distil_lm(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[str, LMBlocks], teacher, tokenizer,
+               teacher_name: str, teacher_file_mb: float | None, started: float) -> Path:
+    """Student, KD and no-KD training, evaluation and report of a causal-LM run, in its run dir."""
+    from kdistill.cache import build_topk_cache, default_cache_root
+    from kdistill.distill.causal import distill_causal, lm_only_spec
+    from kdistill.evaluate import machine_info
+    from kdistill.models import dir_size_mb, save_model
+    from kdistill.pipeline import make_student, save_history, term_spec
+    from kdistill.report import write_report
+    from kdistill.student import count_parameters, describe_student
 
     calibration = blocks["train"].batch(slice(0, 8))
     student, init_layers = make_student(cfg, teacher, calibration)

@@ -6,7 +6,8 @@
       best.safetensors     early stopping's best validation weights so far, if any
       state.safetensors    the optimizer's tensors (AdamW moments and step counts), each process's torch RNG state
       state.json           the rest: step, data position, optimizer param groups, schedule, history, early
-                           stopping, each process's python and numpy RNG states, training time so far
+                           stopping, each process's python and numpy RNG states, training time so far, and the
+                           fingerprint of the config and data the run trains on (rundir.run_fingerprint)
       COMPLETE             written last
 
 A checkpoint is written into a hidden `.step-0000012.tmp` dir, every file fsynced, COMPLETE last, and then renamed to
@@ -18,7 +19,8 @@ What makes a resumed run take the very steps of an uninterrupted one: the weight
 the early-stopping state, every process's RNG states (dropout), and the data position: the epoch (which seeds the
 sampler's order) and the batches of it already done, which are skipped without being loaded (training.GroupStream).
 Only the main process writes; every process reads. `kdistill run --resume RUN_DIR` re-reads the run's config
-(`resume_config`); the pipeline skips the phases whose model dir is saved and resumes the one it was in.
+(`resume_config`); the pipeline skips the phases whose model dir is saved and resumes the one it was in. A
+checkpoint whose fingerprint is not the resuming run's (another config or other data) is refused, not loaded.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kdistill.config import RunConfig, load_config
 from kdistill.errors import UserError
+from kdistill.rundir import fingerprint_change
 from kdistill.training import GroupStream, Learner
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,12 @@ class Checkpoints:
     """The checkpoints of one training phase, in `directory` (RUN_DIR/checkpoints/<phase>).
 
     every: also save every this many steps (None: at epoch ends only). resume: `restore` continues from the newest
-    complete checkpoint there (otherwise a run starts afresh and replaces what an earlier run left)."""
+    complete checkpoint there (otherwise a run starts afresh and replaces what an earlier run left). fingerprint:
+    of the run's config and data, saved with each checkpoint; `restore` refuses one saved with another."""
 
-    def __init__(self, directory: str | Path, *, every: int | None = None, resume: bool = False):
-        self.directory, self.every, self.resume = Path(directory), every, resume
+    def __init__(self, directory: str | Path, *, every: int | None = None, resume: bool = False,
+                 fingerprint: dict | None = None):
+        self.directory, self.every, self.resume, self.fingerprint = Path(directory), every, resume, fingerprint
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -120,6 +125,7 @@ class Checkpoints:
             "early_stopping": {"best": learner.stopper.best, "bad_evals": learner.stopper.bad_evals},
             "rng": rng,
             "wall_time_s": wall_time_s,
+            "fingerprint": self.fingerprint,
         }
         (tmp / "state.json").write_text(json.dumps(state, default=jsonable), encoding="utf-8")
         for f in tmp.iterdir():
@@ -137,6 +143,13 @@ class Checkpoints:
             return 0, 0.0
         try:
             state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            saved = state.get("fingerprint")
+            changed = fingerprint_change(saved, self.fingerprint)
+            if changed:
+                why = "it records no fingerprint of its config and data" if saved is None \
+                    else f"it was written for other {changed} than this run's (fingerprint differs)"
+                raise UserError(f"cannot resume from {path}: {why}; delete {self.directory} to train this phase "
+                                "from scratch")
             tensors = load_file(str(path / "state.safetensors"))
             load_model(unwrap(learner.model), str(path / "model.safetensors"))
             if has_weights(learner.extra):

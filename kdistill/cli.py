@@ -30,6 +30,9 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (de
 ResumeOpt = Annotated[Optional[Path], typer.Option(
     "--resume", help="Continue a killed run in this run dir: its config.yaml, finished phases kept, the phase it was "
                      "in from its last checkpoint")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Use a non-empty --out: the outputs an earlier run left there are removed first (config.yaml, "
+                        "model dirs, checkpoints, logs, metrics, report, export); other files are kept")]
 
 
 def _config(recipe, overrides):
@@ -40,41 +43,37 @@ def _config(recipe, overrides):
 
 @app.command("run")
 def run(recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or shipped name (default: default)")]
-        = None, set: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = None) -> Path:
+        = None, set: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = None,
+        overwrite: OverwriteOpt = False) -> Path:
     """The whole pipeline: data -> teacher -> student -> distillation -> evaluation -> report."""
     from kdistill.checkpoint import resume_config
     from kdistill.pipeline import run as run_pipeline
 
     if resume is not None:
-        run_dir = run_pipeline(resume_config(resume, recipe, set, out), resume, resume=True)
+        run_dir = run_pipeline(resume_config(resume, recipe, set, out), resume, resume=True, overwrite=overwrite)
     else:
-        run_dir = run_pipeline(_config(recipe, set), out)
+        run_dir = run_pipeline(_config(recipe, set), out, overwrite=overwrite)
     _print_summary(run_dir)
     return run_dir
 
 
 @app.command("train-teacher")
-def train_teacher(recipe: str, set: SetOpt = None, out: OutOpt = None) -> Path:
+def train_teacher(recipe: str, set: SetOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = False) -> Path:
     """Fine-tune (or train from scratch) the recipe's teacher and evaluate it; writes <out>/teacher."""
-    from kdistill.data import load_data
-    from kdistill.pipeline import get_teacher, prepare_run_dir, standalone_metrics
+    from kdistill.pipeline import teacher_run
 
-    cfg = _config(recipe, set)
-    data = load_data(cfg.data)
-    run_dir = prepare_run_dir(cfg, out)
-    _, _, teacher_dir, history = get_teacher(cfg, data, run_dir)
-    standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data)
+    run_dir, teacher_dir = teacher_run(_config(recipe, set), out, overwrite=overwrite)
     _print_summary(run_dir)
     return teacher_dir
 
 
 @app.command("distill")
 def distill(recipe: str, teacher: Annotated[Path, typer.Option(help="Trained teacher model dir")],
-            set: SetOpt = None, out: OutOpt = None) -> Path:
+            set: SetOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = False) -> Path:
     """Distil a student from an already trained teacher (the run without teacher training)."""
     from kdistill.pipeline import run as run_pipeline
 
-    run_dir = run_pipeline(_config(recipe, [*(set or []), f"teacher.path={teacher}"]), out)
+    run_dir = run_pipeline(_config(recipe, [*(set or []), f"teacher.path={teacher}"]), out, overwrite=overwrite)
     _print_summary(run_dir)
     return run_dir
 
@@ -86,7 +85,11 @@ def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in datas
                  help="metrics.json path (default: <model>/metrics.json)")] = None) -> dict:
     """Accuracy, P/R/F1, confusion matrix, size, latency and throughput of one model dir."""
     from kdistill.pipeline import evaluate_dir
+    from kdistill.predict import check_output_file
 
+    if out is not None:
+        with _as_user_errors():
+            check_output_file(out, example="metrics.json")
     metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out)
     keys = ("accuracy", "macro_f1", "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
     typer.echo(json.dumps({k: metrics[k] for k in keys}))
@@ -122,8 +125,9 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
 
         bundle = data_for_model(model, data, set or [])
         texts, labels = list(bundle.splits["test"]["text"]), list(bundle.splits["test"]["label"])
-    out = out or model.with_name(f"{model.name}-{format}{'-' + quantize if quantize else ''}")
     with _as_user_errors():
+        source = model.resolve()  # `export .` names its output after the folder, not after ""
+        out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
         parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
                               parity_labels=labels, fuse=fuse)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},
@@ -137,16 +141,22 @@ def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(he
             out: Annotated[Optional[Path], typer.Option(help="JSONL output (default stdout)")] = None,
             batch_size: int = 32) -> list[dict]:
     """Label, label name and probabilities for texts (PyTorch or ONNX, from what MODEL holds)."""
-    from kdistill.predict import load_predictor, predict_file
+    from kdistill.predict import check_output_file, load_predictor, predict_file, write_jsonl_atomic
 
     if bool(texts) == bool(file):
         raise UserError("predict: give TEXT arguments or --file, not both or neither")
     with _as_user_errors():
         if file:
             return predict_file(model, file, out, batch_size=batch_size)
+        if out is not None:
+            check_output_file(out)
         preds = load_predictor(model).predict(texts, batch_size=batch_size)
-    for text, p in zip(texts, preds):
-        typer.echo(json.dumps({"text": text, **p}, ensure_ascii=False))
+        records = [{"text": text, **p} for text, p in zip(texts, preds)]
+        if out is not None:
+            write_jsonl_atomic(out, records)
+    if out is None:
+        for r in records:
+            typer.echo(json.dumps(r, ensure_ascii=False))
     return preds
 
 

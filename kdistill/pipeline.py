@@ -15,17 +15,27 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoConfig, BertConfig
 
 from kdistill.checkpoint import Checkpoints
-from kdistill.config import DataConfig, RunConfig, dump_config, parse_override
+from kdistill.config import DataConfig, RunConfig, StudentConfig, parse_override
 from kdistill.data import DataBundle, load_data, tokenize_splits
 from kdistill.distill.terms import TermSpec, layer_pairs
 from kdistill.errors import UserError
 from kdistill.evaluate import compare_speed, evaluate_model, machine_info
-from kdistill.io import atomic_write_json, atomic_write_text
-from kdistill.models import load_model_dir, read_meta, save_model
-from kdistill.student import build_student, describe_student, num_layers_of, select_layers
+from kdistill.io import atomic_write_json
+from kdistill.models import load_model_dir, read_meta, resolve_model_source, save_model
+from kdistill.rundir import check_run_dir, run_dir_for, run_fingerprint
+from kdistill.student import (
+    build_student,
+    check_layers,
+    describe_student,
+    num_layers_of,
+    resolve_width,
+    select_layers,
+)
 from kdistill.teacher import finetune, train_teacher
+from kdistill.tokenization import tokenizer_from_vocab
 from kdistill.training import is_main_process, world_size
 
 log = logging.getLogger(__name__)
@@ -35,19 +45,13 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / cfg.name
 
 
-def prepare_run_dir(cfg: RunConfig, out: str | Path | None, *, resume: bool = False) -> Path:
-    """The run dir with its config.yaml (the main process writes; a resumed run keeps the config it resumes)."""
-    run_dir = Path(out) if out else default_run_dir(cfg)
-    if not is_main_process():
-        return run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "logs").mkdir(exist_ok=True)
-        if not resume:
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
-    return run_dir
+def run_dir_of(cfg: RunConfig, out: str | Path | None) -> Path:
+    return Path(out) if out else default_run_dir(cfg)
+
+
+def training_data(data: DataBundle) -> dict:
+    """What training reads (and a checkpoint depends on): the train and validation splits, for the fingerprint."""
+    return {split: data.splits[split].to_dict() for split in ("train", "validation")}
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -75,22 +79,117 @@ def is_saved(model_dir: Path) -> bool:
     return (model_dir / "model.safetensors").is_file()
 
 
-def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool) -> Checkpoints:
-    return Checkpoints(run_dir / "checkpoints" / phase, every=cfg.train.checkpoint_every, resume=resume)
+def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool,
+                      fingerprint: dict | None) -> Checkpoints:
+    return Checkpoints(run_dir / "checkpoints" / phase, every=cfg.train.checkpoint_every, resume=resume,
+                       fingerprint=fingerprint)
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Model dirs named in the recipe exist (before the run dir is created)."""
+    """Model dirs and the vocab named in the recipe exist (before the run dir is created)."""
     named = [("teacher.path", cfg.teacher.path), ("student.model", cfg.student.model)]
     named += [(f"distill.extra_teachers[{i}]", p) for i, p in enumerate(cfg.distill.extra_teachers)]
     for key, path in named:
         if path and not (Path(path) / "config.json").is_file():
             raise UserError(f"{key}: {path} is not a model dir (no config.json)")
+    scratch = cfg.teacher.from_scratch
+    if scratch is not None and scratch.tokenizer not in ("wordpiece", "bert-base-chinese"):
+        try:
+            tokenizer_from_vocab(scratch.tokenizer)
+        except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, no special tokens
+            raise UserError(f"teacher.from_scratch.tokenizer: {e}") from None
 
 
-def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool = False):
+def input_paths(cfg: RunConfig) -> dict[str, str | None]:
+    """Recipe key -> a file or dir the run reads."""
+    scratch = cfg.teacher.from_scratch
+    paths = {"data.train_file": cfg.data.train_file, "data.validation_file": cfg.data.validation_file,
+             "data.test_file": cfg.data.test_file, "teacher.path": cfg.teacher.path,
+             "teacher.model": cfg.teacher.model, "student.model": cfg.student.model,
+             "teacher.from_scratch.tokenizer": scratch.tokenizer if scratch else None}
+    return paths | {f"distill.extra_teachers[{i}]": p for i, p in enumerate(cfg.distill.extra_teachers)}
+
+
+def teacher_config(cfg: RunConfig):
+    """The teacher's transformers config, read without its weights: its config.json, or a from-scratch teacher's
+    shape from the recipe. None where only loading tells (a hub id, a GGUF file)."""
+    scratch = cfg.teacher.from_scratch
+    if scratch is not None and not cfg.teacher.path:
+        return BertConfig(hidden_size=scratch.hidden_size, num_hidden_layers=scratch.num_hidden_layers,
+                          num_attention_heads=scratch.num_attention_heads, intermediate_size=scratch.intermediate_size,
+                          max_position_embeddings=max(512, cfg.data.max_length))  # as from_scratch_classifier
+    if cfg.teacher.path:
+        source, extra = cfg.teacher.path, {}
+    elif cfg.teacher.model:
+        source, extra = resolve_model_source(cfg.teacher.model)  # a missing local dir fails here
+    else:
+        return None
+    if extra or not (Path(source) / "config.json").is_file():
+        return None
+    return AutoConfig.from_pretrained(source, trust_remote_code=False)
+
+
+def check_shapes(cfg: RunConfig, *, distilling: bool = True) -> None:
+    """What the teacher's config decides, checked before any training: the position limit, and (`distilling`)
+    the student's layers and widths, the layer mapping and the relation heads."""
+    config = teacher_config(cfg)
+    if config is None:
+        return
+    key, length = ("data.block_size", cfg.data.block_size) if cfg.task == "causal-lm" \
+        else ("data.max_length", cfg.data.max_length)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise UserError(f"{key}: {length} exceeds the teacher's {limit} positions (max_position_embeddings); "
+                        f"set {key} <= {limit}")
+    if not distilling:
+        return
+    try:
+        t_layers = num_layers_of(config)
+    except NotImplementedError:
+        return  # an architecture without num_hidden_layers: make_student says so
+    s = cfg.student
+    if s.model:
+        student_config = AutoConfig.from_pretrained(s.model, trust_remote_code=False)
+        s_layers, s_hidden, init_layers = num_layers_of(student_config), student_config.hidden_size, None
+    else:
+        layers = student_layers(s, t_layers)
+        if any(w is not None for w in (s.hidden_size, s.num_attention_heads, s.intermediate_size)):
+            try:
+                s_hidden = resolve_width(config, s.hidden_size, s.num_attention_heads, s.intermediate_size)[0]
+            except ValueError as e:
+                raise UserError(f"student.{e}") from None
+        else:
+            s_hidden = config.hidden_size
+        s_layers, init_layers = len(layers), (layers if s.init != "random" else None)
+    try:
+        pairs = layer_pairs(cfg.distill.layer_mapping, student_layers=s_layers, teacher_layers=t_layers,
+                            init_layers=init_layers)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    check_relation_heads(TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads),
+                         s_hidden, config.hidden_size)
+
+
+def check_relation_heads(spec: TermSpec, student_width: int, teacher_width: int) -> None:
+    widths = {student_width, teacher_width}
+    if spec.needs_qkv and any(w % spec.relation_heads for w in widths):
+        raise UserError(f"distill.relation_heads: {spec.relation_heads} must divide both widths "
+                        f"{sorted(widths)} for the minilm_* terms")
+
+
+def preflight(cfg: RunConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+              distilling: bool = True) -> None:
+    """Every check that the recipe, the teacher's config.json and the file system allow, before the data is read,
+    the run dir created or anything trained."""
+    check_paths(cfg)
+    check_shapes(cfg, distilling=distilling)
+    check_run_dir(run_dir, input_paths(cfg), resume=resume, overwrite=overwrite)
+
+
+def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool = False,
+                fingerprint: dict | None = None):
     """(teacher, tokenizer, teacher dir, training history or None): a given trained teacher, or train one (a
-    resumed run: the one it trained already, or continue training it)."""
+    resumed run: the one it trained already, or continue training it). fingerprint: the run's, for checkpoints."""
     if cfg.teacher.path:
         path = Path(cfg.teacher.path)
         model, tokenizer, meta = load_model_dir(path)
@@ -103,7 +202,7 @@ def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool
         log.info("teacher: trained before the run was resumed, loaded from %s", teacher_dir)
         model, tokenizer, _ = load_model_dir(teacher_dir)
         return model, tokenizer, teacher_dir, None
-    checkpoints = phase_checkpoints(cfg, run_dir, "teacher", resume)
+    checkpoints = phase_checkpoints(cfg, run_dir, "teacher", resume, fingerprint)
     model, tokenizer, history = train_teacher(cfg, data, teacher_dir, log_dir=run_dir / "logs",
                                               checkpoints=checkpoints)
     if is_main_process():
@@ -122,14 +221,25 @@ def calibration_batch(encoded_train, tokenizer, n: int = 64) -> dict:
     return dict(tokenizer.pad(rows, return_tensors="pt"))
 
 
+def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
+    """The teacher layers the student copies (student.layers: indices, or how many)."""
+    try:
+        if isinstance(s.layers, list):
+            return check_layers(s.layers, teacher_layers)
+        return select_layers(teacher_layers, s.layers, s.layer_map)
+    except ValueError as e:
+        message = str(e)
+        raise UserError(f"student.{message}" if message.startswith("layers") else f"student.layers: {message}") \
+            from None
+
+
 def make_student(cfg: RunConfig, teacher, calibration: dict):
     """The student the recipe describes, and the teacher layers it was copied from."""
     s = cfg.student
     if s.model:
         student, _, _ = load_model_dir(s.model)
         return student.train(), None
-    t_layers = num_layers_of(teacher.config)
-    layers = s.layers if isinstance(s.layers, list) else select_layers(t_layers, s.layers, s.layer_map)
+    layers = student_layers(s, num_layers_of(teacher.config))
     try:
         student = build_student(teacher, layers=layers, hidden_size=s.hidden_size,
                                 num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
@@ -146,11 +256,7 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
     except ValueError as e:
         raise UserError(str(e)) from None
     spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads)
-    if spec.needs_qkv:
-        widths = {student.config.hidden_size, teacher.config.hidden_size}
-        if any(w % spec.relation_heads for w in widths):
-            raise UserError(f"distill.relation_heads: {spec.relation_heads} must divide both widths "
-                            f"{sorted(widths)} for the minilm_* terms")
+    check_relation_heads(spec, student.config.hidden_size, teacher.config.hidden_size)
     with torch.random.fork_rng(devices=[]):  # the projections start the same in every run and every process
         torch.manual_seed(cfg.train.seed)
         spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)
@@ -183,31 +289,34 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_di
     return distill_alternating(student, teacher, tokenizer, data, **common)
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False) -> Path:
+def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
     """`kdistill run`: the whole pipeline; returns the run directory.
 
     resume: `out` is a run dir a killed run left; phases whose model is saved are skipped, the phase it was in
-    continues from its last checkpoint. Several processes (torchrun / accelerate launch) train together; the main
-    process alone writes files and evaluates."""
+    continues from its last checkpoint. overwrite: `out` may hold files; the outputs of an earlier run there are
+    removed first (rundir.py), other files are kept. Several processes (torchrun / accelerate launch) train
+    together; the main process alone writes files and evaluates."""
     if cfg.task == "causal-lm":
         if resume:
             raise UserError("--resume: task causal-lm does not checkpoint yet; start the run again")
         from kdistill.causal_lm import run_causal_lm
 
-        return run_causal_lm(cfg, out)
+        return run_causal_lm(cfg, out, overwrite=overwrite)
     started = time.perf_counter()
-    check_paths(cfg)  # bad input fails before anything is written
+    run_dir = run_dir_of(cfg, out)
+    preflight(cfg, run_dir, resume=resume, overwrite=overwrite)  # bad input fails before anything is written
     data = load_data(cfg.data)
     log.info("data: %s; world size %d", json.dumps(data.summary()["sizes"]), world_size())
-    run_dir = prepare_run_dir(cfg, out, resume=resume)
-    with writing(run_dir):
-        return run_phases(cfg, data, run_dir, resume=resume, started=started)
+    fp = run_fingerprint(cfg, training_data(data))
+    with run_dir_for(cfg, run_dir, fp, resume=resume, overwrite=overwrite), writing(run_dir):
+        return run_phases(cfg, data, run_dir, resume=resume, started=started, fingerprint=fp)
 
 
-def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float) -> Path:
+def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float,
+               fingerprint: dict) -> Path:
     """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process)."""
     main = is_main_process()
-    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir, resume=resume)
+    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir, resume=resume, fingerprint=fingerprint)
     teacher_before = None
     if cfg.distill.strategy != "explicit":
         # the teacher keeps learning: keep its pre-distillation weights to report both
@@ -229,7 +338,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         if resume and learns_too:
             raise UserError(f"--resume {run_dir}: resume not supported for strategy {cfg.distill.strategy} (it was "
                             "killed while distilling); start the run again without --resume")
-        checkpoints = phase_checkpoints(cfg, run_dir, "student", resume)
+        checkpoints = phase_checkpoints(cfg, run_dir, "student", resume, fingerprint)
         history, teacher_history = distill_student(cfg, teacher, tokenizer, data, run_dir, init_layers, student,
                                                    checkpoints)
         models["student"] = (run_dir / "student", history)
@@ -254,7 +363,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         models["baseline"] = (run_dir / "baseline", None)
     elif baseline_init is not None:
         student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
-        checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume)
+        checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume, fingerprint)
         baseline_history = finetune(student, tokenizer, data, cfg.train, max_length=cfg.data.max_length,
                                     name="baseline", log_dir=run_dir / "logs", checkpoints=checkpoints)
         if main:
@@ -321,9 +430,23 @@ def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle, export_model
     out = {}
     for fmt in cfg.export.formats:
         kind, quant = ("onnx", "int8") if fmt == "onnx-int8" else (fmt, None)
+        # overwrite: the run dir is this run's (rundir.py), so an export dir there is one its killed attempt left
         out[fmt] = export_model(run_dir / "student", fmt=kind, out_dir=run_dir / "export" / fmt, quantize=quant,
-                                parity_texts=texts, parity_labels=labels)
+                                parity_texts=texts, parity_labels=labels, overwrite=True)
     return out
+
+
+def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """`kdistill train-teacher`: train (or take teacher.path) and evaluate the teacher alone; (run dir, teacher
+    dir)."""
+    run_dir = run_dir_of(cfg, out)
+    preflight(cfg, run_dir, overwrite=overwrite, distilling=False)
+    data = load_data(cfg.data)
+    fp = run_fingerprint(cfg, training_data(data))
+    with run_dir_for(cfg, run_dir, fp, overwrite=overwrite), writing(run_dir):
+        _, _, teacher_dir, history = get_teacher(cfg, data, run_dir, fingerprint=fp)
+        standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data)
+    return run_dir, teacher_dir
 
 
 def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle) -> dict:

@@ -362,7 +362,7 @@ def _slice_state(
     return out
 
 
-def _resolve_width(config, hidden_size, num_attention_heads, intermediate_size) -> tuple[int, int, int]:
+def resolve_width(config, hidden_size, num_attention_heads, intermediate_size) -> tuple[int, int, int]:
     """Target (hidden, heads, ffn), each ≤ the teacher's; hidden and heads tied by the teacher's head_dim."""
     t_hidden, t_heads = config.hidden_size, config.num_attention_heads
     t_ffn = getattr(config, "intermediate_size", None)
@@ -442,7 +442,7 @@ def build_student(
     narrower = False
     if any(w is not None for w in widths):
         _check_bert_layout(teacher)
-        hidden, heads, ffn = _resolve_width(teacher.config, *widths)
+        hidden, heads, ffn = resolve_width(teacher.config, *widths)
         narrower = (hidden, heads, ffn) != (teacher.config.hidden_size, teacher.config.num_attention_heads,
                                             teacher.config.intermediate_size)
     if init == "pruned" and not narrower:

@@ -110,6 +110,8 @@ def test_distill_verb_reuses_a_trained_teacher(toy_run, toy_recipe, tmp_path):
     (["run", "--set", "train.epochz=1"], "unknown key 'train.epochz'"),
     (["run", "--set", "data.train_file=/nonexistent.csv"], "/nonexistent.csv: file not found"),
     (["run", "--set", "teacher.path=/nonexistent"], "teacher.path: /nonexistent is not a model dir"),
+    (["run", "--set", "name=../../escape"], "name: '../../escape' is not a plain name"),
+    (["run", "--set", "student.layers=[0, 6]"], "student.layers: index 6 is out of range"),  # minilm-l6: 6 layers
     (["validate", "nosuchrecipe"], "recipe not found: nosuchrecipe"),
     (["evaluate", "/nonexistent", "--data", "bbc-news"], "/nonexistent: not a model dir"),
 ])

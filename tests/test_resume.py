@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 from kdistill.checkpoint import COMPLETE, Checkpoints, join_tensors, resume_config, split_tensors
-from kdistill.config import DistillConfig
+from kdistill.config import DistillConfig, load_config
 from kdistill.distill.explicit import distill_explicit
 from kdistill.distill.terms import TermSpec
 from kdistill.errors import UserError
@@ -31,6 +31,7 @@ from tests.helpers import (
     history,
     save_teacher_dir,
     start_kdistill,
+    tiny_pair,
     tiny_train,
     toy_bundle,
     write_recipe,
@@ -215,3 +216,129 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
         torch.testing.assert_close(a, b)
     for a, b in zip(spec.projections.parameters(), reference_spec.projections.parameters()):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+
+def test_the_fingerprint_follows_what_is_trained_only():
+    from kdistill.rundir import run_fingerprint
+
+    base = run_fingerprint(load_config("default"), {"train": ["a text", 1]})
+    untrained = ["name=other", "eval.repeats=1", "export.formats=[hf]", "train.checkpoint_every=5", "train.num_threads=1"]
+    assert run_fingerprint(load_config("default", untrained), {"train": ["a text", 1]}) == base
+    for key in ("train.lr=0.1", "teacher.epochs=1", "data.max_length=64", "distill.temperature=2"):
+        assert run_fingerprint(load_config("default", [key]), {"train": ["a text", 1]})["config"] != base["config"]
+    other_data = run_fingerprint(load_config("default"), {"train": ["a text", 0]})
+    assert other_data["config"] == base["config"] and other_data["data"] != base["data"]
+
+
+
+def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path, tiny_tokenizer):
+    """Checkpoints carry the fingerprint of the config and data they were written for; another one is refused."""
+    train = tiny_train(max_steps=4, batch_size=16)
+    fingerprint = {"config": "c1", "data": "d1"}
+
+    def train_run(checkpoints):
+        teacher, student, spec = tiny_pair(tiny_tokenizer)
+        return distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec, distill=DistillConfig(),
+                                train=train, max_length=16, checkpoints=checkpoints)
+
+    original = Learner.step
+
+    def step_then_die(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(Learner, "step", step_then_die)
+    with pytest.raises(Killed):
+        train_run(Checkpoints(tmp_path, every=2, fingerprint=fingerprint))
+    monkeypatch.setattr(Learner, "step", original)
+    for other, what in (({"config": "c2", "data": "d1"}, "config"), ({"config": "c1", "data": "d2"}, "data"),
+                        (None, "config")):
+        with pytest.raises(UserError, match=f"cannot resume from {tmp_path / 'step-0000002'}: .*other {what}"):
+            train_run(Checkpoints(tmp_path, every=2, resume=True, fingerprint=other))
+    resumed = train_run(Checkpoints(tmp_path, every=2, resume=True, fingerprint=fingerprint))
+    assert [s["step"] for s in resumed.steps] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def killed_run(toy_recipe, tmp_path, monkeypatch):
+    """A run dir whose teacher phase was killed in step 3, after its step-2 checkpoint (in this process)."""
+    from kdistill.pipeline import run
+
+    root, recipe = toy_recipe
+    original = Learner.step
+
+    def step_then_die(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(Learner, "step", step_then_die)
+    cfg = load_config(recipe, ["train.checkpoint_every=2", "teacher.epochs=1", "train.max_steps=2"])
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "run")
+    monkeypatch.setattr(Learner, "step", original)
+    assert newest_checkpoint_step(tmp_path / "run", "teacher") == 2
+    return tmp_path / "run", cfg
+
+
+def test_resume_refuses_a_run_dir_whose_config_or_data_changed(killed_run, tmp_path):
+    from kdistill.pipeline import run
+
+    run_dir, cfg = killed_run
+    saved = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    (run_dir / "config.yaml").write_text(saved.replace("lr: 0.005", "lr: 0.001"), encoding="utf-8")
+    with pytest.raises(UserError, match=f"--resume {run_dir}: config.yaml is not the config"):
+        run(resume_config(run_dir), run_dir, resume=True)
+    (run_dir / "config.yaml").write_text(saved, encoding="utf-8")
+
+    data = cfg.data.train_file
+    original = open(data, encoding="utf-8").read()
+    with open(data, "a", encoding="utf-8") as f:
+        f.write("a new goal for the team,sport\n")
+    try:
+        with pytest.raises(UserError, match=f"--resume {run_dir}: data.train_file {data} holds other"):
+            run(resume_config(run_dir), run_dir, resume=True)
+    finally:
+        with open(data, "w", encoding="utf-8") as f:
+            f.write(original)
+
+
+def test_a_fresh_run_into_a_used_dir_never_picks_up_its_checkpoints(killed_run, monkeypatch):
+    from kdistill.pipeline import run
+
+    run_dir, cfg = killed_run
+    before = sorted(p.name for p in (run_dir / "checkpoints" / "teacher").iterdir())
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 7})})
+    with pytest.raises(UserError, match=f"--out {run_dir}: .*--resume"):
+        run(changed, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "teacher").iterdir()) == before
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == cfg.train.seed
+
+    def killed_before_the_first_save(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr("kdistill.pipeline.train_teacher", killed_before_the_first_save)
+    with pytest.raises(Killed):
+        run(changed, run_dir, overwrite=True)  # replaces the older run: its checkpoints go with it
+    assert not (run_dir / "checkpoints").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == 7
+
+
+def test_a_run_killed_while_exporting_resumes_over_its_own_export_dir(tmp_path, tiny_tokenizer):
+    from kdistill.pipeline import run
+
+    recipe = write_recipe(tmp_path / "toy.yaml", {
+        "data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 45)), "max_length": 16},
+        "teacher": {"path": str(save_teacher_dir(tmp_path / "teacher", tiny_tokenizer))},
+        "distill": {"losses": {"kd": 1.0}, "baseline": False},
+        "train": {"max_steps": 2, "batch_size": 8},
+        "eval": {"repeats": 1, "warmup": 0},
+        "export": {"formats": ["hf"]},
+    })
+    run_dir = run(load_config(recipe), tmp_path / "run")
+    (run_dir / "metrics.json").unlink()  # killed after the export, before metrics.json: export/hf is the run's own
+    run(resume_config(run_dir), run_dir, resume=True)
+    assert json.loads((run_dir / "metrics.json").read_text())["exports"]["hf"]
