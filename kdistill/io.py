@@ -1,24 +1,44 @@
-"""Atomic output: a reader never sees a half-written file or directory."""
+"""Atomic output: a reader never sees a half-written file or directory.
+
+The temp file or dir is created as a plain write would create it (mode 0o666 or 0o777, less the process umask),
+not with tempfile's owner-only 0o600 / 0o700, which would survive the rename: a run dir or model dir written here
+is as readable as one written by `open` or `save_pretrained`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _create_beside(path: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
+    """A new hidden temp name beside `path`, made by `create` (which raises FileExistsError if it is taken)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return tmp, create(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    """Write to a temp file in the same directory, fsync, then rename over `path` (whose mode it keeps)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, fd = _create_beside(path, lambda t: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with contextlib.suppress(FileNotFoundError):  # replacing a file keeps its mode, as a plain write does
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -46,8 +66,7 @@ def _jsonable(o: Any):
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp, _ = _create_beside(path, lambda t: t.mkdir(0o777))
     try:
         yield tmp
         if path.exists():

@@ -2,21 +2,30 @@
 
 The report leads with one table (quality, size, speed, and the ratios against the teacher), then the plots:
 training curves per loss term, accuracy against latency and against size for every model, and the student's
-confusion matrix. With several run dirs (e.g. one per strategy) every model of every run is a row.
+confusion matrix (its most confused classes, when there are many). With several run dirs (e.g. one per strategy)
+every model of every run is a row. A plot that fails is logged and left out: the report is still written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdistill.errors import UserError  # noqa: E402
 from kdistill.io import atomic_write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CONFUSION_MAX_CLASSES = 30
+"""The most classes a confusion plot shows (the most confused ones): cells stay readable and the canvas (and its
+memory) stays the same size whatever the number of classes; at 600 classes one cell per class needed ~20 GB."""
 
 COLUMNS = [
     ("accuracy", "accuracy", "{:.2%}"),
@@ -126,26 +135,57 @@ def plot_tradeoff(runs: list[dict], path: Path) -> Path:
     return path
 
 
+def most_confused(cm, k: int) -> list[int]:
+    """The indices of the (at most) `k` classes with the most errors, counting those on a class (its row) and into
+    it (its column), in class order; ties go to the lower index."""
+    cm = np.asarray(cm)
+    if len(cm) <= k:
+        return list(range(len(cm)))
+    errors = cm.sum(axis=0) + cm.sum(axis=1) - 2 * np.diag(cm)
+    return sorted(int(i) for i in np.argsort(-errors, kind="stable")[:k])
+
+
+def _short(label: str, width: int = 24) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
 def plot_confusion(run: dict, model: str, path: Path) -> Path | None:
     m = run["metrics"]["models"].get(model)
     if not m or "confusion_matrix" not in m:
         return None
     labels = run["metrics"]["data"]["labels"]
-    cm = m["confusion_matrix"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 1.5))
+    cm = np.asarray(m["confusion_matrix"])
+    shown = most_confused(cm, CONFUSION_MAX_CLASSES)
+    cm, names = cm[np.ix_(shown, shown)], [_short(str(labels[i])) for i in shown]
+    k = len(shown)
+    fig, ax = plt.subplots(figsize=(min(1.2 * k + 2, 16), min(1.0 * k + 1.5, 14)))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i, row in enumerate(cm):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8 if k <= 15 else 6)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{model}: confusion matrix (test)")
+    which = f", the {k} most confused of {len(labels)} classes" if k < len(labels) else ""
+    ax.set_title(f"{model}: confusion matrix (test{which})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _drawn(plot, *args) -> Path | None:
+    """`plot(*args)` (its last argument: the file), or None when it fails. The report is written after all training:
+    a plot that cannot be drawn is logged and left out of it, never the reason a finished run fails."""
+    open_before = set(plt.get_fignums())
+    try:
+        return plot(*args)
+    except Exception as e:  # MemoryError included: a plot may be the largest allocation of the whole run
+        log.warning("report: plot %s skipped (%s: %s)", Path(args[-1]).name, type(e).__name__, e)
+        for num in set(plt.get_fignums()) - open_before:
+            plt.close(num)
+        Path(args[-1]).unlink(missing_ok=True)  # no half-written image
+        return None
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
@@ -176,14 +216,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         lines += [f"Student: {s['layers']} layers x {s['hidden']} hidden, {s['heads']} heads, FFN {s['ffn']} "
                   f"(teacher: {t['layers']} x {t['hidden']}, {t['heads']} heads, FFN {t['ffn']}); "
                   f"init {shape.get('init')}.", ""]
-    trade = plot_tradeoff(runs, plots / "tradeoff.png")
-    lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]
+    trade = _drawn(plot_tradeoff, runs, plots / "tradeoff.png")
+    if trade:
+        lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]
     for run in runs:
         tag = run["metrics"]["run"] if len(runs) > 1 else "run"
-        curves = plot_curves(run, plots / f"curves_{tag}.png")
+        curves = _drawn(plot_curves, run, plots / f"curves_{tag}.png")
         if curves:
             lines += [f"## Training curves ({run['metrics']['run']})", "", f"![curves](plots/{curves.name})", ""]
-        cm = plot_confusion(run, "student", plots / f"confusion_{tag}.png")
+        cm = _drawn(plot_confusion, run, "student", plots / f"confusion_{tag}.png")
         if cm:
             lines += [f"## Student confusion matrix ({run['metrics']['run']})", "", f"![confusion](plots/{cm.name})",
                       ""]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
 from kdistill.data import DataBundle
 from kdistill.distill.terms import TermSpec
 from kdistill.models import from_scratch_classifier, load_classifier, load_tokenizer, save_model
 from kdistill.tokenization import tokenizer_from_vocab, train_wordpiece
-from kdistill.training import History, is_main_process
+from kdistill.training import History, is_main_process, seeded
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,8 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
     scratch = cfg.teacher.from_scratch
     if scratch is None:
         tokenizer = load_tokenizer(cfg.teacher.model)
-        model = load_classifier(cfg.teacher.model, data.label_names)
+        with seeded(cfg.train.seed):  # a head new to the checkpoint (most encoders have none for our labels)
+            model = load_classifier(cfg.teacher.model, data.label_names)
         return model, tokenizer, {"teacher": cfg.teacher.model}
     if scratch.tokenizer == "wordpiece":
         tokenizer = train_wordpiece(data.splits["train"]["text"], vocab_size=scratch.vocab_size,
@@ -39,8 +38,8 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
     else:
         tokenizer = tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase,
                                          model_max_length=cfg.data.max_length)
-    torch.manual_seed(cfg.train.seed)
-    model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length)
+    with seeded(cfg.train.seed):
+        model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length)
     return model, tokenizer, {"teacher": "from-scratch", "tokenizer": scratch.tokenizer,
                               "vocab_size": len(tokenizer)}
 

@@ -1,4 +1,7 @@
 import json
+import struct
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +10,8 @@ from transformers import BertForSequenceClassification
 from kdistill.config import DataConfig, EvalConfig
 from kdistill.data import load_data, tokenize_splits
 from kdistill.evaluate import compare_speed, evaluate_model, quality_metrics
-from kdistill.report import summary_table, write_report
+from kdistill import report as report_module
+from kdistill.report import most_confused, summary_table, write_report
 from tests.conftest import tiny_bert_config
 from tests.helpers import write_csv
 
@@ -67,3 +71,54 @@ def test_report_table_and_plots(tmp_path):
     for png in ("tradeoff.png", "curves_run.png", "confusion_run.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert summary_table([{"metrics": metrics}]).count("\n") == 3
+
+
+def report_run(tmp_path, n_classes: int, confusion) -> Path:
+    """A run dir whose student has `confusion` over `n_classes` classes, as pipeline.evaluate_run writes it."""
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    model = {"accuracy": 0.5, "latency_ms_batch1": 2.0, "size_mb": 1.0, "confusion_matrix": confusion}
+    metrics = {"run": "r", "data": {"sizes": {"test": 8}, "source": "toy",
+                                    "labels": [f"class-{i}" for i in range(n_classes)]},
+               "models": {"teacher": model, "student": model}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def png_size(path) -> tuple[int, int]:
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the IHDR chunk follows the 8-byte signature
+    return width, height
+
+
+def test_the_confusion_plot_of_600_classes_is_quick_and_its_canvas_bounded(tmp_path):
+    n = 600
+    cm = [[0] * n for _ in range(n)]
+    for i in range(n):
+        cm[i][i] = 5
+        cm[i][(7 * i + 1) % n] = i % 4
+    run = report_run(tmp_path, n, cm)
+    start = time.perf_counter()
+    report = write_report([run])
+    assert time.perf_counter() - start < 10
+    assert "![confusion](plots/confusion_run.png)" in report.read_text()
+    width, height = png_size(run / "plots" / "confusion_run.png")
+    assert width * height <= 2000 * 2000  # the canvas (4 bytes a pixel) is what ran out of memory at 600 classes
+
+
+def test_a_large_confusion_plot_shows_the_most_confused_classes():
+    cm = [[10 if i == j else 0 for j in range(8)] for i in range(8)]
+    cm[5][2], cm[6][5], cm[1][1] = 7, 3, 50  # 5 and 2 mixed up most, then 6 (into 5); 1 is large but never confused
+    assert most_confused(cm, 3) == [2, 5, 6]
+    assert most_confused(cm, 20) == list(range(8))  # few classes: every one, in order
+
+
+def test_a_plot_that_fails_is_logged_and_skipped_and_the_report_still_written(tmp_path, monkeypatch, caplog):
+    def broken(*args):
+        raise MemoryError("canvas too large")
+
+    monkeypatch.setattr(report_module, "plot_tradeoff", broken)
+    run = report_run(tmp_path, 2, [[3, 1], [0, 4]])
+    text = write_report([run]).read_text()
+    assert "| student | 50.00% |" in text
+    assert "tradeoff" not in text and "![confusion](plots/confusion_run.png)" in text
+    assert "plot tradeoff.png skipped (MemoryError: canvas too large)" in caplog.text
