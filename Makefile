@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/kdistill run
+	$(VENV)/bin/kdistill run --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -163,12 +163,14 @@ def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(he
 @app.command("serve")
 def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           api_key: Annotated[Optional[str], typer.Option(envvar="KDISTILL_API_KEY",
-                                                         help="Require this X-API-Key header")] = None) -> None:
+                                                         help="Require this X-API-Key header")] = None,
+          request_timeout: Annotated[float, typer.Option(
+              help="Seconds a request may take, queue wait included, before it gets 503")] = 30.0) -> None:
     """HTTP service: POST /predict, GET /health, GET /metadata (loopback unless --host says otherwise)."""
     from kdistill.serve import run_server
 
     with _as_user_errors():
-        run_server(model, host=host, port=port, workers=workers, api_key=api_key)
+        run_server(model, host=host, port=port, workers=workers, api_key=api_key, request_timeout_s=request_timeout)
 
 
 @app.command("recipes")
