@@ -132,7 +132,7 @@ def load_lm_corpus(cfg: DataConfig) -> LMCorpus:
         if cfg.dataset not in BUILTIN_DATASETS:
             raise DataError(f"data.dataset: unknown built-in dataset '{cfg.dataset}' "
                             f"(known: {', '.join(BUILTIN_DATASETS)}); or set data.train_file")
-        docs = [r["text"] for r in BUILTIN_DATASETS[cfg.dataset][0]() if r["text"].strip()]
+        docs = [r["text"] for r in BUILTIN_DATASETS[cfg.dataset][0]()["train"] if r["text"].strip()]
         source = cfg.dataset
     test = _file_texts(cfg.test_file, cfg.text_column, "data.test_file") if cfg.test_file else None
     val = _file_texts(cfg.validation_file, cfg.text_column, "data.validation_file") if cfg.validation_file else None
@@ -384,9 +384,7 @@ def _max_positions(config) -> int | None:
 
 def write_lm_report(runs: list[dict], out: Path) -> Path:
     """report.md for causal-LM runs: the perplexity table, loss curves, perplexity vs speed, sample generations."""
-    import matplotlib.pyplot as plt
-
-    from kdistill.report import summary_table
+    from kdistill.report import draw_or_skip, summary_table
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -411,6 +409,28 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
         lines += [f"Teacher cache: top-{cache['k']} log-probs per token, {cache['status']} "
                   f"({cache['seconds']:.0f} s), `{cache['path']}`; the KD losses renormalise over the stored "
                   f"support.", ""]
+
+    if draw_or_skip(plot_lm_curves, runs, plots / "lm_curves_tradeoff.png"):
+        lines += ["## Training loss and perplexity against speed", "", "![lm](plots/lm_curves_tradeoff.png)", ""]
+
+    for run in runs:
+        samples = run["metrics"].get("samples") or {}
+        if not samples:
+            continue
+        lines += [f"## Sample generations ({run['metrics']['run']}; greedy, {SAMPLE_NEW_TOKENS} new tokens)", ""]
+        names = list(samples)
+        for i, prompt in enumerate(samples[names[0]]):
+            lines += [f"**{prompt['prompt']}** …", ""]
+            for name in names:
+                text = " ".join(samples[name][i]["completion"].split())
+                lines.append(f"- *{name}*: {text}")
+            lines.append("")
+    return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def plot_lm_curves(runs: list[dict], path: Path) -> Path:
+    """Training NLL per step, and test perplexity against batch-1 generation speed, for every model of the runs."""
+    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     many = len(runs) > 1
@@ -437,23 +457,9 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("training curves and test perplexity against generation speed")
     fig.tight_layout()
-    fig.savefig(plots / "lm_curves_tradeoff.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    lines += ["## Training loss and perplexity against speed", "", "![lm](plots/lm_curves_tradeoff.png)", ""]
-
-    for run in runs:
-        samples = run["metrics"].get("samples") or {}
-        if not samples:
-            continue
-        lines += [f"## Sample generations ({run['metrics']['run']}; greedy, {SAMPLE_NEW_TOKENS} new tokens)", ""]
-        names = list(samples)
-        for i, prompt in enumerate(samples[names[0]]):
-            lines += [f"**{prompt['prompt']}** …", ""]
-            for name in names:
-                text = " ".join(samples[name][i]["completion"].split())
-                lines.append(f"- *{name}*: {text}")
-            lines.append("")
-    return atomic_write_text(out / "report.md", "\n".join(lines))
+    return path
 
 
 # -------------------------------------------------------------------------------------------------- pipeline

@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -39,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kdistill import __version__
+from kdistill.io import atomic_dir
 from kdistill.predict import (
     KDISTILL_JSON,
     Predictor,
@@ -134,10 +133,7 @@ def export_model(
         "export": {"format": fmt, "quantize": quantize, "source": str(info.path), "kdistill_version": __version__},
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the export is meant to be shared
+    with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))
         if fmt == "hf":
             model.save_pretrained(str(tmp))
@@ -182,10 +178,6 @@ def export_model(
                 f"(> atol {parity_atol:g}); nothing was written"
             )
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     parity["out_dir"] = str(out)
     logger.info("exported %s to %s", info.path, out)
     return parity
@@ -381,21 +373,3 @@ def _versions() -> dict:
         "transformers": transformers.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to `out`; an existing `out` is swapped out first and removed after."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        backup.rmdir()
-        os.replace(out, backup)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(backup, out)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import util as importlib_util
 from pathlib import Path
 
@@ -29,6 +31,16 @@ from kdistill.io import atomic_dir, atomic_write_json
 log = logging.getLogger(__name__)
 
 META_FILE = "kdistill.json"
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw new weights (a model built, a head added to a pretrained one) from `seed` alone. torch seeds its global
+    generator at random in every process, so without this a run's starting weights, and every step after, differ
+    from process to process. The global state is restored after: later draws do not depend on what was built."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _package_file(package: str, *parts: str, install: str) -> Path:

@@ -174,7 +174,7 @@ def plot_confusion(run: dict, model: str, path: Path) -> Path | None:
     return path
 
 
-def _drawn(plot, *args) -> Path | None:
+def draw_or_skip(plot, *args) -> Path | None:
     """`plot(*args)` (its last argument: the file), or None when it fails. The report is written after all training:
     a plot that cannot be drawn is logged and left out of it, never the reason a finished run fails."""
     open_before = set(plt.get_fignums())
@@ -216,15 +216,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         lines += [f"Student: {s['layers']} layers x {s['hidden']} hidden, {s['heads']} heads, FFN {s['ffn']} "
                   f"(teacher: {t['layers']} x {t['hidden']}, {t['heads']} heads, FFN {t['ffn']}); "
                   f"init {shape.get('init')}.", ""]
-    trade = _drawn(plot_tradeoff, runs, plots / "tradeoff.png")
+    trade = draw_or_skip(plot_tradeoff, runs, plots / "tradeoff.png")
     if trade:
         lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]
     for run in runs:
         tag = run["metrics"]["run"] if len(runs) > 1 else "run"
-        curves = _drawn(plot_curves, run, plots / f"curves_{tag}.png")
+        curves = draw_or_skip(plot_curves, run, plots / f"curves_{tag}.png")
         if curves:
             lines += [f"## Training curves ({run['metrics']['run']})", "", f"![curves](plots/{curves.name})", ""]
-        cm = _drawn(plot_confusion, run, "student", plots / f"confusion_{tag}.png")
+        cm = draw_or_skip(plot_confusion, run, "student", plots / f"confusion_{tag}.png")
         if cm:
             lines += [f"## Student confusion matrix ({run['metrics']['run']})", "", f"![confusion](plots/{cm.name})",
                       ""]

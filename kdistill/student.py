@@ -51,6 +51,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from kdistill.models import seeded
+
 log = logging.getLogger(__name__)
 
 INIT_CHOICES = ("teacher-layers", "pruned", "random")
@@ -459,8 +461,7 @@ def build_student(
     if narrower:
         config.hidden_size, config.num_attention_heads, config.intermediate_size = hidden, heads, ffn
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         student = type(teacher)(config)
     reference = next(teacher.parameters())
     student.to(device=reference.device, dtype=reference.dtype)

@@ -12,9 +12,9 @@ from pathlib import Path
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
 from kdistill.data import DataBundle
 from kdistill.distill.terms import TermSpec
-from kdistill.models import from_scratch_classifier, load_classifier, load_tokenizer, save_model
+from kdistill.models import from_scratch_classifier, load_classifier, load_tokenizer, save_model, seeded
 from kdistill.tokenization import tokenizer_from_vocab, train_wordpiece
-from kdistill.training import History, is_main_process, seeded
+from kdistill.training import History, is_main_process
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,11 @@ def tokenizer_from_vocab(vocab_file: str | Path, *, lowercase: bool = True, mode
     key = "teacher.from_scratch.tokenizer"
     if not path.is_file():
         raise ConfigError(f"{key}: vocab file not found: {path}")
-    text = decode_utf8(path.read_bytes(), f"{key}: {path}", ConfigError)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    text = decode_utf8(raw, f"{key}: {path}", ConfigError)
     vocab = {}
     # A token's id is its line number, and lines end at "\n" only: str.splitlines() would also split tokens that
     # hold U+2028, U+0085 and the like, shifting every id after them.

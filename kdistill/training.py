@@ -22,7 +22,6 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +45,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     accelerate_set_seed(seed)
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Draw new weights (a model built, a head added to a pretrained one) from `seed` alone. torch seeds its global
-    generator at random in every process, so without this a run's starting weights, and every step after, differ
-    from process to process. The global state is restored after: later draws do not depend on what was built."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
