@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -175,6 +176,22 @@ class Killed(Exception):
     pass
 
 
+@contextmanager
+def killed_after_step(monkeypatch, last_step: int):
+    """The training loop dies (Killed) right after optimizer step `last_step`, as a SIGKILL would leave it."""
+    original = Learner.step
+
+    def step_then_die(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if step == last_step:
+            raise Killed
+
+    monkeypatch.setattr(Learner, "step", step_then_die)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(Learner, "step", original)
+
+
 def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monkeypatch, tmp_path, tiny_tokenizer):
     """max_steps 7 of 3 steps an epoch (grad_accum 2), checkpoints every 2 steps: killed after step 5, resumed from
     step 4 (epoch 1, one step in), the history and weights equal the uninterrupted run's."""
@@ -195,17 +212,8 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
     train = tiny_train(max_steps=7, batch_size=16, grad_accum=2)
     reference, reference_student, reference_spec = train_run()
 
-    original = Learner.step
-
-    def step_then_die(self, step, *args, **kwargs):
-        original(self, step, *args, **kwargs)
-        if step == 5:
-            raise Killed
-
-    monkeypatch.setattr(Learner, "step", step_then_die)
-    with pytest.raises(Killed):
+    with killed_after_step(monkeypatch, 5):
         train_run(Checkpoints(tmp_path, every=2))
-    monkeypatch.setattr(Learner, "step", original)
     assert [p.name for p in tmp_path.iterdir()] == ["step-0000004"]
     assert json.loads((tmp_path / "step-0000004" / "state.json").read_text())["position"] == \
         {"epoch": 1, "steps_done": 1, "batches_done": 2, "sampler_epoch": 1}
@@ -243,17 +251,8 @@ def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path
         return distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec, distill=DistillConfig(),
                                 train=train, max_length=16, checkpoints=checkpoints)
 
-    original = Learner.step
-
-    def step_then_die(self, step, *args, **kwargs):
-        original(self, step, *args, **kwargs)
-        if step == 3:
-            raise Killed
-
-    monkeypatch.setattr(Learner, "step", step_then_die)
-    with pytest.raises(Killed):
+    with killed_after_step(monkeypatch, 3):
         train_run(Checkpoints(tmp_path, every=2, fingerprint=fingerprint))
-    monkeypatch.setattr(Learner, "step", original)
     for other, what in (({"config": "c2", "data": "d1"}, "config"), ({"config": "c1", "data": "d2"}, "data"),
                         (None, "config")):
         with pytest.raises(UserError, match=f"cannot resume from {tmp_path / 'step-0000002'}: .*other {what}"):
@@ -268,18 +267,9 @@ def killed_run(toy_recipe, tmp_path, monkeypatch):
     from kdistill.pipeline import run
 
     root, recipe = toy_recipe
-    original = Learner.step
-
-    def step_then_die(self, step, *args, **kwargs):
-        original(self, step, *args, **kwargs)
-        if step == 3:
-            raise Killed
-
-    monkeypatch.setattr(Learner, "step", step_then_die)
     cfg = load_config(recipe, ["train.checkpoint_every=2", "teacher.epochs=1", "train.max_steps=2"])
-    with pytest.raises(Killed):
+    with killed_after_step(monkeypatch, 3):
         run(cfg, tmp_path / "run")
-    monkeypatch.setattr(Learner, "step", original)
     assert newest_checkpoint_step(tmp_path / "run", "teacher") == 2
     return tmp_path / "run", cfg
 

@@ -11,22 +11,12 @@ import pytest
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import ConfigError, UserError
-from tests.helpers import save_teacher_dir, write_recipe, write_toy_csv
+from tests.helpers import given_teacher_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_tokenizer):
-    """A run that is over in seconds: a given tiny teacher, 2 student steps, no baseline."""
-    root = tmp_path_factory.mktemp("rundir")
-    return write_recipe(root / "toy.yaml", {
-        "name": "toy",
-        "data": {"train_file": str(write_toy_csv(root / "toy.csv", 45)), "max_length": 16},
-        "teacher": {"path": str(save_teacher_dir(root / "teacher", tiny_tokenizer))},
-        "student": {"layers": 2},
-        "distill": {"losses": {"kd": 1.0, "ce": 0.5}, "baseline": False},
-        "train": {"max_steps": 2, "batch_size": 8},
-        "eval": {"repeats": 1, "warmup": 0},
-    })
+    return given_teacher_recipe(tmp_path_factory.mktemp("rundir"), tiny_tokenizer, {"kd": 1.0, "ce": 0.5})
 
 
 def kdistill_main(capsys, *args) -> tuple[int, str]:
