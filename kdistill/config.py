@@ -23,6 +23,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class AugmentConfig(_Section):
+    """Word-replacement augmentation of the training texts (after TinyBERT, Jiao et al. 2020, Sec. 3.1): new texts
+    the teacher labels and the student learns from as unlabeled transfer rows (soft targets only)."""
+
+    multiplier: int = Field(4, ge=1)
+    """New texts made from each training text (fewer where one comes out unchanged, twice, or as a held-out text)."""
+    method: Literal["word-replace"] = "word-replace"
+    """`word-replace`: each word the teacher's vocabulary holds whole is, with `replace_prob`, replaced by one of its
+    `candidates` nearest whole-word tokens in the teacher's input-embedding space (cosine)."""
+    replace_prob: float = Field(0.4, gt=0, le=1)
+    """Chance that each replaceable word is replaced (TinyBERT's p_t = 0.4)."""
+    candidates: int = Field(15, ge=1)
+    """Nearest neighbours a replacement is drawn from, uniformly (TinyBERT's K = 15)."""
+    seed: int = 42
+    """The same seed, teacher and training texts give the same augmented texts."""
+
+
 class DataConfig(_Section):
     dataset: str | None = "bbc-news"
     """Built-in dataset name (`kdistill datasets` lists them). Ignored when `train_file` is set."""
@@ -46,6 +63,13 @@ class DataConfig(_Section):
     """Keep the labels of only this many training examples (the first of the shuffled training split); the rest
     become unlabeled transfer data: the student learns the teacher's soft targets on them, label terms (`ce`, and
     a teacher trained in the run) skip them. For few labels plus plenty of unlabeled text (Hinton's transfer set)."""
+    unlabeled_file: str | None = None
+    """In-domain text without labels (CSV, TSV, JSONL, Parquet, as train_file; its `text_column`, labels ignored):
+    unlabeled transfer rows the student learns the teacher's soft targets on; the teacher and the no-KD baseline
+    never see them. Texts also in the test or validation split are dropped and reported. classification only."""
+    augment: AugmentConfig | None = None
+    """Augment the training texts into unlabeled transfer rows for the student (see AugmentConfig), e.g.
+    `{multiplier: 4, replace_prob: 0.4}`; never a test or validation text. classification only."""
     seed: int = 42
     """Seed of the train/validation/test split."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -106,7 +130,9 @@ class StudentConfig(_Section):
     init: Literal["teacher-layers", "pruned", "random"] = "teacher-layers"
     """Copy the teacher's weights (pruned to width), or random init (the control)."""
     model: str | None = None
-    """A given student model dir instead of one derived from the teacher."""
+    """A pretrained student instead of one derived from the teacher: an encoder dir or a built-in alias
+    (`minilm-l6`), with a new head for the data's labels. With another vocabulary than the teacher's, each model
+    reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on)."""
 
 
 LOSS_TERMS = ("kd", "ce", "hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse",
@@ -264,6 +290,8 @@ class RunConfig(_Section):
     def _data_source(self):
         if self.data.train_file is None and self.data.dataset is None:
             raise ValueError("data: set data.dataset or data.train_file")
+        if self.task != "classification" and (self.data.unlabeled_file or self.data.augment):
+            raise ValueError(f"data.unlabeled_file and data.augment work with task classification, not {self.task}")
         return self
 
 
@@ -347,7 +375,7 @@ def resolve_recipe(recipe: str | Path | None) -> tuple[dict, str]:
     except OSError as e:  # a directory named like a recipe, no permission
         raise ConfigError(f"{source}: cannot read the recipe: {e.strerror or e}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_RecipeLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -358,6 +386,24 @@ def resolve_recipe(recipe: str | Path | None) -> tuple[dict, str]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe is a mapping of sections (data:, teacher:, ...)")
     return raw, source
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping, which PyYAML resolves silently by keeping the
+    last (a second `train:` block would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden, as YAML says
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

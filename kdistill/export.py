@@ -106,7 +106,7 @@ def export_model(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out dir {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out dir {out} exists and is not empty; remove it or pass overwrite")
+        raise ValueError(f"out dir {out} exists and is not empty; remove it or choose another --out")
 
     texts = list(parity_texts) if parity_texts is not None else list(SAMPLE_TEXTS)
     if not texts or not all(isinstance(t, str) for t in texts):

@@ -62,6 +62,18 @@ def _jsonable(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _widen_to_plain_mode(tmp: Path) -> None:
+    """Give every file under `tmp` at least the mode a plain write gives: safetensors (>= 0.7) saves weights
+    through an owner-only temp file of its own, so model.safetensors would be 0o600 whatever the umask."""
+    probe = tmp / f".mode.{secrets.token_hex(4)}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    plain = stat.S_IMODE(os.stat(probe).st_mode)
+    probe.unlink()
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, stat.S_IMODE(os.stat(f).st_mode) | plain)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path`, on error it is removed."""
@@ -69,6 +81,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp, _ = _create_beside(path, lambda t: t.mkdir(0o777))
     try:
         yield tmp
+        _widen_to_plain_mode(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

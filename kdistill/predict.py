@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kdistill.errors import encode_utf8
+from kdistill.errors import decode_utf8, encode_utf8
 from kdistill.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -400,21 +400,21 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     rows, texts = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
-            if not isinstance(row.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
-            encode_utf8(row[text_field], f"{path}:{lineno}: field {text_field!r}")
-            rows.append(row)
-            texts.append(row[text_field])
+    # as data.py reads JSONL: a BOM is dropped, and lines split on \n only (U+2028 may sit inside a JSON string)
+    for lineno, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
+        if not isinstance(row.get(text_field), str):
+            raise ValueError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
+        encode_utf8(row[text_field], f"{path}:{lineno}: field {text_field!r}")
+        rows.append(row)
+        texts.append(row[text_field])
     return rows, texts
 
 

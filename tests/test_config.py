@@ -63,6 +63,8 @@ def test_data_source_required():
 @pytest.mark.parametrize("content, message", [
     (b"name: caf\xe9\n", r"latin1.yaml: line 1: not valid UTF-8 text \(byte 9\); re-save the file as UTF-8"),
     (b"data: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"latin1.yaml: invalid YAML: nested too deeply"),
+    (b"train:\n  epochs: 1\ntrain:\n  lr: 0.1\n", r"latin1.yaml line 3: invalid YAML: key 'train' appears twice"),
+    (b"x: &b {epochs: 1}\ntrain:\n  <<: *b\n  epochs: 2\n", r"latin1.yaml: unknown key 'x'"),  # merges still work
 ])
 def test_unreadable_recipe_files_are_config_errors_naming_the_file(tmp_path, content, message):
     path = tmp_path / "latin1.yaml"

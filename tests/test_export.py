@@ -122,7 +122,7 @@ def test_failure_mid_export_cleans_up_and_keeps_old_out_dir(tmp_path, tiny_bert_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old export")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty; remove it or choose another --out"):  # the CLI has no overwrite
         export_model(tiny_bert_dir, fmt="hf", out_dir=out)
 
     import kdistill.export as export_mod

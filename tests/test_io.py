@@ -50,12 +50,10 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
     assert path.read_text() == "new" and mode(path) == 0o640
 
 
-def test_a_saved_model_dir_is_as_readable_as_a_save_pretrained_dir(tmp_path, tiny_tokenizer, umask):
+def test_a_saved_model_dir_gets_a_plain_writes_modes_though_safetensors_writes_owner_only(tmp_path, tiny_tokenizer,
+                                                                                        umask):
     model = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "plain")
-    tiny_tokenizer.save_pretrained(tmp_path / "plain")
     save_model(model, tiny_tokenizer, tmp_path / "ours", {"task": "classification"})
-    assert mode(tmp_path / "ours") == mode(tmp_path / "plain")
-    for f in (tmp_path / "plain").iterdir():
-        assert mode(tmp_path / "ours" / f.name) == mode(f), f.name
-    assert mode(tmp_path / "ours" / "kdistill.json") == mode(tmp_path / "plain" / "config.json")
+    assert mode(tmp_path / "ours") == 0o777 & ~umask
+    assert {f.name: mode(f) for f in (tmp_path / "ours").iterdir()} == {
+        f.name: 0o666 & ~umask for f in (tmp_path / "ours").iterdir()}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from kdistill.export import export_model
-from kdistill.predict import load_predictor, predict_file
+from kdistill.errors import UserError
+from kdistill.predict import load_predictor, predict_file, read_jsonl_texts
 
 LABELS = ["sport", "tech", "politics"]
 
@@ -218,3 +219,12 @@ def test_a_pickle_only_model_dir_is_refused_by_every_loader(pickle_only_dir, tmp
     code, err = _cli(["predict", pickle_only_dir, "goal"], capsys)
     assert code == 2 and "never unpickles" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "UNPICKLED").exists() and not (tmp_path / "exported").exists()
+
+
+def test_an_input_file_is_read_as_the_data_files_are_bom_dropped_bad_bytes_named(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9 \xe2\x80\xa8 x"}\n{"text": "b"}\n')
+    assert read_jsonl_texts(path)[1] == ["caf\u00e9 \u2028 x", "b"]
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"in\.jsonl: line 2: not valid UTF-8"):
+        read_jsonl_texts(path)
