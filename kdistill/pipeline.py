@@ -15,16 +15,26 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, BertConfig
+from transformers import AutoConfig, AutoTokenizer, BertConfig
 
+from kdistill.augment import with_transfer
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import DataConfig, RunConfig, StudentConfig, parse_override
 from kdistill.data import DataBundle, load_data, tokenize_splits
-from kdistill.distill.terms import TermSpec, layer_pairs
+from kdistill.distill.terms import ATTENTION_TERMS, HIDDEN_TERMS, RELATION_TERMS, TermSpec, layer_pairs
 from kdistill.errors import UserError
 from kdistill.evaluate import compare_speed, evaluate_model, machine_info
 from kdistill.io import atomic_write_json
-from kdistill.models import load_model_dir, read_meta, resolve_model_source, save_model, seeded
+from kdistill.models import (
+    BUILTIN_MODELS,
+    load_classifier,
+    load_model_dir,
+    load_tokenizer,
+    read_meta,
+    resolve_model_source,
+    save_model,
+    seeded,
+)
 from kdistill.rundir import check_run_dir, run_dir_for, run_fingerprint
 from kdistill.student import (
     build_student,
@@ -51,7 +61,8 @@ def run_dir_of(cfg: RunConfig, out: str | Path | None) -> Path:
 
 def training_data(data: DataBundle) -> dict:
     """What training reads (and a checkpoint depends on): the train and validation splits, for the fingerprint."""
-    return {split: data.splits[split].to_dict() for split in ("train", "validation")}
+    out = {split: data.splits[split].to_dict() for split in ("train", "validation")}
+    return out | ({"unlabeled": data.unlabeled} if data.unlabeled else {})
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -87,7 +98,8 @@ def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool,
 
 def check_paths(cfg: RunConfig) -> None:
     """Model dirs and the vocab named in the recipe exist (before the run dir is created)."""
-    named = [("teacher.path", cfg.teacher.path), ("student.model", cfg.student.model)]
+    student_dir = cfg.student.model if cfg.student.model not in BUILTIN_MODELS else None
+    named = [("teacher.path", cfg.teacher.path), ("student.model", student_dir)]
     named += [(f"distill.extra_teachers[{i}]", p) for i, p in enumerate(cfg.distill.extra_teachers)]
     for key, path in named:
         if path and not (Path(path) / "config.json").is_file():
@@ -101,8 +113,10 @@ def input_paths(cfg: RunConfig) -> dict[str, str | None]:
     """Recipe key -> a file or dir the run reads."""
     scratch = cfg.teacher.from_scratch
     paths = {"data.train_file": cfg.data.train_file, "data.validation_file": cfg.data.validation_file,
-             "data.test_file": cfg.data.test_file, "teacher.path": cfg.teacher.path,
-             "teacher.model": cfg.teacher.model, "student.model": cfg.student.model,
+             "data.test_file": cfg.data.test_file, "data.unlabeled_file": cfg.data.unlabeled_file,
+             "teacher.path": cfg.teacher.path,
+             "teacher.model": cfg.teacher.model,
+             "student.model": cfg.student.model if cfg.student.model not in BUILTIN_MODELS else None,
              "teacher.from_scratch.tokenizer": scratch.tokenizer if scratch else None}
     return paths | {f"distill.extra_teachers[{i}]": p for i, p in enumerate(cfg.distill.extra_teachers)}
 
@@ -146,7 +160,7 @@ def check_shapes(cfg: RunConfig, *, distilling: bool = True) -> None:
         return  # an architecture without num_hidden_layers: make_student says so
     s = cfg.student
     if s.model:
-        student_config = AutoConfig.from_pretrained(s.model, trust_remote_code=False)
+        student_config = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
         s_layers, s_hidden, init_layers = num_layers_of(student_config), student_config.hidden_size, None
     else:
         layers = student_layers(s, t_layers)
@@ -179,8 +193,56 @@ def preflight(cfg: RunConfig, run_dir: Path, *, resume: bool = False, overwrite:
     """Every check that the recipe, the teacher's config.json and the file system allow, before the data is read,
     the run dir created or anything trained."""
     check_paths(cfg)
+    if distilling and cfg.student.model and cfg.task == "classification":
+        teacher_tokenizer = recipe_teacher_tokenizer(cfg)
+        if teacher_tokenizer is not None:  # else run_phases checks, once the teacher's WordPiece is trained
+            check_tokenizers(cfg, teacher_tokenizer, load_tokenizer(cfg.student.model))
     check_shapes(cfg, distilling=distilling)
     check_run_dir(run_dir, input_paths(cfg), resume=resume, overwrite=overwrite)
+
+
+def recipe_teacher_tokenizer(cfg: RunConfig):
+    """The teacher's tokenizer where the recipe tells it before any data is read; None for a WordPiece trained on
+    the data (and bert-base-chinese's, read from a package when the teacher is built)."""
+    scratch = cfg.teacher.from_scratch
+    if cfg.teacher.path:
+        return AutoTokenizer.from_pretrained(cfg.teacher.path, trust_remote_code=False)
+    if scratch is None:
+        return load_tokenizer(cfg.teacher.model) if cfg.teacher.model else None
+    if scratch.tokenizer in ("wordpiece", "bert-base-chinese"):
+        return None
+    return tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
+
+
+POSITIONAL_TERMS = (HIDDEN_TERMS - {"cls_pkd"}) | ATTENTION_TERMS | set(RELATION_TERMS)
+"""Terms that compare the two models' states position by position: they need one tokenization for both."""
+
+
+def check_tokenizers(cfg: RunConfig, teacher_tokenizer, student_tokenizer) -> bool:
+    """Whether the student (student.model) reads another tokenization than the teacher (another vocabulary);
+    UserError where the recipe cannot distil across the two."""
+    from kdistill.distill.explicit import why_not_cached
+
+    if teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab():
+        return False
+    why = f"student.model {cfg.student.model} has another vocabulary than the teacher"
+    d = cfg.distill
+    active = {term for term, weight in d.losses.items() if weight > 0}
+    positional = sorted(active & POSITIONAL_TERMS)
+    if positional:
+        raise UserError(f"distill.losses: {positional} compare teacher and student position by position, but {why} "
+                        "and the positions of two tokenizations do not align; use kd, ce (and cls_pkd) with it")
+    if d.strategy != "explicit":
+        raise UserError(f"distill.strategy: {d.strategy} runs the teacher on the student's batches, but {why}; "
+                        "use explicit")
+    if d.cache_teacher == "off":
+        raise UserError(f"distill.cache_teacher: off, but {why}: the teacher's outputs are computed once over its "
+                        "own tokenization and read back by example; use auto or on")
+    for tokenizer in (teacher_tokenizer, student_tokenizer):
+        reason = why_not_cached(TermSpec({term: 1.0 for term in active}, []), tokenizer)
+        if reason:
+            raise UserError(f"distill.losses: {why}, so the teacher's outputs must be cached, but {reason}")
+    return True
 
 
 def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool = False,
@@ -230,9 +292,21 @@ def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
             from None
 
 
-def make_student(cfg: RunConfig, teacher, calibration: dict):
-    """The student the recipe describes, and the teacher layers it was copied from."""
+def make_student(cfg: RunConfig, teacher, calibration: dict | None):
+    """The student the recipe describes, and the teacher layers it was copied from. A given student.model
+    (classification) gets a head for the teacher's labels unless it has one for them already."""
     s = cfg.student
+    if s.model and cfg.task == "classification":
+        labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+        given = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
+        trained = any(a.endswith("ForSequenceClassification") for a in given.architectures or [])
+        names = [given.id2label[i] for i in range(given.num_labels)]
+        if trained and names != labels:
+            raise UserError(f"student.model: {s.model} was trained on labels {names}, the data has {labels}; give an "
+                            "encoder without a classification head (it gets one for the data's labels)")
+        with seeded(cfg.train.seed):  # a head new to the encoder
+            student = load_classifier(s.model, labels)
+        return student.train(), None
     if s.model:
         student, _, _ = load_model_dir(s.model)
         return student.train(), None
@@ -260,9 +334,10 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
 
 
 def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_dir: Path, init_layers, student,
-                    checkpoints: Checkpoints | None = None):
+                    checkpoints: Checkpoints | None = None, teacher_tokenizer=None):
     """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning).
-    `checkpoints`: explicit only (mutual and alternating do not checkpoint)."""
+    `checkpoints`: explicit only (mutual and alternating do not checkpoint). `tokenizer`: the student's;
+    `teacher_tokenizer`: the teachers', where it differs (explicit only, check_tokenizers)."""
     spec = term_spec(cfg, teacher, student, init_layers)
     extra = [load_model_dir(p)[0] for p in cfg.distill.extra_teachers]
     common = dict(spec=spec, distill=cfg.distill, train=cfg.train, max_length=cfg.data.max_length,
@@ -273,7 +348,7 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_di
 
         # work_dir: the teacher hidden-state cache goes on the run dir's disk, not in a possibly small $TMPDIR
         return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", checkpoints=checkpoints,
-                                work_dir=run_dir, **common), None
+                                work_dir=run_dir, teacher_tokenizer=teacher_tokenizer, **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":
@@ -313,13 +388,20 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process)."""
     main = is_main_process()
     teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir, resume=resume, fingerprint=fingerprint)
+    student_data = with_transfer(data, cfg.data, teacher, tokenizer)  # augmentation reads the teacher's embeddings
     teacher_before = None
     if cfg.distill.strategy != "explicit":
         # the teacher keeps learning: keep its pre-distillation weights to report both
         teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
 
-    encoded = tokenize_splits(data, tokenizer, cfg.data.max_length)
-    calibration = calibration_batch(encoded["train"], tokenizer)
+    if cfg.student.model:  # its own tokenizer, maybe another than the teacher's
+        student_tokenizer = load_tokenizer(cfg.student.model)
+        cross = check_tokenizers(cfg, tokenizer, student_tokenizer)
+        calibration = None
+    else:
+        student_tokenizer, cross = tokenizer, False
+        calibration = calibration_batch(tokenize_splits(data, tokenizer, cfg.data.max_length, ("train",))["train"],
+                                        tokenizer)
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
     baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
@@ -335,15 +417,16 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
             raise UserError(f"--resume {run_dir}: resume not supported for strategy {cfg.distill.strategy} (it was "
                             "killed while distilling); start the run again without --resume")
         checkpoints = phase_checkpoints(cfg, run_dir, "student", resume, fingerprint)
-        history, teacher_history = distill_student(cfg, teacher, tokenizer, data, run_dir, init_layers, student,
-                                                   checkpoints)
+        history, teacher_history = distill_student(cfg, teacher, student_tokenizer, student_data, run_dir,
+                                                   init_layers, student, checkpoints,
+                                                   teacher_tokenizer=tokenizer if cross else None)
         models["student"] = (run_dir / "student", history)
         meta = {"task": cfg.task, "max_length": cfg.data.max_length, "strategy": cfg.distill.strategy,
                 "losses": cfg.distill.losses, "student_init": shapes["init"],
                 "train_wall_time_s": history.wall_time_s}
         if main:
             save_history(run_dir, history)
-            save_model(student, tokenizer, run_dir / "student", {"role": "student", **meta})
+            save_model(student, student_tokenizer, run_dir / "student", {"role": "student", **meta})
             checkpoints.clear()
         if teacher_history is not None:
             if main:
@@ -360,11 +443,11 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     elif baseline_init is not None:
         student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
         checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume, fingerprint)
-        baseline_history = finetune(student, tokenizer, data, cfg.train, max_length=cfg.data.max_length,
+        baseline_history = finetune(student, student_tokenizer, data, cfg.train, max_length=cfg.data.max_length,
                                     name="baseline", log_dir=run_dir / "logs", checkpoints=checkpoints)
         if main:
             save_history(run_dir, baseline_history)
-            save_model(student, tokenizer, run_dir / "baseline",
+            save_model(student, student_tokenizer, run_dir / "baseline",
                        {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
                         "train_wall_time_s": baseline_history.wall_time_s})
             checkpoints.clear()
@@ -372,7 +455,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
 
     if not main:  # evaluation, export and report: the main process alone
         return run_dir
-    metrics = evaluate_run(cfg, run_dir, models, data, shapes)
+    metrics = evaluate_run(cfg, run_dir, models, student_data, shapes)  # its summary counts the transfer rows
     if cfg.export.formats:
         from kdistill.export import export_model
 
@@ -386,19 +469,24 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
 
 
 def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, shapes: dict | None) -> dict:
-    """Every model of the run on the same test split; speed measured side by side, interleaved."""
-    loaded = {name: load_model_dir(path)[0] for name, (path, _) in models.items()}
-    # every model of a run shares the teacher's vocabulary
-    tokenizer = load_model_dir(next(iter(models.values()))[0])[1]
-    encoded_test = tokenize_splits(data, tokenizer, cfg.data.max_length)["test"]
+    """Every model of the run on the same test split, each in its own tokenization (a student.model may read
+    another than the teacher); speed measured side by side, interleaved."""
+    loaded, inputs, by_vocab = {}, {}, {}
+    for name, (path, _) in models.items():
+        loaded[name], tokenizer, _ = load_model_dir(path)
+        vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        if vocab not in by_vocab:  # the test split tokenized once per vocabulary
+            by_vocab[vocab] = (tokenize_splits(data, tokenizer, cfg.data.max_length, ("test",))["test"], tokenizer)
+        inputs[name] = by_vocab[vocab]
     results = {}
     for name, model in loaded.items():
         path, history = models[name]
+        encoded_test, tokenizer = inputs[name]
         results[name] = evaluate_model(model, tokenizer, encoded_test, data.label_names, cfg.eval, path,
                                        speed=False)
         results[name]["train_wall_time_s"] = history.wall_time_s if history else \
             read_meta(path).get("train_wall_time_s")
-    speed = compare_speed(loaded, encoded_test, tokenizer, cfg.eval)
+    speed = compare_speed(loaded, inputs, cfg.eval)
     for name, numbers in speed.items():
         results[name].update(numbers)
     teacher = results.get("teacher", next(iter(results.values())))
@@ -503,7 +591,7 @@ def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overr
         chosen = concatenate_datasets(list(data.splits.values())) if split == "all" else data.splits[split]
         data.splits["test"] = chosen
     max_length = meta.get("max_length") or min(tokenizer.model_max_length, 512)
-    encoded = tokenize_splits(data, tokenizer, max_length)["test"]
+    encoded = tokenize_splits(data, tokenizer, max_length, ("test",))["test"]
     metrics = evaluate_model(model, tokenizer, encoded, data.label_names, EvalConfig(), model_dir)
     metrics.update({"model": str(model_dir), "data": spec, "split": split, "machine": machine_info(),
                     "train_wall_time_s": meta.get("train_wall_time_s")})

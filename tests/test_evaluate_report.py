@@ -47,7 +47,8 @@ def test_evaluate_model_and_interleaved_speed(toy_data, tiny_tokenizer):
     assert m["accuracy"] == pytest.approx(sum(p == y for p, y in zip(expected, enc["labels"])) / len(expected))
     assert m["params"] == sum(p.numel() for p in big.parameters())
     assert m["latency_ms_batch1"] > 0 and m["throughput_per_s"] > 0 and m["threads"] >= 1
-    speed = compare_speed({"big": big, "small": small}, enc, tiny_tokenizer, cfg)
+    speed = compare_speed({"big": big, "small": small}, {"big": (enc, tiny_tokenizer), "small": (enc, tiny_tokenizer)},
+                          cfg)
     assert set(speed) == {"big", "small"}
     assert speed["small"]["latency_ms_batch1"] < speed["big"]["latency_ms_batch1"]  # 1 layer vs 12: a gap no machine noise hides
 

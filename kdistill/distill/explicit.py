@@ -17,6 +17,10 @@ otherwise the teacher runs every step, with a log line saying why. Built in row 
 each example's `idx`, so it works with any batch order, gradient accumulation and several processes (each process
 builds and holds all rows, in a temp dir of its own).
 
+A student over another vocabulary than the teachers' (`teacher_tokenizer`) reads its own tokenization of each
+example; the teachers read theirs once, into the cache, which must then hold every output the terms read: logits,
+and position 0 for cls_pkd (the one hidden term whose positions need not align; see pipeline.check_tokenizers).
+
 The loop is the one every strategy shares (training.py: loaders, AdamW and schedule, the step-normalised loss,
 logging, validation and early stopping); what is explicit's own is here: the frozen teacher and its cache. With
 `checkpoints` it writes resumable state every `train.checkpoint_every` steps and at epoch ends, and continues from
@@ -195,12 +199,13 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
 def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, spec: TermSpec,
                      distill: DistillConfig, train: TrainConfig, max_length: int, name: str = "student",
                      log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
-                     work_dir: Path | None = None) -> History:
+                     work_dir: Path | None = None, teacher_tokenizer=None) -> History:
     """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
 
     Leaves the best validation weights in `student`; returns the history with every loss term per step.
     `checkpoints`: where to save resumable state, and whether to continue from the last one saved there.
     `work_dir`: where the teacher hidden-state cache's temporary directory goes (default: the system's, $TMPDIR).
+    `tokenizer`: the student's; `teacher_tokenizer`: the teachers', where their vocabulary differs from it.
     """
     set_seed(train.seed)
     accelerator = make_accelerator(train)
@@ -216,20 +221,27 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
 
     encoded = tokenize_splits(data, tokenizer, max_length)
     encoded_train = with_index(encoded["train"])
+    # the same rows in the same order: the teachers' outputs by row index fit the student's batches
+    teacher_train = encoded_train if teacher_tokenizer is None else \
+        with_index(tokenize_splits(data, teacher_tokenizer, max_length, ("train",))["train"])
     work_dir = Path(work_dir or tempfile.gettempdir())
     work_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:  # the cache's temp dir goes when training ends, also when it fails
         cached, store_dir = None, None
-        lengths = [len(ids) for ids in encoded_train["input_ids"]]
-        if needs_teacher and plan_cache(spec, distill.cache_teacher, tokenizer, teachers[0], lengths, work_dir,
+        lengths = [len(ids) for ids in teacher_train["input_ids"]]
+        teachers_read = teacher_tokenizer or tokenizer
+        if needs_teacher and plan_cache(spec, distill.cache_teacher, teachers_read, teachers[0], lengths, work_dir,
                                         accelerator):
             if spec.teacher_hidden_layers[0]:  # one per process: each holds all rows
                 tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-teacher-cache-",
                                                                         dir=work_dir))
                 store_dir = Path(tmp) / "features"
             with torch.random.fork_rng(devices=[]):  # (its loader draws a seed): the same run with or without it
-                cached = cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, spec=spec,
+                cached = cache_teacher_outputs(teachers, teacher_train, teachers_read, accelerator, spec=spec,
                                                store_dir=store_dir)
+        elif needs_teacher and teacher_tokenizer is not None:  # the teachers cannot read the student's batches
+            raise UserError("the student reads another vocabulary than the teacher, so the teacher's outputs must be "
+                            "cached, and they are not (distill.cache_teacher, and the log line above, say why)")
 
         train_loader, val_loader, total_steps, evals_at = make_loaders(encoded_train, encoded["validation"],
                                                                        tokenizer, train, accelerator)
