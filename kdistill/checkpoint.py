@@ -40,7 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kdistill.config import RunConfig, load_config
-from kdistill.errors import UserError
+from kdistill.errors import ConfigError, UserError
+from kdistill.io import atomic_dir
 from kdistill.rundir import fingerprint_change
 from kdistill.training import GroupStream, Learner
 
@@ -86,17 +87,8 @@ class Checkpoints:
 
     def _write(self, final: Path, step: int, learner: Learner, stream: GroupStream, rng: list[dict],
                wall_time_s: float) -> None:
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(final) as tmp:  # replaces a `final` left by an earlier run into the same dir
             self._write_files(tmp, step, learner, stream, rng, wall_time_s)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():  # left by an earlier run into the same dir
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         fsync(self.directory)
         for old in self.directory.iterdir():  # older checkpoints, and temp dirs of killed writes
             if old != final and (old.name.startswith(PREFIX) or old.name.endswith(".tmp")):
@@ -192,7 +184,11 @@ def resume_config(run_dir: str | Path, recipe: str | None = None, overrides: lis
         raise UserError(f"--resume {run_dir}: no config.yaml there (not a kdistill run dir)")
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise UserError(f"--out {out}: a resumed run continues in its own dir ({run_dir}); drop --out")
-    cfg = load_config(saved)
+    try:
+        cfg = load_config(saved)
+    except ConfigError as e:
+        raise UserError(f"--resume {run_dir}: its config.yaml is not a kdistill config, so this is not a kdistill "
+                        f"run dir ({e})") from None
     if recipe is not None or overrides:
         given = _flat(load_config(recipe, overrides).model_dump(mode="json"))
         ran = _flat(cfg.model_dump(mode="json"))

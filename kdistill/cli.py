@@ -30,6 +30,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run directory (de
 ResumeOpt = Annotated[Optional[Path], typer.Option(
     "--resume", help="Continue a killed run in this run dir: its config.yaml, finished phases kept, the phase it was "
                      "in from its last checkpoint")]
+ReplaceOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file")]
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Use a non-empty --out: the outputs an earlier run left there are removed first (config.yaml, "
                         "model dirs, checkpoints, logs, metrics, report, export); other files are kept")]
@@ -82,14 +83,15 @@ def distill(recipe: str, teacher: Annotated[Path, typer.Option(help="Trained tea
 def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in dataset name or a data file")],
              split: Annotated[str, typer.Option(help="test | validation | train | all (every row of a file)")]
              = "test", set: SetOpt = None, out: Annotated[Optional[Path], typer.Option(
-                 help="metrics.json path (default: <model>/metrics.json)")] = None) -> dict:
+                 help="metrics.json path (default: <model>/metrics.json)")] = None,
+             overwrite: ReplaceOutOpt = False) -> dict:
     """Accuracy, P/R/F1, confusion matrix, size, latency and throughput of one model dir."""
     from kdistill.pipeline import evaluate_dir
     from kdistill.predict import check_output_file
 
     if out is not None:
         with _as_user_errors():
-            check_output_file(out, example="metrics.json")
+            check_output_file(out, example="metrics.json", overwrite=overwrite)
     metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out)
     keys = ("accuracy", "macro_f1", "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
     typer.echo(json.dumps({k: metrics[k] for k in keys}))
@@ -139,7 +141,7 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
 def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify")] = None,
             file: Annotated[Optional[Path], typer.Option(help="JSONL input with a 'text' field")] = None,
             out: Annotated[Optional[Path], typer.Option(help="JSONL output (default stdout)")] = None,
-            batch_size: int = 32) -> list[dict]:
+            batch_size: int = 32, overwrite: ReplaceOutOpt = False) -> list[dict]:
     """Label, label name and probabilities for texts (PyTorch or ONNX, from what MODEL holds)."""
     from kdistill.predict import check_output_file, load_predictor, predict_file, write_jsonl_atomic
 
@@ -147,9 +149,9 @@ def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(he
         raise UserError("predict: give TEXT arguments or --file, not both or neither")
     with _as_user_errors():
         if file:
-            return predict_file(model, file, out, batch_size=batch_size)
+            return predict_file(model, file, out, batch_size=batch_size, overwrite=overwrite)
         if out is not None:
-            check_output_file(out)
+            check_output_file(out, overwrite=overwrite)
         preds = load_predictor(model).predict(texts, batch_size=batch_size)
         records = [{"text": text, **p} for text, p in zip(texts, preds)]
         if out is not None:

@@ -31,6 +31,7 @@ from kdistill.models import (
     load_model_dir,
     load_tokenizer,
     read_meta,
+    require_safetensors,
     resolve_model_source,
     save_model,
     seeded,
@@ -97,13 +98,21 @@ def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool,
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Model dirs and the vocab named in the recipe exist (before the run dir is created)."""
+    """Model dirs and the vocab named in the recipe exist, and model dirs hold safetensors weights (loading never
+    unpickles), before the data is read or the run dir created."""
     student_dir = cfg.student.model if cfg.student.model not in BUILTIN_MODELS else None
-    named = [("teacher.path", cfg.teacher.path), ("student.model", student_dir)]
+    teacher_dir = cfg.teacher.model if not cfg.teacher.path and cfg.teacher.from_scratch is None and \
+        cfg.teacher.model and Path(cfg.teacher.model).is_dir() else None
+    named = [("teacher.path", cfg.teacher.path), ("teacher.model", teacher_dir), ("student.model", student_dir)]
     named += [(f"distill.extra_teachers[{i}]", p) for i, p in enumerate(cfg.distill.extra_teachers)]
     for key, path in named:
         if path and not (Path(path) / "config.json").is_file():
             raise UserError(f"{key}: {path} is not a model dir (no config.json)")
+        if path:
+            try:
+                require_safetensors(path)
+            except UserError as e:
+                raise UserError(f"{key}: {e}") from None
     scratch = cfg.teacher.from_scratch
     if scratch is not None and scratch.tokenizer not in ("wordpiece", "bert-base-chinese"):
         tokenizer_from_vocab(scratch.tokenizer)  # a ConfigError: missing, unreadable, not UTF-8, no special tokens

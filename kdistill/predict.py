@@ -335,6 +335,8 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():  # as the data readers and the server: nothing to classify is an input error
+            raise ValueError(f"texts[{i}] is empty")
         encode_utf8(t, f"texts[{i}]")
     return texts
 
@@ -397,6 +399,8 @@ def load_predictor(
 def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tuple[list[dict], list[str]]:
     """Rows and their texts from a JSONL file; blank lines are skipped; errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"input {path} is a folder; give a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     rows, texts = [], []
@@ -418,11 +422,14 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
     return rows, texts
 
 
-def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl") -> None:
-    """ValueError when the output file `path` is an existing folder; called before any work is done."""
+def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl", *, overwrite: bool = False) -> None:
+    """ValueError when the output file `path` is an existing folder, or an existing file the user did not say may be
+    replaced (`overwrite`); called before any work is done."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"output {path} is a folder, not a file; give a file path such as {path / example}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} exists; give a new path, or pass --overwrite to replace it")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
@@ -441,6 +448,7 @@ def predict_file(
     batch_size: int = 32,
     text_field: str = "text",
     backend: Backend = "auto",
+    overwrite: bool = False,
 ) -> list[dict]:
     """Predict every line of a JSONL file (objects with a "text" field).
 
@@ -449,7 +457,7 @@ def predict_file(
     out_path, or to stdout when out_path is None. Returns the output records.
     """
     if out_path is not None:
-        check_output_file(out_path)
+        check_output_file(out_path, overwrite=overwrite)
     rows, texts = read_jsonl_texts(in_path, text_field=text_field)
     predictor = load_predictor(model_dir, backend=backend)
     preds = predictor.predict(texts, batch_size=batch_size)

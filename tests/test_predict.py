@@ -101,6 +101,11 @@ def test_predict_file_bad_line_names_file_and_line(tiny_bert_dir, tmp_path):
         predict_file(tiny_bert_dir, src, out)
 
 
+def test_an_input_that_is_a_folder_is_named_as_one(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match=f"input {tmp_path} is a folder"):
+        predict_file(tiny_bert_dir, tmp_path, None)
+
+
 def test_load_errors_name_the_path(tmp_path, tiny_bert_dir):
     with pytest.raises(FileNotFoundError, match="model dir not found"):
         load_predictor(tmp_path / "nope")
@@ -175,6 +180,27 @@ def test_out_that_is_a_folder_is_exit_2_and_nothing_is_written(verb, tiny_bert_d
     assert str(out) in err and "is a folder" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "results"]
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate"])
+def test_an_existing_out_file_is_replaced_only_with_overwrite(verb, tiny_bert_dir, toy_examples, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in toy_examples[:6]), encoding="utf-8")
+    out = tmp_path / "mine.json"
+    out.write_text("the user's own file")
+    data_args = ["--file", src] if verb == "predict" else ["--data", src, "--split", "all"]
+    code, err = _cli([verb, tiny_bert_dir, *data_args, "--out", out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"output {out} exists" in err and "--overwrite" in err
+    assert out.read_text() == "the user's own file"
+    from kdistill.cli import main
+
+    main([str(a) for a in (verb, tiny_bert_dir, *data_args, "--out", out, "--overwrite")])  # returns: exit 0
+    assert out.read_text() != "the user's own file"
+
+
+def test_an_empty_text_is_exit_2_as_on_the_server(tiny_bert_dir, capsys):
+    code, err = _cli(["predict", tiny_bert_dir, "goal", "  "], capsys)
+    assert code == 2 and err == "kdistill: texts[1] is empty"
 
 
 def test_predict_texts_honour_out(tiny_bert_dir, tmp_path, capsys):

@@ -84,3 +84,17 @@ def test_a_run_dir_that_is_a_file_is_refused_before_training(recipe, tmp_path, n
     out.write_text("mine")
     assert refused(load_config(recipe), out).startswith(f"--out {out}: ")
     assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("key", ["teacher.path", "teacher.model"])
+def test_a_pickle_only_teacher_is_refused_before_the_data_is_read(recipe, tmp_path, no_training, key):
+    import shutil
+
+    cfg = load_config(recipe)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(cfg.teacher.path, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # the name is what loaders fall back on
+    overrides = [f"teacher.path={pickled}"] if key == "teacher.path" else ["teacher.path=null", f"teacher.model={pickled}"]
+    message = refused(load_config(recipe, overrides), tmp_path / "run")
+    assert message.startswith(f"{key}: {pickled}: holds pytorch_model.bin but no model.safetensors")
+    assert not (tmp_path / "run").exists()

@@ -128,6 +128,9 @@ def test_resume_refuses_a_changed_config_and_a_dir_that_is_not_a_run(toy_recipe,
         resume_config(run_dir, str(recipe), ["train.lr=0.1"])
     with pytest.raises(UserError, match="--out"):
         resume_config(run_dir, out=tmp_path / "elsewhere")
+    (run_dir / "config.yaml").write_text("mine: a config of another tool\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"its config\.yaml is not a kdistill config, so this is not a kdistill run"):
+        resume_config(run_dir)
 
 
 def test_resume_is_refused_for_strategies_that_do_not_checkpoint(tmp_path, tiny_tokenizer):
@@ -259,6 +262,21 @@ def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path
             train_run(Checkpoints(tmp_path, every=2, resume=True, fingerprint=other))
     resumed = train_run(Checkpoints(tmp_path, every=2, resume=True, fingerprint=fingerprint))
     assert [s["step"] for s in resumed.steps] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_checkpoint_files_get_a_plain_writes_mode(umask_022, killed_run):
+    """safetensors writes owner-only files; checkpoints are as readable as any file written under the umask."""
+    run_dir, _ = killed_run
+    files = [f for f in (run_dir / "checkpoints").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o644)}
 
 
 @pytest.fixture
