@@ -208,10 +208,12 @@ def textbrewer_missing() -> str | None:
 # ------------------------------------------------------------------------------------------------------ kdistill
 
 def train_kdistill(student, teacher, tokenizer, data, cfg, plan: dict) -> dict:
+    from kdistill.data import tokenize_splits
     from kdistill.pipeline import distill_student
 
+    encoded = tokenize_splits(data, tokenizer, cfg.data.max_length, ("train", "validation"))
     with tempfile.TemporaryDirectory(prefix="distill-speed-kdistill-") as run_dir:
-        history, _ = distill_student(cfg, teacher, tokenizer, data, Path(run_dir), plan["init_layers"], student)
+        history, _ = distill_student(cfg, teacher, tokenizer, encoded, Path(run_dir), plan["init_layers"], student)
     return {"steps": len(history.steps)}
 
 
@@ -232,7 +234,7 @@ def load_setup(args):
     import torch
 
     from kdistill.config import load_config, parse_override
-    from kdistill.data import load_data, tokenize_splits
+    from kdistill.data import Encodings, load_data
     from kdistill.errors import UserError
     from kdistill.pipeline import calibration_batch, get_teacher, make_student, term_spec
 
@@ -250,8 +252,9 @@ def load_setup(args):
     cfg = load_config("default", items + list(args.set))
     data = load_data(cfg.data)
     # teacher.path is set: get_teacher loads it and checks its labels against the data's; it writes no run dir
-    teacher, tokenizer, _, _ = get_teacher(cfg, data, Path(tempfile.gettempdir()))
-    encoded = tokenize_splits(data, tokenizer, cfg.data.max_length)
+    encodings = Encodings(cfg.data.max_length)
+    teacher, tokenizer, _, _ = get_teacher(cfg, data, encodings, Path(tempfile.gettempdir()))
+    encoded = encodings(data, tokenizer, ("train", "validation", "test"))
     student, init_layers = make_student(cfg, teacher, calibration_batch(encoded["train"], tokenizer))
     hidden = "hidden_mse" in LOSSES[args.losses]
     if hidden and student.config.hidden_size != teacher.config.hidden_size:

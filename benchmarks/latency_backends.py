@@ -56,7 +56,7 @@ def load_texts(args, tokenizer) -> list[str]:
             raise SystemExit(f"latency_backends: texts file not found: {path}")
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif args.data:
-        from kdistill.predict import read_jsonl_texts
+        from kdistill.deploy.predict import read_jsonl_texts
 
         _, texts = read_jsonl_texts(args.data)
     else:
@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from kdistill.export import export_model
-    from kdistill.predict import load_predictor
+    from kdistill.deploy.export import export_model
+    from kdistill.deploy.predict import load_predictor
 
     import transformers
 
-    logging.getLogger("kdistill.predict").setLevel(logging.ERROR)  # truncation is expected here
+    logging.getLogger("kdistill.deploy.predict").setLevel(logging.ERROR)  # truncation is expected here
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     threads = args.threads or torch.get_num_threads()

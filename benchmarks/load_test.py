@@ -43,7 +43,7 @@ def _free_port() -> int:
 def _start_server(model: str, port: int, options: dict) -> subprocess.Popen:
     code = (
         "import json, sys\n"
-        "from kdistill.serve import run_server\n"
+        "from kdistill.deploy.serve import run_server\n"
         "run_server(sys.argv[1], **json.loads(sys.argv[2]))\n"
     )
     kwargs = {"host": "127.0.0.1", "port": port, "log_level": "warning", **options}

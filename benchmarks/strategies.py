@@ -54,7 +54,7 @@ def teacher_dir(args, dataset: str, out: Path) -> tuple[Path, float | None]:
     if args.teacher:
         return Path(args.teacher), None
     from kdistill.config import load_config
-    from kdistill.data import load_data
+    from kdistill.data import Encodings, load_data
     from kdistill.pipeline import get_teacher, training_data
     from kdistill.rundir import run_dir_for, run_fingerprint
 
@@ -65,7 +65,7 @@ def teacher_dir(args, dataset: str, out: Path) -> tuple[Path, float | None]:
     started = time.perf_counter()
     data = load_data(cfg.data)
     with run_dir_for(cfg, out / f"teacher-{dataset}", run_fingerprint(cfg, training_data(data))) as run_dir:
-        _, _, path, _ = get_teacher(cfg, data, run_dir)
+        _, _, path, _ = get_teacher(cfg, data, Encodings(cfg.data.max_length), run_dir)
     return path, time.perf_counter() - started
 
 

@@ -1,13 +1,16 @@
 """Resumable training state of one phase (teacher, student, baseline), written atomically.
 
     RUN_DIR/checkpoints/<phase>/step-0000012/
-      model.safetensors    the learning model's weights
-      extra.safetensors    weights that learn along with it (the learned projections of hidden terms), if any
-      best.safetensors     early stopping's best validation weights so far, if any
-      state.safetensors    the optimizer's tensors (AdamW moments and step counts), each process's torch RNG state
-      state.json           the rest: step, data position, optimizer param groups, schedule, history, early
-                           stopping, each process's python and numpy RNG states, training time so far, and the
-                           fingerprint of the config and data the run trains on (rundir.run_fingerprint)
+      <learner>/               one folder per model that learns in the phase (student; teacher_after, ...)
+        model.safetensors      its weights
+        extra.safetensors      weights that learn along with it (the learned projections of hidden terms), if any
+        best.safetensors       early stopping's best validation weights so far, if any
+        optimizer.safetensors  the optimizer's tensors (AdamW moments and step counts)
+      state.safetensors    each process's torch RNG state
+      state.json           the rest: step, each data stream's position, each learner's optimizer param groups,
+                           schedule, history and early stopping, each process's python and numpy RNG states,
+                           training time so far, and the fingerprint of the config and data the run trains on
+                           (rundir.run_fingerprint)
       COMPLETE             written last
 
 A checkpoint is written into a hidden `.step-0000012.tmp` dir, every file fsynced, COMPLETE last, and then renamed to
@@ -15,9 +18,10 @@ A checkpoint is written into a hidden `.step-0000012.tmp` dir, every file fsynce
 kill at any moment leaves the last good checkpoint loadable, and a half-written one is never read. Tensors go to
 safetensors and everything else to JSON: loading unpickles nothing.
 
-What makes a resumed run take the very steps of an uninterrupted one: the weights, the optimizer and its schedule,
-the early-stopping state, every process's RNG states (dropout), and the data position: the epoch (which seeds the
-sampler's order) and the batches of it already done, which are skipped without being loaded (training.GroupStream).
+What makes a resumed run take the very steps of an uninterrupted one: every learner's weights, optimizer, schedule
+and early-stopping state, every process's RNG states (dropout), and each data stream's position: the epoch (which
+seeds the sampler's order) and the batches of it already done, which are skipped without being loaded
+(training.GroupStream).
 Only the main process writes; every process reads. `kdistill run --resume RUN_DIR` re-reads the run's config
 (`resume_config`); the pipeline skips the phases whose model dir is saved and resumes the one it was in. A
 checkpoint whose fingerprint is not the resuming run's (another config or other data) is refused, not loaded.
@@ -72,36 +76,31 @@ class Checkpoints:
     def due(self, step: int, stream: GroupStream) -> bool:
         return bool(self.every and step % self.every == 0) or stream.at_epoch_end
 
-    def save(self, step: int, learner: Learner, stream: GroupStream, accelerator: Accelerator, *,
+    def save(self, step: int, learners: list[Learner], streams: dict[str, GroupStream], accelerator: Accelerator, *,
              wall_time_s: float) -> None:
         """Write the state after `step` (every process calls this; the main process writes)."""
         rng = [rng_state()] if accelerator.num_processes == 1 else gather_object([rng_state()])
         if accelerator.is_main_process:
             final = self.directory / f"{PREFIX}{step:07d}"
             try:
-                self._write(final, step, learner, stream, rng, wall_time_s)
+                self._write(final, step, learners, streams, rng, wall_time_s)
             except (OSError, SafetensorError) as e:  # disk full, quota, permissions
                 reason = getattr(e, "strerror", None) or str(e)
                 raise UserError(f"cannot write checkpoint {getattr(e, 'filename', None) or final}: {reason}") from None
         accelerator.wait_for_everyone()
 
-    def _write(self, final: Path, step: int, learner: Learner, stream: GroupStream, rng: list[dict],
-               wall_time_s: float) -> None:
+    def _write(self, final: Path, step: int, learners: list[Learner], streams: dict[str, GroupStream],
+               rng: list[dict], wall_time_s: float) -> None:
         with atomic_dir(final) as tmp:  # replaces a `final` left by an earlier run into the same dir
-            self._write_files(tmp, step, learner, stream, rng, wall_time_s)
+            self._write_files(tmp, step, learners, streams, rng, wall_time_s)
         fsync(self.directory)
         for old in self.directory.iterdir():  # older checkpoints, and temp dirs of killed writes
             if old != final and (old.name.startswith(PREFIX) or old.name.endswith(".tmp")):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _write_files(self, tmp: Path, step: int, learner: Learner, stream: GroupStream, rng: list[dict],
-                     wall_time_s: float) -> None:
-        save_model(unwrap(learner.model), str(tmp / "model.safetensors"))
-        if has_weights(learner.extra):
-            save_model(learner.extra, str(tmp / "extra.safetensors"))
-        if learner.stopper.best_state is not None:
-            save_file({k: v.contiguous() for k, v in learner.stopper.best_state.items()}, str(tmp / "best.safetensors"))
-        optimizer, tensors = split_tensors(learner.optimizer.state_dict())
+    def _write_files(self, tmp: Path, step: int, learners: list[Learner], streams: dict[str, GroupStream],
+                     rng: list[dict], wall_time_s: float) -> None:
+        tensors = {}
         for rank, state in enumerate(rng):
             tensors[f"rng.{rank}.torch"] = state.pop("torch")
             for i, cuda in enumerate(state.pop("cuda")):
@@ -109,25 +108,43 @@ class Checkpoints:
         save_file(tensors, str(tmp / "state.safetensors"))
         state = {
             "step": step,
-            "position": stream.position,
+            "positions": {name: stream.position for name, stream in streams.items()},
             "world_size": len(rng),
-            "optimizer": optimizer,
-            "scheduler": learner.scheduler.state_dict(),
-            "history": learner.history.to_dict(),
-            "early_stopping": {"best": learner.stopper.best, "bad_evals": learner.stopper.bad_evals},
+            "learners": [self._write_learner(tmp / learner.history.name, learner) for learner in learners],
             "rng": rng,
             "wall_time_s": wall_time_s,
             "fingerprint": self.fingerprint,
         }
         (tmp / "state.json").write_text(json.dumps(state, default=jsonable), encoding="utf-8")
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             fsync(f)
         (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")  # last: the files before it are on disk
         fsync(tmp / COMPLETE)
         fsync(tmp)
 
-    def restore(self, learner: Learner, stream: GroupStream, accelerator: Accelerator) -> tuple[int, float]:
-        """Load the newest complete checkpoint into `learner` and `stream` and the RNGs, when resuming.
+    @staticmethod
+    def _write_learner(folder: Path, learner: Learner) -> dict:
+        """One learner's weights and optimizer tensors into `folder`; returns the rest of its state (JSON)."""
+        folder.mkdir()
+        save_model(unwrap(learner.model), str(folder / "model.safetensors"))
+        if has_weights(learner.extra):
+            save_model(learner.extra, str(folder / "extra.safetensors"))
+        if learner.stopper.best_state is not None:
+            save_file({k: v.contiguous() for k, v in learner.stopper.best_state.items()},
+                      str(folder / "best.safetensors"))
+        optimizer, tensors = split_tensors(learner.optimizer.state_dict())
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        return {
+            "name": learner.history.name,
+            "optimizer": optimizer,
+            "scheduler": learner.scheduler.state_dict(),
+            "history": learner.history.to_dict(),
+            "early_stopping": {"best": learner.stopper.best, "bad_evals": learner.stopper.bad_evals},
+        }
+
+    def restore(self, learners: list[Learner], streams: dict[str, GroupStream],
+                accelerator: Accelerator) -> tuple[int, float]:
+        """Load the newest complete checkpoint into the `learners`, the `streams` and the RNGs, when resuming.
 
         Returns (steps done, training seconds so far): (0, 0.0) when there is nothing to resume."""
         path = self.latest() if self.resume else None
@@ -142,32 +159,43 @@ class Checkpoints:
                     else f"it was written for other {changed} than this run's (fingerprint differs)"
                 raise UserError(f"cannot resume from {path}: {why}; delete {self.directory} to train this phase "
                                 "from scratch")
+            names = [saved_learner["name"] for saved_learner in state["learners"]]
+            if names != [learner.history.name for learner in learners] or set(state["positions"]) != set(streams):
+                raise ValueError(f"it holds {names}, this phase trains {[x.history.name for x in learners]}")
             tensors = load_file(str(path / "state.safetensors"))
-            load_model(unwrap(learner.model), str(path / "model.safetensors"))
-            if has_weights(learner.extra):
-                load_model(learner.extra, str(path / "extra.safetensors"))
-            best = path / "best.safetensors"
-            learner.stopper.best_state = load_file(str(best)) if best.is_file() else None
+            for learner, saved_learner in zip(learners, state["learners"]):
+                self._read_learner(path / learner.history.name, learner, saved_learner, accelerator, state["step"])
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"cannot resume from {path}: {e}; delete that dir to resume from scratch") from None
-        learner.optimizer.load_state_dict(join_tensors(state["optimizer"], tensors,
-                                                       learner.optimizer.state_dict()["param_groups"]))
-        learner.scheduler.load_state_dict(state["scheduler"])
-        learner.history.load_dict(state["history"])
-        learner.history.open_tensorboard(learner.history.log_dir, accelerator, purge_step=state["step"] + 1)
-        best_score = state["early_stopping"]["best"]
-        learner.stopper.best = tuple(best_score) if best_score is not None else None
-        learner.stopper.bad_evals = state["early_stopping"]["bad_evals"]
-        stream.seek(state["position"])
+        for name, stream in streams.items():  # before the RNG states: an epoch under way opens here (GroupStream)
+            stream.seek(state["positions"][name])
         saved_world, rank = state["world_size"], accelerator.process_index
         if saved_world != accelerator.num_processes:
             log.warning("%s was written by %d processes, resumed by %d: the data order is kept, the random "
                         "streams (dropout) are not", path, saved_world, accelerator.num_processes)
         set_rng_state(state["rng"][rank % saved_world], tensors, rank % saved_world)
         if accelerator.is_main_process:
-            log.info("%s: resumed from %s (epoch %d, %d batches of it done)", learner.history.name, path,
-                     state["position"]["epoch"], state["position"]["batches_done"])
+            position = state["positions"]["train"]
+            log.info("%s: resumed from %s (epoch %d, %d batches of it done)", learners[0].history.name, path,
+                     position["epoch"], position["batches_done"])
         return state["step"], state["wall_time_s"]
+
+    @staticmethod
+    def _read_learner(folder: Path, learner: Learner, saved: dict, accelerator: Accelerator, step: int) -> None:
+        load_model(unwrap(learner.model), str(folder / "model.safetensors"))
+        if has_weights(learner.extra):
+            load_model(learner.extra, str(folder / "extra.safetensors"))
+        best = folder / "best.safetensors"
+        learner.stopper.best_state = load_file(str(best)) if best.is_file() else None
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        learner.optimizer.load_state_dict(join_tensors(saved["optimizer"], tensors,
+                                                       learner.optimizer.state_dict()["param_groups"]))
+        learner.scheduler.load_state_dict(saved["scheduler"])
+        learner.history.load_dict(saved["history"])
+        learner.history.open_tensorboard(learner.history.log_dir, accelerator, purge_step=step + 1)
+        best_score = saved["early_stopping"]["best"]
+        learner.stopper.best = tuple(best_score) if best_score is not None else None
+        learner.stopper.bad_evals = saved["early_stopping"]["bad_evals"]
 
     def clear(self) -> None:
         """Remove this phase's checkpoints (its model is saved: nothing is left to resume)."""

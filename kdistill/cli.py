@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -86,12 +85,11 @@ def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in datas
                  help="metrics.json path (default: <model>/metrics.json)")] = None,
              overwrite: ReplaceOutOpt = False) -> dict:
     """Accuracy, P/R/F1, confusion matrix, size, latency and throughput of one model dir."""
+    from kdistill.deploy.predict import check_output_file
     from kdistill.pipeline import evaluate_dir
-    from kdistill.predict import check_output_file
 
     if out is not None:
-        with _as_user_errors():
-            check_output_file(out, example="metrics.json", overwrite=overwrite)
+        check_output_file(out, example="metrics.json", overwrite=overwrite)
     metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out)
     keys = ("accuracy", "macro_f1", "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
     typer.echo(json.dumps({k: metrics[k] for k in keys}))
@@ -119,7 +117,7 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
                                                    "encoders); --no-fuse keeps a portable plain ONNX graph")] = True,
            set: SetOpt = None) -> dict:
     """Export a model dir as a self-contained HF dir or ONNX (optionally int8), with a parity check."""
-    from kdistill.export import export_model
+    from kdistill.deploy.export import export_model
 
     texts = labels = None
     if data:
@@ -127,11 +125,10 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
 
         bundle = data_for_model(model, data, set or [])
         texts, labels = list(bundle.splits["test"]["text"]), list(bundle.splits["test"]["label"])
-    with _as_user_errors():
-        source = model.resolve()  # `export .` names its output after the folder, not after ""
-        out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
-        parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
-                              parity_labels=labels, fuse=fuse)
+    source = model.resolve()  # `export .` names its output after the folder, not after ""
+    out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
+    parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
+                          parity_labels=labels, fuse=fuse)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},
                           default=str))
     return parity
@@ -143,19 +140,18 @@ def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(he
             out: Annotated[Optional[Path], typer.Option(help="JSONL output (default stdout)")] = None,
             batch_size: int = 32, overwrite: ReplaceOutOpt = False) -> list[dict]:
     """Label, label name and probabilities for texts (PyTorch or ONNX, from what MODEL holds)."""
-    from kdistill.predict import check_output_file, load_predictor, predict_file, write_jsonl_atomic
+    from kdistill.deploy.predict import check_output_file, load_predictor, predict_file, write_jsonl_atomic
 
     if bool(texts) == bool(file):
         raise UserError("predict: give TEXT arguments or --file, not both or neither")
-    with _as_user_errors():
-        if file:
-            return predict_file(model, file, out, batch_size=batch_size, overwrite=overwrite)
-        if out is not None:
-            check_output_file(out, overwrite=overwrite)
-        preds = load_predictor(model).predict(texts, batch_size=batch_size)
-        records = [{"text": text, **p} for text, p in zip(texts, preds)]
-        if out is not None:
-            write_jsonl_atomic(out, records)
+    if file:
+        return predict_file(model, file, out, batch_size=batch_size, overwrite=overwrite)
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
+    preds = load_predictor(model).predict(texts, batch_size=batch_size)
+    records = [{"text": text, **p} for text, p in zip(texts, preds)]
+    if out is not None:
+        write_jsonl_atomic(out, records)
     if out is None:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))
@@ -169,10 +165,9 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, workers: int =
           request_timeout: Annotated[float, typer.Option(
               help="Seconds a request may take, queue wait included, before it gets 503")] = 30.0) -> None:
     """HTTP service: POST /predict, GET /health, GET /metadata (loopback unless --host says otherwise)."""
-    from kdistill.serve import run_server
+    from kdistill.deploy.serve import run_server
 
-    with _as_user_errors():
-        run_server(model, host=host, port=port, workers=workers, api_key=api_key, request_timeout_s=request_timeout)
+    run_server(model, host=host, port=port, workers=workers, api_key=api_key, request_timeout_s=request_timeout)
 
 
 @app.command("recipes")
@@ -180,10 +175,7 @@ def recipes() -> dict[str, str]:
     """List the shipped recipes and what each demonstrates."""
     from kdistill.config import list_recipes
 
-    shipped = list_recipes()
-    for name, desc in shipped.items():
-        typer.echo(f"{name:24s} {desc}")
-    return shipped
+    return _listed(list_recipes(), width=24)
 
 
 @app.command("datasets")
@@ -191,10 +183,14 @@ def datasets() -> dict[str, str]:
     """List the built-in datasets."""
     from kdistill.data import list_datasets
 
-    names = list_datasets()
-    for name, desc in names.items():
-        typer.echo(f"{name:20s} {desc}")
-    return names
+    return _listed(list_datasets(), width=20)
+
+
+def _listed(described: dict[str, str], *, width: int) -> dict[str, str]:
+    """Print name -> description, one per line; return them (the verb's Python result)."""
+    for name, desc in described.items():
+        typer.echo(f"{name:{width}s} {desc}")
+    return described
 
 
 @app.command("validate")
@@ -217,15 +213,6 @@ def _print_summary(run_dir: Path) -> None:
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         typer.echo(summary_table([{"metrics": metrics}]))
     typer.echo(f"run dir: {run_dir}")
-
-
-@contextmanager
-def _as_user_errors():
-    """Export/predict/serve report bad paths and inputs as ValueError/FileNotFoundError: show them as user errors."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

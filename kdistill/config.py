@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdistill.errors import ConfigError, decode_utf8
+from kdistill.terms import TERMS, terms_for, uncacheable_terms
 
 
 class _Section(BaseModel):
@@ -135,10 +136,6 @@ class StudentConfig(_Section):
     reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on)."""
 
 
-LOSS_TERMS = ("kd", "ce", "hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse",
-              "minilm_qq", "minilm_kk", "minilm_vv", "cls_pkd")
-
-
 class DistillConfig(_Section):
     strategy: Literal["explicit", "mutual", "alternating"] = "explicit"
     """How teacher and student learn: frozen teacher, together (mutual learning), or in turns (MetaDistil)."""
@@ -148,9 +145,9 @@ class DistillConfig(_Section):
     """Optional final temperature of a schedule from `temperature` to this value."""
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     losses: dict[str, float] = Field(default_factory=lambda: {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0})
-    """Loss term -> weight. Terms: kd, ce, hidden_mse, embedding_mse, hidden_cosine, attention_kl, attention_mse,
-    minilm_qq, minilm_kk, minilm_vv, cls_pkd (causal-lm: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl,
-    lm)."""
+    """Loss term -> weight (the terms are the rows of kdistill/terms.py). Terms: kd, ce, hidden_mse, embedding_mse,
+    hidden_cosine, attention_kl, attention_mse, minilm_qq, minilm_kk, minilm_vv, cls_pkd (causal-lm: forward_kl,
+    reverse_kl, jsd, skew_kl, skew_reverse_kl, lm, hidden_mse, hidden_cosine, embedding_mse)."""
     layer_mapping: Literal["uniform", "last", "init"] | list[list[int]] = "init"
     """Student layer -> teacher layer for hidden/attention terms: `init` (the layers the student was copied from),
     `uniform` (TinyBERT), `last`, or explicit [[student, teacher], ...] pairs (0-based)."""
@@ -191,13 +188,11 @@ class DistillConfig(_Section):
     @field_validator("losses")
     @classmethod
     def _known_terms(cls, losses: dict[str, float]) -> dict[str, float]:
-        from kdistill.distill.terms import known_terms
-
         for term, weight in losses.items():
-            if term not in known_terms():
-                close = difflib.get_close_matches(term, known_terms(), n=1)
+            if term not in TERMS:
+                close = difflib.get_close_matches(term, list(TERMS), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ValueError(f"unknown loss term '{term}'{hint}; known: {', '.join(known_terms())}")
+                raise ValueError(f"unknown loss term '{term}'{hint}; known: {', '.join(TERMS)}")
             if weight < 0:
                 raise ValueError(f"loss weight of '{term}' must be >= 0")
         if not any(w > 0 for w in losses.values()):
@@ -206,8 +201,6 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _cacheable(self):
-        from kdistill.distill.terms import uncacheable_terms
-
         uncached = uncacheable_terms(t for t, w in self.losses.items() if w > 0)
         if self.cache_teacher == "on" and self.strategy == "explicit" and uncached:
             raise ValueError(f"cache_teacher: on, but {uncached} need the teacher's attention maps or Q/K/V, which "
@@ -292,6 +285,14 @@ class RunConfig(_Section):
             raise ValueError("data: set data.dataset or data.train_file")
         if self.task != "classification" and (self.data.unlabeled_file or self.data.augment):
             raise ValueError(f"data.unlabeled_file and data.augment work with task classification, not {self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _terms_apply_to_task(self):
+        for term, weight in self.distill.losses.items():
+            if weight > 0 and self.task not in TERMS[term].tasks:
+                raise ValueError(f"distill.losses.{term}: does not apply to task {self.task}; its terms are "
+                                 f"{', '.join(terms_for(self.task))}")
         return self
 
 

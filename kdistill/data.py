@@ -1,17 +1,32 @@
-"""Data in: built-in datasets and users' files -> deterministic train/validation/test splits with label ids.
+"""Data in: built-in datasets and users' files -> deterministic train/validation/test splits.
 
-Every split has the columns `text` (and `text_pair` for sentence pairs) and `label` (int). Label names are
-sorted, so ids do not depend on file order or directory listing order, and they are saved with every model.
+Classification (`load_data`): every split has the columns `text` (and `text_pair` for sentence pairs) and `label`
+(int). Label names are sorted, so ids do not depend on file order or directory listing order, and they are saved
+with every model.
+
+Causal LM (`load_lm_corpus`, `pack_blocks`): documents come from a built-in dataset (its texts; labels are
+ignored) or from `data.train_file` (+ optional `validation_file` / `test_file`), column `data.text_column`. They
+are split BY DOCUMENT with a seeded shuffle (`data.test_fraction`, then `data.validation_fraction` of the rest), so
+no held-out text was seen in training. Each split is then tokenised (no special tokens), documents joined with the
+tokenizer's EOS, and cut into blocks of `data.block_size` tokens; the last, shorter block is padded (attention mask
+0), so the losses' padding masks apply. In a block, position t predicts token t+1: `next_token_targets` gives the
+labels and the mask of positions whose own token and next token are both real; every LM loss term and the
+perplexity count exactly these positions.
+
+Both tasks share the leakage check (held-out texts that also occur in train, compared case- and
+spacing-insensitively, are dropped: `data.drop_test_duplicates`) and `data.limit` (a cap per split).
 Bad input raises `DataError` with one line naming the file, row and column.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +34,11 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 
 from kdistill.assets import NEWSGROUPS, fetch
 from kdistill.config import DataConfig
@@ -132,6 +150,14 @@ def list_datasets() -> dict[str, str]:
     return {name: desc for name, (_, desc) in BUILTIN_DATASETS.items()}
 
 
+def _builtin(name: str | None) -> dict[str, list[dict]]:
+    """The rows of built-in dataset `name`, per split (see BUILTIN_DATASETS)."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"data.dataset: unknown built-in dataset '{name}' "
+                        f"(known: {', '.join(BUILTIN_DATASETS)}); or set data.train_file")
+    return BUILTIN_DATASETS[name][0]()
+
+
 # ---------------------------------------------------------------------------------------------- user's files
 
 def _decode(path: Path) -> str:
@@ -219,8 +245,6 @@ def read_table(path: str | Path) -> tuple[list[dict], str]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        from datasets import load_from_disk
-
         try:
             ds = load_from_disk(str(path))
         except Exception as e:  # datasets raises several types for a non-dataset dir
@@ -245,8 +269,6 @@ def read_table(path: str | Path) -> tuple[list[dict], str]:
                 rows.append(_record(_json(line, path, i), f"{path}: line {i}"))
         return rows, "line"
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             parquet = pq.ParquetFile(path)
             _duplicates(parquet.schema_arrow.names, path)
@@ -398,12 +420,22 @@ def text_key(row: dict) -> str:
     return _normalise(row["text"]) + "\x00" + _normalise(row.get("text_pair", ""))
 
 
-def _remove_leaks(train: list[dict], held: list[dict], drop: bool) -> tuple[list[dict], int]:
-    seen = {text_key(r) for r in train}
-    leaked = [r for r in held if text_key(r) in seen]
+def _remove_leaks(train: list, held: list, drop: bool, key=text_key) -> tuple[list, int]:
+    """`held` less the items whose `key` is also one of train's (when `drop`), and how many those are."""
+    seen = {key(r) for r in train}
+    leaked = sum(key(r) in seen for r in held)
     if drop:
-        held = [r for r in held if text_key(r) not in seen]
-    return held, len(leaked)
+        held = [r for r in held if key(r) not in seen]
+    return held, leaked
+
+
+def _capped(items: list, limit: int | None, source: str, split: str, empty: str = "is empty") -> list:
+    """A split's first `limit` items (data.limit; all without one); DataError when none are left."""
+    if limit:
+        items = items[:limit]
+    if not items:
+        raise DataError(f"{source}: the {split} split {empty}; use more data or other split fractions")
+    return items
 
 
 def _read_unlabeled(cfg: DataConfig, held_out: list[dict]) -> tuple[list[dict], int]:
@@ -438,10 +470,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         train_rows = _read(cfg.train_file, cfg)
         source = cfg.train_file
     else:
-        if cfg.dataset not in BUILTIN_DATASETS:
-            raise DataError(f"data.dataset: unknown built-in dataset '{cfg.dataset}' "
-                            f"(known: {', '.join(BUILTIN_DATASETS)}); or set data.train_file")
-        builtin = BUILTIN_DATASETS[cfg.dataset][0]()
+        builtin = _builtin(cfg.dataset)
         train_rows, given_test, source = builtin["train"], builtin.get("test"), cfg.dataset
     test_rows = _read(cfg.test_file, cfg) if cfg.test_file else given_test
     val_rows = _read(cfg.validation_file, cfg) if cfg.validation_file else None
@@ -482,10 +511,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
     label_id = {n: i for i, n in enumerate(names)}
     splits = {}
     for split_name, rows in zip(SPLITS, (train_rows, val_rows, test_rows)):
-        if cfg.limit:
-            rows = rows[: cfg.limit]
-        if not rows:
-            raise DataError(f"{source}: the {split_name} split is empty; use more data or other split fractions")
+        rows = _capped(rows, cfg.limit, source, split_name)
         columns = {"text": [r["text"] for r in rows]}
         if cfg.text_pair_column:
             columns["text_pair"] = [r["text_pair"] for r in rows]
@@ -511,10 +537,176 @@ def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int, splits: tupl
     One tokenizer call per split, not `Dataset.map`: map fingerprints its function by pickling the tokenizer
     (about 1 s per split here, every run, for a cache we do not use)."""
 
-    def encode(split: Dataset) -> Dataset:
-        pair = list(split["text_pair"]) if "text_pair" in split.column_names else None
-        enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
-        return Dataset.from_dict({**enc, "labels": list(split["label"])})
-
     wanted = bundle.splits.keys() if splits is None else splits
-    return DatasetDict({name: encode(bundle.splits[name]) for name in wanted})
+    return DatasetDict({name: encode_split(bundle.splits[name], tokenizer, max_length) for name in wanted})
+
+
+def encode_split(split: Dataset, tokenizer, max_length: int) -> Dataset:
+    """One split's texts (and text pairs) through `tokenizer`, truncated to `max_length`, with its labels."""
+    pair = list(split["text_pair"]) if "text_pair" in split.column_names else None
+    enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
+    return Dataset.from_dict({**enc, "labels": list(split["label"])})
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What decides how `tokenizer` encodes text (vocabulary, normaliser, pre-tokenizer, special tokens), hashed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # (less the truncation and padding state, which each call sets anew)
+        spec = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+                          sort_keys=True)
+    else:
+        spec = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{spec}|{tokenizer.padding_side}|{tokenizer.truncation_side}".encode()).hexdigest()
+
+
+class Encodings:
+    """The splits of one run, each tokenized once per tokenizer and kept for every phase that reads them (the
+    teacher's fine-tune, the student's initialisation and distillation, the baseline, the evaluation).
+
+    A split is known by its content fingerprint (a DataBundle with transfer rows has another training split, and the
+    same validation and test splits), a tokenizer by `tokenizer_key` (the same tokenizer loaded again from a saved
+    model dir is the same)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self._encoded: dict[tuple[str, str], Dataset] = {}
+
+    def __call__(self, bundle: DataBundle, tokenizer, splits: tuple[str, ...] = ("train", "validation")
+                 ) -> DatasetDict:
+        key = tokenizer_key(tokenizer)
+        out = {}
+        for name in splits:
+            split = bundle.splits[name]
+            if (key, split._fingerprint) not in self._encoded:
+                self._encoded[key, split._fingerprint] = encode_split(split, tokenizer, self.max_length)
+            out[name] = self._encoded[key, split._fingerprint]
+        return DatasetDict(out)
+
+
+# ------------------------------------------------------------------------------------------------ causal LM
+
+@dataclass
+class LMCorpus:
+    """Documents per split (train / validation / test), split by document."""
+
+    docs: dict[str, list[str]]
+    source: str
+    leakage: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"source": self.source, "documents": {s: len(self.docs[s]) for s in SPLITS}, "leakage": self.leakage}
+
+
+@dataclass
+class LMBlocks:
+    """Packed token blocks of one split: input_ids and attention_mask, both (N, L) int64."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def batch(self, rows) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]}
+
+
+def _file_texts(path: str, column: str, key: str) -> list[str]:
+    """The non-empty texts of `column` in a data file: the documents of a corpus (`key`: the recipe key)."""
+    rows, unit = read_table(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if column not in rows[0]:
+        raise DataError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, rows[0]))}); "
+                        f"set data.text_column")
+    texts = []
+    first = 2 if unit == "data row" else 1
+    for i, row in enumerate(rows, first):
+        value = row.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue  # an empty document adds nothing to a corpus
+        if not isinstance(value, str):
+            raise DataError(f"{path}: {'line' if unit == 'data row' else unit} {i}: column '{column}' is "
+                            f"{type(value).__name__}, expected text ({key})")
+        texts.append(value)
+    if not texts:
+        raise DataError(f"{path}: column '{column}' holds no text")
+    return texts
+
+
+def _document_split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(rest, held out): the first round(fraction * n) documents, at least one, are held out."""
+    n_held = max(1, round(len(docs) * fraction))
+    return docs[n_held:], docs[:n_held]
+
+
+def load_lm_corpus(cfg: DataConfig) -> LMCorpus:
+    """Documents of the configured data, split train / validation / test by document (seeded)."""
+    if cfg.train_file:
+        docs, source = _file_texts(cfg.train_file, cfg.text_column, "data.train_file"), cfg.train_file
+    else:  # a built-in dataset's train split: its texts are the corpus, its labels and test split are not used
+        docs, source = [r["text"] for r in _builtin(cfg.dataset)["train"] if r["text"].strip()], cfg.dataset
+    test = _file_texts(cfg.test_file, cfg.text_column, "data.test_file") if cfg.test_file else None
+    val = _file_texts(cfg.validation_file, cfg.text_column, "data.validation_file") if cfg.validation_file else None
+
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    docs = [docs[i] for i in order]
+    if test is None:
+        docs, test = _document_split(docs, cfg.test_fraction)
+    if val is None:
+        docs, val = _document_split(docs, cfg.validation_fraction)
+
+    leakage = {"removed": cfg.drop_test_duplicates}
+    splits = {"train": docs}
+    for name, held in (("validation", val), ("test", test)):
+        splits[name], leakage[f"{name}_docs_also_in_train"] = _remove_leaks(docs, held, cfg.drop_test_duplicates,
+                                                                            key=_normalise)
+    if leakage["test_docs_also_in_train"] or leakage["validation_docs_also_in_train"]:
+        log.warning("%s: %d test and %d validation documents also appear in train; %s", source,
+                    leakage["test_docs_also_in_train"], leakage["validation_docs_also_in_train"],
+                    "removed" if cfg.drop_test_duplicates else "kept (perplexity will be optimistic)")
+    for name in SPLITS:
+        splits[name] = _capped(splits[name], cfg.limit, source, name, empty="has no documents")
+    return LMCorpus(splits, str(source), leakage)
+
+
+def pack_blocks(texts: list[str], tokenizer, block_size: int) -> LMBlocks:
+    """Tokenise documents, join them with EOS, cut into blocks of `block_size`; the last block is padded."""
+    ids: list[int] = []
+    sep = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    for doc in encoded:
+        ids.extend(doc)
+        if sep is not None:
+            ids.append(sep)
+    if not ids:
+        raise DataError("no tokens to pack: the documents tokenise to nothing")
+    n = math.ceil(len(ids) / block_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep or 0)
+    flat = torch.full((n * block_size,), pad, dtype=torch.long)
+    flat[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    mask = torch.zeros(n * block_size, dtype=torch.long)
+    mask[: len(ids)] = 1
+    return LMBlocks(flat.view(n, block_size), mask.view(n, block_size))
+
+
+def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length: int = 0) -> tuple[Tensor, Tensor]:
+    """labels (B, L): labels[:, t] = input_ids[:, t+1]; valid (B, L) bool: position t counts.
+
+    A position counts when it and the next one are real tokens and the next one lies at or after
+    `prompt_length` (for generated continuations only the generated tokens are targets); the last position of
+    a block predicts nothing.
+    """
+    mask = attention_mask.bool()
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    valid = torch.zeros_like(mask)
+    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    if prompt_length > 1:
+        valid[:, : prompt_length - 1] = False
+    return labels, valid

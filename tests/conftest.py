@@ -9,7 +9,14 @@ import random
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 
@@ -89,3 +96,46 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer):
     from tests.helpers import save_teacher_dir
 
     return save_teacher_dir(tmp_path_factory.mktemp("teacher"), tiny_tokenizer)
+
+
+# ------------------------------------------------------------------------------ causal LM: toy news, tiny GPT-2
+
+SUBJECTS = ["the minister", "the team", "the company", "a new phone", "the coach", "the market", "the court"]
+VERBS = ["said", "won", "lost", "announced", "rejected", "reported", "expects"]
+OBJECTS = ["a big deal", "the final match", "record profits", "new rules", "the vote", "higher prices", "an appeal"]
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        sentences = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+                     for _ in range(rng.randint(3, 6))]
+        docs.append(f"Story {i}: " + " ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def docs() -> list[str]:
+    return make_docs(60)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(docs):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the toy corpus, EOS = <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=64)
+
+
+def tiny_gpt2(tokenizer, layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 from kdistill.config import TrainConfig, load_config
-from kdistill.data import DataBundle
-from kdistill.distill.terms import TermSpec
+from kdistill.data import DataBundle, tokenize_splits
 from kdistill.student import build_student
+from kdistill.terms import TermSpec
 from kdistill.training import History
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
 
@@ -33,6 +33,11 @@ def toy_bundle(n_train: int = 48) -> DataBundle:
         return Dataset.from_dict({"text": [r["text"] for r in rows], "label": [LABELS.index(r["label"]) for r in rows]})
 
     return DataBundle(DatasetDict(train=split(n_train, 0), validation=split(12, 1), test=split(12, 2)), LABELS, "toy")
+
+
+def toy_encoded(tokenizer, n_train: int = 48, max_length: int = 16) -> DatasetDict:
+    """The toy splits tokenized, as the pipeline hands them to the training loops."""
+    return tokenize_splits(toy_bundle(n_train), tokenizer, max_length)
 
 
 def tiny_pair(tokenizer):
@@ -120,7 +125,7 @@ def check_run(run_dir, teacher_dir, strategy: str) -> dict:
 
 
 def start_kdistill(*args, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two on a shared 2-core box
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **popen.pop("env", {})}  # tiny models: one thread beats two
     return subprocess.Popen([sys.executable, "-m", "kdistill.cli", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
@@ -145,6 +150,14 @@ def write_toy_csv(path, n: int = 90, seed: int = 1):
         writer = csv.DictWriter(f, ["text", "label"])
         writer.writeheader()
         writer.writerows(make_toy_examples(n, seed=seed))
+    return path
+
+
+def write_vocab(path, tokenizer):
+    """The tokenizer's vocab.txt: a from-scratch teacher over a given vocab is the same in every process (a WordPiece
+    trained in the run is not: the tokenizers trainer breaks ties differently from one process to the next)."""
+    vocab = tokenizer.get_vocab()
+    path.write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n", encoding="utf-8")
     return path
 
 

@@ -12,11 +12,11 @@ from transformers import BertForSequenceClassification
 
 from kdistill.config import DistillConfig
 from kdistill.distill.alternating import distill_alternating, split_quiz, teacher_meta_gradients, trainable
-from kdistill.distill.terms import TermSpec, compute_terms
 from kdistill.features import capture
 from kdistill.pipeline import run
+from kdistill.terms import TermSpec, compute_terms
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
-from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_bundle, toy_run_config
+from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_encoded, toy_run_config
 
 TEMPERATURE = 2.0
 
@@ -25,8 +25,8 @@ def test_each_model_changes_only_in_its_own_steps_in_the_configured_ratio(monkey
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
     student_history, teacher_history = distill_alternating(
-        student, teacher, tiny_tokenizer, toy_bundle(), spec=spec,
-        distill=DistillConfig(student_steps=2, teacher_lr=1e-3), train=tiny_train(max_steps=5), max_length=16)
+        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        distill=DistillConfig(student_steps=2, teacher_lr=1e-3), train=tiny_train(max_steps=5))
     names = [name for name, *_ in calls[1:]]
     assert names == ["teacher_after", "student", "student"] * 2 + ["teacher_after", "student"]
     for (_, _, t0, s0), (name, _, t1, s1) in zip(calls, calls[1:]):
@@ -129,9 +129,7 @@ def test_meta_gradient_parts(meta_setup):
 
 
 def test_quiz_split_is_held_out_and_deterministic(tiny_tokenizer):
-    from kdistill.data import tokenize_splits
-
-    encoded = tokenize_splits(toy_bundle(40), tiny_tokenizer, 16)["train"]
+    encoded = toy_encoded(tiny_tokenizer, 40)["train"]
     train_a, quiz_a = split_quiz(encoded, 0.1, seed=7)
     train_b, quiz_b = split_quiz(encoded, 0.1, seed=7)
     assert (len(train_a), len(quiz_a)) == (36, 4)

@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 import kdistill.distill.explicit as explicit
+import kdistill.pipeline as pipeline
+import kdistill.teacher as teacher_stage
 from kdistill.augment import augment_rows, augment_texts, with_transfer
 from kdistill.cli import main
 from kdistill.config import AugmentConfig, DataConfig
 from kdistill.data import UNLABELED, DataBundle
-from kdistill.pipeline import run
 from tests.conftest import FILLER, KEYWORDS, LABELS, make_toy_examples
 from tests.helpers import toy_run_config, write_csv
 
@@ -97,25 +98,32 @@ def test_transfer_rows_reach_the_student_unlabeled_and_never_the_teacher_or_the_
     cfg = cfg.model_copy(update={
         "data": data, "distill": cfg.distill.model_copy(update={"baseline": True}),
         "teacher": cfg.teacher.model_copy(update={"path": None, "model": str(teacher_dir), "epochs": 0.3})})
-    seen = {}
+    seen = {}  # each phase's training split, as its loop receives it: token ids and labels
     original = explicit.distill_explicit
 
-    def spy(student, teachers, tokenizer, data, **kw):
-        seen[kw["name"]] = data.splits["train"].to_dict()
-        return original(student, teachers, tokenizer, data, **kw)
+    def spy(student, teachers, tokenizer, encoded, **kw):
+        seen[kw["name"]] = {"ids": [tuple(x) for x in encoded["train"]["input_ids"]],
+                            "labels": list(encoded["train"]["labels"])}
+        return original(student, teachers, tokenizer, encoded, **kw)
 
-    monkeypatch.setattr(explicit, "distill_explicit", spy)
-    run_dir = run(cfg, tmp_path / "run")
+    monkeypatch.setattr(teacher_stage, "distill_explicit", spy)  # the teacher and the no-KD baseline
+    monkeypatch.setattr(pipeline, "distill_explicit", spy)  # the student
+    run_dir = pipeline.run(cfg, tmp_path / "run")
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+
+    def ids(rows):
+        return [tuple(x) for x in tokenizer([r["text"] for r in rows], truncation=True, max_length=16)["input_ids"]]
 
     assert seen["teacher"] == seen["baseline"]
-    labeled = seen["teacher"]["text"]
-    assert UNLABELED not in seen["teacher"]["label"]
+    labeled = seen["teacher"]["ids"]
+    assert UNLABELED not in seen["teacher"]["labels"]
     student = seen["student"]
-    assert student["text"][:len(labeled)] == labeled
-    extra = student["text"][len(labeled):]
-    assert set(student["label"][len(labeled):]) == {UNLABELED}  # soft targets only: ce skips these rows
-    assert extra[:10] == [r["text"] for r in unlabeled[:10]]  # the file's rows, less the test text
-    assert len(extra) > 10 and not set(extra) & {r["text"] for r in test_rows}
+    assert student["ids"][:len(labeled)] == labeled
+    extra = student["ids"][len(labeled):]
+    assert set(student["labels"][len(labeled):]) == {UNLABELED}  # soft targets only: ce skips these rows
+    assert extra[:10] == ids(unlabeled[:10])  # the file's rows, less the test text
+    assert len(extra) > 10 and not set(extra) & set(ids(test_rows))
     data_summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["data"]
     assert data_summary["unlabeled_train"] == len(extra)
     assert data_summary["leakage"]["unlabeled_texts_also_held_out"] == 1

@@ -12,8 +12,8 @@ import torch
 from transformers import BertForSequenceClassification
 
 from benchmarks.distill_speed import LOSSES, TEXTBREWER_MISSING, main, plain_loss
-from kdistill.distill.terms import TermSpec, compute_terms, step_loss
 from kdistill.features import capture
+from kdistill.terms import TermSpec, compute_terms, step_loss
 from kdistill.training import batch_units
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
 

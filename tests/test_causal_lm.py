@@ -5,61 +5,31 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from kdistill import losses
 from kdistill.cache import build_topk_cache
-from kdistill.causal_lm import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks, perplexity
 from kdistill.cli import main
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
-from kdistill.distill.causal import accumulate_step, distill_causal, generate_continuations, with_targets
-from kdistill.distill.terms import TermSpec
+from kdistill.data import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks
+from kdistill.distill.causal import distill_causal, generate_continuations, lm_terms, with_targets
+from kdistill.engine import backward_group
+from kdistill.evaluate import block_parameters, perplexity
+from kdistill.teacher import load_causal_teacher
+from kdistill.terms import TermSpec
 from kdistill.training import make_accelerator
+from tests.conftest import tiny_gpt2
 
-SUBJECTS = ["the minister", "the team", "the company", "a new phone", "the coach", "the market", "the court"]
-VERBS = ["said", "won", "lost", "announced", "rejected", "reported", "expects"]
-OBJECTS = ["a big deal", "the final match", "record profits", "new rules", "the vote", "higher prices", "an appeal"]
-
-
-def make_docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n):
-        sentences = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-                     for _ in range(rng.randint(3, 6))]
-        docs.append(f"Story {i}: " + " ".join(sentences))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def docs() -> list[str]:
-    return make_docs(60)
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer(docs):
-    """A byte-level BPE tokenizer (GPT-2 style) trained on the toy corpus, EOS = <|endoftext|>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", model_max_length=64)
-
-
-def tiny_gpt2(tokenizer, layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+def accumulate_step(student, teacher, group, *, spec, temperature, accelerator, cache=None):
+    """One optimizer step's forwards and backwards through the engine (no optimizer step); each term's step mean."""
+    logged = dict.fromkeys(spec.active, 0.0)
+    backward_group(accelerator, group, lambda batch: [(lm_terms(student, teacher, batch, spec=spec,
+                                                                temperature=temperature, accelerator=accelerator,
+                                                                cache=cache), spec.active)],
+                   [logged], task="causal-lm")
+    return logged
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +108,9 @@ def test_each_lm_term_in_the_loop_matches_a_reference_and_trains(term, bpe_token
     teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2).train()
     batch = _batch(bpe_tokenizer, docs, pad_last=5)
     distill = DistillConfig(losses={term: 1.0}, gjsd_beta=0.3, skew_alpha=0.2)
-    spec = TermSpec({term: 1.0}, [(1, 2), (2, 4)])
+    spec = TermSpec({term: 1.0}, [(1, 2), (2, 4)], gjsd_beta=distill.gjsd_beta, skew_alpha=distill.skew_alpha)
     accelerator = make_accelerator(TrainConfig())
-    logged = accumulate_step(student, teacher, [batch], spec=spec, distill=distill, temperature=2.0,
-                             accelerator=accelerator)
+    logged = accumulate_step(student, teacher, [batch], spec=spec, temperature=2.0, accelerator=accelerator)
     valid = batch["valid"]
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
@@ -168,17 +137,16 @@ def test_full_vocabulary_cache_equals_the_live_teacher(tmp_path, bpe_tokenizer, 
     batch = _batch(bpe_tokenizer, docs)
     blocks = LMBlocks(batch["input_ids"], batch["attention_mask"])
     cache = build_topk_cache(teacher, blocks.input_ids, blocks.attention_mask, k=len(bpe_tokenizer), root=tmp_path)
-    spec, distill = TermSpec({"forward_kl": 1.0, "lm": 0.5}, []), DistillConfig(losses={"forward_kl": 1.0})
+    spec = TermSpec({"forward_kl": 1.0, "lm": 0.5}, [])
     accelerator = make_accelerator(TrainConfig())
-    live = accumulate_step(student, teacher, [batch], spec=spec, distill=distill, temperature=1.5,
-                           accelerator=accelerator)
-    cached = accumulate_step(student, None, [batch], spec=spec, distill=distill, temperature=1.5,
-                             accelerator=accelerator, cache=cache)
+    live = accumulate_step(student, teacher, [batch], spec=spec, temperature=1.5, accelerator=accelerator)
+    cached = accumulate_step(student, None, [batch], spec=spec, temperature=1.5, accelerator=accelerator,
+                             cache=cache)
     assert cached["forward_kl"] == pytest.approx(live["forward_kl"], rel=2e-3)
     assert cached["lm"] == pytest.approx(live["lm"], rel=1e-6)
     small = build_topk_cache(teacher, blocks.input_ids, blocks.attention_mask, k=8, root=tmp_path)
-    topk = accumulate_step(student, None, [batch], spec=spec, distill=distill, temperature=1.5,
-                           accelerator=accelerator, cache=small)
+    topk = accumulate_step(student, None, [batch], spec=spec, temperature=1.5, accelerator=accelerator,
+                           cache=small)
     assert topk["forward_kl"] != pytest.approx(live["forward_kl"], rel=1e-3)  # a different, renormalised support
 
 
@@ -194,14 +162,12 @@ def test_grad_accumulation_matches_one_big_batch(term, bpe_tokenizer, docs):
     big = _batch(bpe_tokenizer, docs, rows=4, pad_last=9)
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
     assert halves[0]["valid"].sum() != halves[1]["valid"].sum()
-    spec = TermSpec({term: 1.0, "lm": 0.3}, [])
-    distill = DistillConfig(losses={term: 1.0}, gjsd_beta=0.4)
+    spec = TermSpec({term: 1.0, "lm": 0.3}, [], gjsd_beta=0.4)
     accelerator = make_accelerator(TrainConfig())
     results = []
     for group in ([big], halves):
         student = tiny_gpt2(bpe_tokenizer, layers=2, seed=2).double().train()
-        logged = accumulate_step(student, teacher, group, spec=spec, distill=distill, temperature=2.0,
-                                 accelerator=accelerator)
+        logged = accumulate_step(student, teacher, group, spec=spec, temperature=2.0, accelerator=accelerator)
         results.append((logged, [p.grad.clone() for p in student.parameters()]))
     (one, g_one), (two, g_two) = results
     rel = int(big["valid"].sum()) * torch.finfo(torch.float32).eps
@@ -301,11 +267,11 @@ def test_classification_terms_are_refused_for_causal_lm(tmp_path, tiny_teacher_d
 
 @pytest.mark.slow
 def test_gguf_teacher_loads_dequantised_and_predicts_english():
-    from kdistill.causal_lm import block_parameters, load_teacher
     from kdistill.config import RunConfig
     from kdistill.student import build_student
 
-    teacher, tokenizer, _, file_mb = load_teacher(RunConfig(task="causal-lm", teacher={"model": "smollm2-135m"}))
+    cfg = RunConfig(task="causal-lm", teacher={"model": "smollm2-135m"}, distill={"losses": {"forward_kl": 1.0}})
+    teacher, tokenizer, _, file_mb = load_causal_teacher(cfg)
     assert type(teacher).__name__ == "LlamaForCausalLM" and teacher.config.num_hidden_layers == 30
     assert next(teacher.parameters()).dtype == torch.float32
     assert getattr(teacher.config, "quantization_config", None) is None  # plain fp32 students

@@ -14,11 +14,12 @@ from transformers import BertForSequenceClassification, BertModel
 
 from kdistill import losses
 from kdistill.config import DistillConfig
+from kdistill.data import tokenize_splits
 from kdistill.distill.explicit import distill_explicit
-from kdistill.distill.terms import TermSpec
 from kdistill.errors import UserError
 from kdistill.models import load_model_dir
 from kdistill.pipeline import make_student, preflight, run
+from kdistill.terms import TermSpec
 from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 from tests.conftest import tiny_bert_config
 from tests.helpers import save_teacher_dir, tiny_train, toy_bundle, toy_run_config
@@ -70,10 +71,10 @@ def test_the_first_step_compares_each_model_on_its_own_tokenization(tiny_tokeniz
                                  projection=spec.projections["hidden"])[0] for s, t in spec.pairs) / (2 * len(texts))
     assert letter_tokenizer(texts[0])["input_ids"] != tiny_tokenizer(texts[0])["input_ids"]
 
-    history = distill_explicit(student.train(), [teacher], letter_tokenizer, data, spec=spec,
-                               distill=DistillConfig(losses=spec.weights, temperature=temperature),
-                               train=tiny_train(max_steps=1, batch_size=16), max_length=48,
-                               teacher_tokenizer=tiny_tokenizer)
+    encoded = tokenize_splits(data, letter_tokenizer, 48)
+    history = distill_explicit(student.train(), [teacher], letter_tokenizer, encoded, spec=spec, distill=DistillConfig(losses=spec.weights, temperature=temperature),
+                               train=tiny_train(max_steps=1, batch_size=16), teacher_tokenizer=tiny_tokenizer,
+                               teacher_train=tokenize_splits(data, tiny_tokenizer, 48, ("train",))["train"])
     assert kd > 0.1 and pkd > 0.1
     assert history.steps[0]["kd"] == pytest.approx(kd, rel=1e-4)
     assert history.steps[0]["cls_pkd"] == pytest.approx(pkd.item(), rel=1e-3)  # the cache holds fp16

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import tiny_gpt2
 from tests.helpers import (
     accuracies,
     assert_same_steps,
@@ -73,3 +74,46 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_tokenizer):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert accuracies(two_dir) == accuracies(one_dir)
     assert len(list((two_dir / "logs" / "student").glob("events.out.tfevents.*"))) == 1  # one writer: the main one
+
+
+def test_two_processes_train_the_causal_lm_one_process_trains(tmp_path, bpe_tokenizer, docs):
+    """A causal-LM run (top-k teacher cache built by the main process and read by the other, KD and no-KD phases)
+    in 2 processes: the same steps, validation perplexities and weights as in one. Each process holds half of every
+    micro-batch; the loss is normalised by the step's next-token targets over both (terms.step_loss)."""
+    teacher_dir = tmp_path / "teacher"
+    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)  # (no dropout: the processes would draw their own masks)
+    bpe_tokenizer.save_pretrained(teacher_dir)
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "lm.yaml", {
+        "name": "tiny-lm-ddp", "task": "causal-lm",
+        "data": {"train_file": str(corpus), "block_size": 16, "test_fraction": 0.2, "validation_fraction": 0.1},
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"layers": 2},
+        "distill": {"temperature": 2.0, "losses": {"forward_kl": 1.0, "lm": 0.5}, "cache_top_k": 16},
+        "train": {"max_steps": 4, "batch_size": 8, "grad_accum": 2, "lr": 1e-3, "warmup_ratio": 0.0},
+        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    })
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    two = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kdistill.cli", "run", recipe,
+                            "--out", tmp_path / "two"], env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    one = finish(start_kdistill("run", recipe, "--out", tmp_path / "one", env=env))
+    two = finish(two)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2 (DistributedType.MULTI_CPU)" in two.stderr
+
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    assert json.loads((two_dir / "metrics.json").read_text(encoding="utf-8"))["machine"]["world_size"] == 2
+    for name in ("student", "baseline"):
+        steps = history(two_dir, name)["steps"]
+        assert len(steps) == 4
+        # (float32 sums over the two processes' halves in another order: ~1e-7 relative per term, far below what a
+        # wrong normalisation (a factor of the per-process target counts, here 2x) would change)
+        assert_same_steps(steps, history(one_dir, name)["steps"], rel=1e-4, abs=1e-6)
+        assert_same_steps(history(two_dir, name)["evals"], history(one_dir, name)["evals"], rel=1e-4, abs=1e-6)
+        a, b = load_file(two_dir / name / "model.safetensors"), load_file(one_dir / name / "model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

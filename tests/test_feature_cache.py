@@ -16,11 +16,11 @@ from kdistill.config import DistillConfig
 from kdistill.data import tokenize_splits
 from kdistill.distill import explicit
 from kdistill.distill.explicit import cache_teacher_outputs, distill_explicit, why_not_cached, with_index
-from kdistill.distill.terms import TermSpec
 from kdistill.errors import UserError
 from kdistill.features import capture
+from kdistill.terms import TermSpec
 from kdistill.training import make_accelerator, make_loader
-from tests.helpers import tiny_pair, tiny_train, toy_bundle
+from tests.helpers import tiny_pair, tiny_train, toy_bundle, toy_encoded
 
 
 def ragged_bundle():
@@ -116,8 +116,8 @@ def train_run(tokenizer, cache: str, extra_terms: dict | None = None, teacher_dt
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     student.register_forward_hook(lambda *_: calls.append("student"))
-    history = distill_explicit(student, [teacher], tokenizer, ragged_bundle(), spec=spec,
-                               distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train), max_length=16)
+    history = distill_explicit(student, [teacher], tokenizer, tokenize_splits(ragged_bundle(), tokenizer, 16),
+                               spec=spec, distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train))
     return history, student, calls
 
 
@@ -176,8 +176,9 @@ def test_under_bf16_the_teacher_runs_in_bf16_whether_cached_or_live(tiny_tokeniz
         teacher.register_forward_hook(
             lambda module, args, out, cache=cache: autocast_seen.setdefault(cache, set()).add(
                 (torch.is_autocast_enabled("cpu"), out.logits.dtype)))
-        runs[cache] = distill_explicit(student, [teacher], tiny_tokenizer, ragged_bundle(), spec=spec,
-                                       distill=DistillConfig(cache_teacher=cache), max_length=16,
+        runs[cache] = distill_explicit(student, [teacher], tiny_tokenizer,
+                                       tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), spec=spec,
+                                       distill=DistillConfig(cache_teacher=cache),
                                        train=tiny_train(max_steps=2, batch_size=8, mixed_precision="bf16"))
     assert autocast_seen == {"off": {(True, torch.bfloat16)}, "auto": {(True, torch.bfloat16)}}
     for key in ("kd", "ce", "hidden_mse", "loss"):  # the first step, from the same weights
@@ -212,5 +213,5 @@ def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokeniz
     teacher, student, spec = tiny_pair(tiny_tokenizer)  # the loop checks the terms it is given too
     spec.weights["attention_kl"] = 1.0
     with pytest.raises(UserError, match="distill.cache_teacher: on, but the loss terms"):
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec,
-                         distill=DistillConfig(cache_teacher="on"), train=tiny_train(), max_length=16)
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+                         distill=DistillConfig(cache_teacher="on"), train=tiny_train())

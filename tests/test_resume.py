@@ -19,12 +19,17 @@ from transformers import BertForSequenceClassification
 
 from kdistill.checkpoint import COMPLETE, Checkpoints, join_tensors, resume_config, split_tensors
 from kdistill.config import DistillConfig, load_config
+from kdistill.data import pack_blocks
+from kdistill.distill.alternating import distill_alternating
+from kdistill.distill.causal import distill_causal
 from kdistill.distill.explicit import distill_explicit
-from kdistill.distill.terms import TermSpec
+from kdistill.distill.mutual import distill_mutual
 from kdistill.errors import UserError
 from kdistill.student import build_student
+from kdistill.terms import TermSpec
 from kdistill.training import Learner
 from tests.conftest import tiny_bert_config
+from tests.conftest import tiny_gpt2
 from tests.helpers import (
     accuracies,
     assert_same_steps,
@@ -34,18 +39,12 @@ from tests.helpers import (
     start_kdistill,
     tiny_pair,
     tiny_train,
-    toy_bundle,
+    toy_encoded,
+    toy_run_config,
     write_recipe,
     write_toy_csv,
+    write_vocab,
 )
-
-
-def write_vocab(path, tokenizer):
-    """The tokenizer's vocab.txt: a from-scratch teacher over a given vocab is the same in every process (a WordPiece
-    trained in the run is not: the tokenizers trainer breaks ties differently from one process to the next)."""
-    vocab = tokenizer.get_vocab()
-    path.write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n", encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- kill, resume
@@ -96,8 +95,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(toy_recipe):
     # the newest (an older one too, when the kill came between the new one's rename and the old one's removal)
     checkpoint = max((killed / "checkpoints" / "student").glob("step-*"))
     state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-    assert state["position"]["epoch"] == 1 and 0 < state["position"]["batches_done"] < STEPS_PER_EPOCH  # mid-epoch
-    assert [s["step"] for s in state["history"]["steps"]] == list(range(1, state["step"] + 1))
+    position, (student,) = state["positions"]["train"], state["learners"]
+    assert position["epoch"] == 1 and 0 < position["batches_done"] < STEPS_PER_EPOCH  # mid-epoch
+    assert [s["step"] for s in student["history"]["steps"]] == list(range(1, state["step"] + 1))
 
     resumed = finish(start_kdistill("run", "--resume", killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,17 +133,22 @@ def test_resume_refuses_a_changed_config_and_a_dir_that_is_not_a_run(toy_recipe,
         resume_config(run_dir)
 
 
-def test_resume_is_refused_for_strategies_that_do_not_checkpoint(tmp_path, tiny_tokenizer):
-    recipe = {"data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 30)), "max_length": 16},
-              "teacher": {"path": str(save_teacher_dir(tmp_path / "teacher", tiny_tokenizer))},
-              "distill": {"strategy": "mutual", "losses": {"kd": 1.0, "ce": 1.0}}}
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+@pytest.mark.parametrize("strategy", ["mutual", "alternating"])
+def test_a_run_of_a_strategy_where_the_teacher_learns_resumes(strategy, tmp_path, tiny_tokenizer, monkeypatch):
+    """`kdistill run --resume` of a mutual / alternating run killed while distilling continues the student phase
+    (student and teacher_after) from its checkpoint and ends as the uninterrupted run."""
     from kdistill.pipeline import run
 
-    with pytest.raises(UserError, match="resume not supported for strategy mutual"):
-        run(resume_config(run_dir), run_dir, resume=True)
+    teacher = save_teacher_dir(tmp_path / "teacher", tiny_tokenizer)
+    cfg = toy_run_config(tmp_path, teacher, strategy, student_steps=2)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 5, "checkpoint_every": 2})})
+    reference = run(cfg, tmp_path / "reference")
+    with killed_after_step(monkeypatch, 3):
+        run(cfg, tmp_path / "killed")
+    resumed = run(resume_config(tmp_path / "killed"), tmp_path / "killed", resume=True)
+    for name in ("student", "teacher_after"):
+        assert_same_steps(history(resumed, name)["steps"], history(reference, name)["steps"], rel=1e-6)
+    assert accuracies(resumed) == accuracies(reference)
 
 
 # ------------------------------------------------------------------------------------ atomic, in-process
@@ -208,8 +213,8 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
 
     def train_run(checkpoints=None):
         teacher, student, spec = pair()
-        history = distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec,
-                                   distill=DistillConfig(), train=train, max_length=16, checkpoints=checkpoints)
+        history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+                                   distill=DistillConfig(), train=train, checkpoints=checkpoints)
         return history, student, spec
 
     train = tiny_train(max_steps=7, batch_size=16, grad_accum=2)
@@ -218,7 +223,7 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
     with killed_after_step(monkeypatch, 5):
         train_run(Checkpoints(tmp_path, every=2))
     assert [p.name for p in tmp_path.iterdir()] == ["step-0000004"]
-    assert json.loads((tmp_path / "step-0000004" / "state.json").read_text())["position"] == \
+    assert json.loads((tmp_path / "step-0000004" / "state.json").read_text())["positions"]["train"] == \
         {"epoch": 1, "steps_done": 1, "batches_done": 2, "sampler_epoch": 1}
 
     resumed, student, spec = train_run(Checkpoints(tmp_path, every=2, resume=True))
@@ -251,8 +256,8 @@ def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path
 
     def train_run(checkpoints):
         teacher, student, spec = tiny_pair(tiny_tokenizer)
-        return distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec, distill=DistillConfig(),
-                                train=train, max_length=16, checkpoints=checkpoints)
+        return distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+                                distill=DistillConfig(), train=train, checkpoints=checkpoints)
 
     with killed_after_step(monkeypatch, 3):
         train_run(Checkpoints(tmp_path, every=2, fingerprint=fingerprint))
@@ -350,3 +355,106 @@ def test_a_run_killed_while_exporting_resumes_over_its_own_export_dir(tmp_path, 
     (run_dir / "metrics.json").unlink()  # killed after the export, before metrics.json: export/hf is the run's own
     run(resume_config(run_dir), run_dir, resume=True)
     assert json.loads((run_dir / "metrics.json").read_text())["exports"]["hf"]
+
+
+# ------------------------------------------------------------------------ every strategy resumes the same way
+
+def two_learner_run(strategy: str, tokenizer, checkpoints=None):
+    """A tiny mutual or alternating run (both models learn); returns (histories, student, teacher)."""
+    teacher, student, spec = tiny_pair(tokenizer)
+    loop = distill_mutual if strategy == "mutual" else distill_alternating
+    histories = loop(student, teacher, tokenizer, toy_encoded(tokenizer), spec=spec,
+                     distill=DistillConfig(teacher_lr=1e-3, student_steps=2),
+                     train=tiny_train(max_steps=7, batch_size=16, grad_accum=2), checkpoints=checkpoints)
+    return histories, student, teacher
+
+
+@pytest.mark.parametrize("strategy", ["mutual", "alternating"])
+def test_mutual_and_alternating_resume_to_the_uninterrupted_run(strategy, monkeypatch, tmp_path, tiny_tokenizer):
+    """Killed after step 5 (checkpoints every 2 steps), resumed from step 4: both models' histories and weights equal
+    the uninterrupted run's (alternating: the teacher's round steps and its quiz-set position too)."""
+    reference, reference_student, reference_teacher = two_learner_run(strategy, tiny_tokenizer)
+    with killed_after_step(monkeypatch, 5):
+        two_learner_run(strategy, tiny_tokenizer, Checkpoints(tmp_path, every=2))
+    state = json.loads((tmp_path / "step-0000004" / "state.json").read_text())
+    assert [learner["name"] for learner in state["learners"]] == ["student", "teacher_after"]
+    if strategy == "alternating":  # the quiz set is a data stream of its own, checkpointed with the training data
+        assert set(state["positions"]) == {"train", "quiz"}
+
+    resumed, student, teacher = two_learner_run(strategy, tiny_tokenizer, Checkpoints(tmp_path, every=2, resume=True))
+    for got, want in zip(resumed, reference):
+        assert_same_steps(got.steps, want.steps, rel=1e-6)
+        assert_same_steps(got.evals, want.evals, rel=1e-6)
+    for model, want in ((student, reference_student), (teacher, reference_teacher)):
+        for a, b in zip(model.state_dict().values(), want.state_dict().values()):
+            torch.testing.assert_close(a, b)
+
+
+def test_the_causal_lm_loop_resumes_to_the_uninterrupted_run(monkeypatch, tmp_path, bpe_tokenizer, docs):
+    """The causal-LM loop through the same engine: killed after step 5, resumed from the step-4 checkpoint, its
+    history (loss terms, which data source each step drew: on-policy generations included) and weights equal the
+    uninterrupted run's."""
+    blocks = pack_blocks(docs[:30], bpe_tokenizer, 16)
+    teacher = tiny_gpt2(bpe_tokenizer)
+
+    def train_run(checkpoints=None):
+        student = tiny_gpt2(bpe_tokenizer, layers=2, seed=1).train()
+        spec = TermSpec({"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0}, [(1, 2), (2, 4)])
+        history = distill_causal(student, teacher, blocks, blocks, spec=spec,
+                                 distill=DistillConfig(losses=spec.weights, on_policy_fraction=0.5),
+                                 train=tiny_train(max_steps=7, batch_size=4, grad_accum=2, eval_every=3),
+                                 eos_id=bpe_tokenizer.eos_token_id, checkpoints=checkpoints)
+        return history, student
+
+    reference, reference_student = train_run()
+    assert {s["on_policy"] for s in reference.steps} == {0.0, 1.0}  # both kinds of step before and after the kill
+    with killed_after_step(monkeypatch, 5):
+        train_run(Checkpoints(tmp_path, every=2))
+    resumed, student = train_run(Checkpoints(tmp_path, every=2, resume=True))
+    assert_same_steps(resumed.steps, reference.steps, rel=1e-6)
+    assert_same_steps(resumed.evals, reference.evals, rel=1e-6)
+    for a, b in zip(student.state_dict().values(), reference_student.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_causal_lm_run_resumes_after_a_kill(monkeypatch, tmp_path, bpe_tokenizer, docs):
+    """`kdistill run --resume` of a causal-LM run killed in its baseline phase: the student phase (saved) is not
+    trained again, the baseline continues from its checkpoint, and both end as in the uninterrupted run."""
+    from kdistill.pipeline import run
+
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    teacher_dir = tmp_path / "teacher"
+    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)
+    bpe_tokenizer.save_pretrained(teacher_dir)
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "lm.yaml", {
+        "task": "causal-lm", "data": {"train_file": str(corpus), "block_size": 16},
+        "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2},
+        "distill": {"losses": {"forward_kl": 1.0, "lm": 0.5}},
+        "train": {"max_steps": 5, "batch_size": 4, "checkpoint_every": 2},
+        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    })
+    cfg = load_config(recipe)
+    reference = run(cfg, tmp_path / "reference")
+    killed = tmp_path / "killed"
+    original = Learner.step
+
+    def die_in_the_baseline(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if self.history.name == "baseline" and step == 3:
+            raise Killed
+
+    monkeypatch.setattr(Learner, "step", die_in_the_baseline)
+    with pytest.raises(Killed):
+        run(cfg, killed)
+    monkeypatch.setattr(Learner, "step", original)
+    assert (killed / "student" / "model.safetensors").is_file() and not (killed / "baseline").exists()
+    assert newest_checkpoint_step(killed, "baseline") == 2
+
+    resumed = run(resume_config(killed), killed, resume=True)
+    for name in ("student", "baseline"):
+        assert_same_steps(history(resumed, name)["steps"], history(reference, name)["steps"], rel=1e-6)
+    perplexities = [{n: m["perplexity"] for n, m in json.loads((d / "metrics.json").read_text())["models"].items()}
+                    for d in (resumed, reference)]
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6)

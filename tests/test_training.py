@@ -26,7 +26,7 @@ from tests.helpers import (
     save_teacher_dir,
     tiny_pair,
     tiny_train,
-    toy_bundle,
+    toy_encoded,
     toy_run_config,
     write_recipe,
     write_toy_csv,
@@ -127,8 +127,9 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_term_and_keeps_the_last_ch
     monkeypatch.setattr(explicit, "compute_terms", nan_kd_at_step_3)
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     with pytest.raises(LossNotFinite, match=r"loss is not finite at step 3 \(term: kd\)") as raised:
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_bundle(), spec=spec, distill=DistillConfig(),
-                         train=tiny_train(max_steps=5), max_length=16, checkpoints=Checkpoints(tmp_path, every=2))
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+                         distill=DistillConfig(), train=tiny_train(max_steps=5),
+                         checkpoints=Checkpoints(tmp_path, every=2))
     assert isinstance(raised.value, UserError)  # the CLI: one line, exit 2
     assert (tmp_path / "step-0000002" / COMPLETE).is_file()  # the last good checkpoint, to resume from
     assert Checkpoints(tmp_path, resume=True).latest() == tmp_path / "step-0000002"
@@ -234,7 +235,7 @@ def test_early_stopping_by_loss_for_language_models():
 
 def test_ce_over_unlabeled_rows_is_normalised_by_the_labeled_rows_of_the_whole_step():
     from kdistill.data import UNLABELED
-    from kdistill.distill.terms import step_loss
+    from kdistill.terms import step_loss
     from kdistill.losses import hard_ce
     from kdistill.training import batch_units
 

@@ -29,29 +29,28 @@ import math
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from kdistill import losses
+from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
-from kdistill.data import DataBundle, tokenize_splits
 from kdistill.distill.mutual import one_process
-from kdistill.distill.terms import TermSpec, compute_terms, step_loss, step_temperature
+from kdistill.engine import Engine
 from kdistill.errors import UserError
 from kdistill.features import capture, ensure_eager_attention
+from kdistill.terms import TermSpec, compute_terms, step_loss, step_temperature
 from kdistill.training import (
+    GroupStream,
     History,
-    Timer,
     batch_units,
-    endless_groups,
     make_accelerator,
     make_learner,
     make_loader,
     make_loaders,
     set_seed,
-    step_units,
-    validate_learners,
+    validation_metrics,
 )
 
 
@@ -97,12 +96,15 @@ def teacher_meta_gradients(student, teacher, batch: dict, labels: torch.Tensor, 
     return teacher_grads, {"ce": task_loss.item(), "quiz": quiz_loss.item()}
 
 
-def distill_alternating(student, teacher, tokenizer, data: DataBundle, *, spec: TermSpec, distill: DistillConfig,
-                        train: TrainConfig, max_length: int, log_dir: Path | None = None) -> tuple[History, History]:
+def distill_alternating(student, teacher, tokenizer, encoded: DatasetDict, *, spec: TermSpec,
+                        distill: DistillConfig, train: TrainConfig, log_dir: Path | None = None,
+                        checkpoints: Checkpoints | None = None) -> tuple[History, History]:
     """Teacher and student in turns; see the module docstring.
 
-    Leaves each model's best validation weights in `student` and `teacher`; returns (student history, teacher
-    history), each teacher step numbered by the student step whose round it opens.
+    `encoded`: the tokenized splits (train, validation). Leaves each model's best validation weights in `student`
+    and `teacher`; returns (student history, teacher history), each teacher step numbered by the student step whose
+    round it opens. `checkpoints`: where to save resumable state (both models', the quiz set's position), and
+    whether to resume.
     """
     set_seed(train.seed)
     accelerator = make_accelerator(train)
@@ -114,10 +116,9 @@ def distill_alternating(student, teacher, tokenizer, data: DataBundle, *, spec: 
     flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
     task_weight = spec.active.get("ce", 0.0)  # the teacher's own task loss, weighted as the student's
 
-    encoded = tokenize_splits(data, tokenizer, max_length)
     train_split, quiz_split = split_quiz(encoded["train"], distill.quiz_fraction, seed=train.seed)
     train_loader, val_loader, total_steps, evals_at = make_loaders(train_split, encoded["validation"], tokenizer,
-                                                                   train)
+                                                                   train, accelerator)
     quiz_loader = make_loader(quiz_split, tokenizer, train.batch_size // train.grad_accum, seed=train.seed + 1,
                               shuffle=True)
     common = dict(train=train, accelerator=accelerator, log_dir=log_dir)
@@ -125,50 +126,42 @@ def distill_alternating(student, teacher, tokenizer, data: DataBundle, *, spec: 
                                    patience=train.early_stopping_patience, extra=spec.projections)
     teacher_learner = make_learner(teacher, "teacher_after", lr=distill.teacher_lr,
                                    total_steps=math.ceil(total_steps / distill.student_steps), **common)
-    train_loader, quiz_loader, val_loader = accelerator.prepare(train_loader, quiz_loader, val_loader)
-    quizzes = endless_groups(quiz_loader, 1)
+    device = accelerator.device
+    quizzes = GroupStream(quiz_loader, 1, device=device)
+    # the student decides when to stop; the teacher keeps its best weights
+    engine = Engine(accelerator, [student_learner, teacher_learner], GroupStream(train_loader, train.grad_accum,
+                                                                                 device=device),
+                    total_steps, evals_at, lambda model: validation_metrics(model, val_loader, accelerator),
+                    train.max_grad_norm, f"alternating ({distill.student_steps}:1)", checkpoints,
+                    side_streams={"quiz": quizzes})
+    quiz_groups = iter(quizzes)
 
-    step = 0
-    bar = tqdm(total=total_steps, desc=f"alternating ({distill.student_steps}:1)", leave=False,
-               disable=None if accelerator.is_main_process else True)
-    with Timer() as timer:
-        student.train()
+    def take_step(step: int, group: list[dict]) -> None:
+        temperature = step_temperature(distill, step, total_steps)
         teacher.eval()  # it teaches without dropout, and learns (with dropout) only in its own steps
-        for group in endless_groups(train_loader, train.grad_accum):
-            temperature = step_temperature(distill, step, total_steps)
-            if step % distill.student_steps == 0:  # teacher step: learn from the look-ahead student's quiz
-                batch, quiz = dict(group[0]), dict(next(quizzes)[0])
-                labels, quiz_labels = batch.pop("labels"), quiz.pop("labels")
-                teacher.train()
-                grads, logged = teacher_meta_gradients(student, teacher, batch, labels, quiz, quiz_labels, spec=spec,
-                                                       temperature=temperature, lookahead_lr=train.lr,
-                                                       task_weight=task_weight)
-                teacher.eval()
-                for p, g in zip(trainable(teacher), grads):
-                    p.grad = g
-                teacher_learner.step(step + 1, logged, {"ce": task_weight, "quiz": 1.0}, accelerator,
-                                     train.max_grad_norm, temperature=temperature)
+        if step % distill.student_steps == 0:  # teacher step: learn from the look-ahead student's quiz
+            batch, quiz = dict(group[0]), dict(next(quiz_groups)[0])
+            labels, quiz_labels = batch.pop("labels"), quiz.pop("labels")
+            teacher.train()
+            grads, logged = teacher_meta_gradients(student, teacher, batch, labels, quiz, quiz_labels, spec=spec,
+                                                   temperature=temperature, lookahead_lr=train.lr,
+                                                   task_weight=task_weight)
+            teacher.eval()
+            for p, g in zip(trainable(teacher), grads):
+                p.grad = g
+            engine.apply(teacher_learner, step + 1, logged, {"ce": task_weight, "quiz": 1.0},
+                         temperature=temperature)
 
-            # student step: the recipe's terms against the teacher's current outputs
-            units = step_units(group, accelerator)
-            logged = {}
-            for batch in group:
-                in_batch = batch_units(batch)
-                labels = batch.pop("labels")
-                with torch.no_grad():
-                    teacher_feats = capture(teacher, batch, **flags)
-                terms = compute_terms(spec, capture(student, batch, **flags), teacher_feats, labels,
-                                      temperature=temperature)
-                accelerator.backward(step_loss(terms, spec.active, in_batch, units,
-                                               accelerator.num_processes, logged))
-            step += 1
-            student_learner.step(step, logged, spec.active, accelerator, train.max_grad_norm, temperature=temperature)
-            bar.update(1)
-            # the student decides when to stop; the teacher keeps its best weights
-            if step in evals_at and validate_learners([student_learner, teacher_learner], step, val_loader,
-                                                      accelerator):
-                break
-            if step >= total_steps:
-                break
-    bar.close()
-    return student_learner.finish(timer.seconds), teacher_learner.finish(timer.seconds)
+        def terms_of(batch):  # student step: the recipe's terms against the teacher's current outputs
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                teacher_feats = capture(teacher, batch, **flags)
+            return [(compute_terms(spec, capture(student, batch, **flags), teacher_feats, labels,
+                                   temperature=temperature), spec.active)]
+
+        logged = {}
+        engine.backward(group, terms_of, [logged])
+        engine.apply(student_learner, step + 1, logged, spec.active, temperature=temperature)
+
+    student_history, teacher_history = engine.run(take_step)
+    return student_history, teacher_history

@@ -21,10 +21,11 @@ A student over another vocabulary than the teachers' (`teacher_tokenizer`) reads
 example; the teachers read theirs once, into the cache, which must then hold every output the terms read: logits,
 and position 0 for cls_pkd (the one hidden term whose positions need not align; see pipeline.check_tokenizers).
 
-The loop is the one every strategy shares (training.py: loaders, AdamW and schedule, the step-normalised loss,
-logging, validation and early stopping); what is explicit's own is here: the frozen teacher and its cache. With
-`checkpoints` it writes resumable state every `train.checkpoint_every` steps and at epoch ends, and continues from
-the last one (checkpoint.py). It also runs in several processes (DDP; see training.py for how a batch is split).
+The step loop is the engine every strategy shares (engine.py: micro-batches, the step-normalised loss, AdamW and
+schedule, logging, validation and early stopping, checkpoints: with `checkpoints` it writes resumable state every
+`train.checkpoint_every` steps and at epoch ends, and continues from the last one). What is explicit's own is here:
+the frozen teacher and its cache. It also runs in several processes (DDP; see training.py for how a batch is
+split).
 """
 
 from __future__ import annotations
@@ -38,35 +39,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
 from tqdm.auto import tqdm
 
 from kdistill import losses
 from kdistill.cache import FeatureStore
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
-from kdistill.data import DataBundle, tokenize_splits
-from kdistill.distill.terms import (
-    TermSpec,
-    compute_terms,
-    step_loss,
-    step_temperature,
-    uncacheable_terms,
-)
+from kdistill.engine import Engine
 from kdistill.errors import UserError
 from kdistill.features import Features, capture, ensure_eager_attention
 from kdistill.io import atomic_dir
+from kdistill.terms import TermSpec, compute_terms, step_temperature, uncacheable_terms
 from kdistill.training import (
     GroupStream,
     History,
-    Timer,
-    batch_units,
     make_accelerator,
     make_learner,
     make_loader,
     make_loaders,
-    progress,
     set_seed,
-    step_units,
+    validation_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -196,22 +189,26 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
     return TeacherCache(logits, features, num_hidden_states)
 
 
-def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, spec: TermSpec,
-                     distill: DistillConfig, train: TrainConfig, max_length: int, name: str = "student",
+def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *, spec: TermSpec,
+                     distill: DistillConfig, train: TrainConfig, name: str = "student",
                      log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
-                     work_dir: Path | None = None, teacher_tokenizer=None) -> History:
+                     work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None) -> History:
     """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
 
+    `encoded`: the student's tokenization of the splits (train, validation; data.tokenize_splits).
     Leaves the best validation weights in `student`; returns the history with every loss term per step.
     `checkpoints`: where to save resumable state, and whether to continue from the last one saved there.
     `work_dir`: where the teacher hidden-state cache's temporary directory goes (default: the system's, $TMPDIR).
-    `tokenizer`: the student's; `teacher_tokenizer`: the teachers', where their vocabulary differs from it.
+    `tokenizer`: the student's; `teacher_tokenizer` and `teacher_train` (the teachers' tokenization of the same
+    training rows, in the same order), where the teachers' vocabulary differs from the student's.
     """
     set_seed(train.seed)
     accelerator = make_accelerator(train)
     needs_teacher = "kd" in spec.active or spec.needs_teacher_features
     if needs_teacher and not teachers:
         raise ValueError(f"loss terms {sorted(spec.active)} need a teacher")
+    if (teacher_tokenizer is None) != (teacher_train is None):
+        raise ValueError("distill_explicit: teacher_tokenizer and teacher_train go together")
     for teacher in teachers:
         teacher.eval()  # the teacher never learns: no dropout, no gradient
         teacher.requires_grad_(False)
@@ -219,11 +216,9 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
         for model in (student, teachers[0]):
             ensure_eager_attention(model)
 
-    encoded = tokenize_splits(data, tokenizer, max_length)
     encoded_train = with_index(encoded["train"])
     # the same rows in the same order: the teachers' outputs by row index fit the student's batches
-    teacher_train = encoded_train if teacher_tokenizer is None else \
-        with_index(tokenize_splits(data, teacher_tokenizer, max_length, ("train",))["train"])
+    teacher_train = encoded_train if teacher_train is None else with_index(teacher_train)
     work_dir = Path(work_dir or tempfile.gettempdir())
     work_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:  # the cache's temp dir goes when training ends, also when it fails
@@ -251,47 +246,34 @@ def distill_explicit(student, teachers: list, tokenizer, data: DataBundle, *, sp
         student = learner.model  # (wrapped for DDP when several processes run)
         if cached is None:
             teachers = [t.to(accelerator.device) for t in teachers]
-        batches = GroupStream(train_loader, train.grad_accum, device=accelerator.device)
-        step, earlier_s = checkpoints.restore(learner, batches, accelerator) if checkpoints else (0, 0.0)
+        engine = Engine(accelerator, [learner], GroupStream(train_loader, train.grad_accum, device=accelerator.device),
+                        total_steps, evals_at, lambda model: validation_metrics(model, val_loader, accelerator),
+                        train.max_grad_norm, f"distill {name}", checkpoints)
         weights = spec.active
         flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
 
-        bar = progress(total_steps, f"distill {name}", accelerator, initial=step)
-        with Timer() as timer:
-            student.train()
-            for group in batches:
-                temperature = step_temperature(distill, step, total_steps)
-                units = step_units(group, accelerator)
-                logged = {}
-                for i, batch in enumerate(group):  # batch: input_ids, attention_mask (B, L), labels, idx (B,)
-                    in_batch = batch_units(batch)
-                    labels, idx = batch.pop("labels"), batch.pop("idx")
-                    sync = accelerator.no_sync(student) if i < len(group) - 1 else nullcontext()
-                    with sync:
-                        teacher_feats, teacher_log_probs, teacher_logits = None, None, []
-                        if cached is not None:  # from the cache: the teacher does not run at all
-                            teacher_feats, teacher_logits = cached.outputs(idx, batch["attention_mask"],
-                                                                           accelerator.device)
-                        elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
-                            with torch.no_grad(), accelerator.autocast():  # frozen teacher(s)
-                                teacher_feats = capture(teachers[0], batch, **flags).float()
-                                teacher_logits = [teacher_feats.logits] + [t(**batch).logits.float()
-                                                                           for t in teachers[1:]]
-                        if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
-                            teacher_log_probs = losses.average_teacher_logprobs(
-                                teacher_logits, temperature=temperature, weights=distill.teacher_weights)
-                        student_feats = capture(student, batch, **flags)
-                        terms = compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
-                                              teacher_log_probs=teacher_log_probs)
-                        accelerator.backward(step_loss(terms, weights, in_batch, units,
-                                                       accelerator.num_processes, logged))
-                step += 1
-                learner.step(step, logged, weights, accelerator, train.max_grad_norm, temperature=temperature)
-                bar.update(1)
-                stop = step in evals_at and learner.validate(step, val_loader, accelerator)
-                if stop or step >= total_steps:
-                    break
-                if checkpoints and checkpoints.due(step, batches):
-                    checkpoints.save(step, learner, batches, accelerator, wall_time_s=earlier_s + timer.elapsed)
-        bar.close()
-    return learner.finish(earlier_s + timer.seconds)
+        def take_step(step: int, group: list[dict]) -> None:
+            temperature = step_temperature(distill, step, total_steps)
+
+            def terms_of(batch):  # batch: input_ids, attention_mask (B, L), labels, idx (B,)
+                labels, idx = batch.pop("labels"), batch.pop("idx")
+                teacher_feats, teacher_log_probs, teacher_logits = None, None, []
+                if cached is not None:  # from the cache: the teacher does not run at all
+                    teacher_feats, teacher_logits = cached.outputs(idx, batch["attention_mask"], accelerator.device)
+                elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
+                    with torch.no_grad(), accelerator.autocast():  # frozen teacher(s)
+                        teacher_feats = capture(teachers[0], batch, **flags).float()
+                        teacher_logits = [teacher_feats.logits] + [t(**batch).logits.float() for t in teachers[1:]]
+                if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
+                    teacher_log_probs = losses.average_teacher_logprobs(
+                        teacher_logits, temperature=temperature, weights=distill.teacher_weights)
+                student_feats = capture(student, batch, **flags)
+                return [(compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
+                                       teacher_log_probs=teacher_log_probs), weights)]
+
+            logged = {}
+            engine.backward(group, terms_of, [logged], sync=student)
+            engine.apply(learner, step + 1, logged, weights, temperature=temperature)
+
+        history, = engine.run(take_step)
+    return history

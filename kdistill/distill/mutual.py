@@ -28,25 +28,23 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from datasets import DatasetDict
 
 from kdistill import losses
+from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
-from kdistill.data import DataBundle, tokenize_splits
-from kdistill.distill.terms import TermSpec, compute_terms, step_loss, step_temperature
+from kdistill.engine import Engine
 from kdistill.errors import UserError
 from kdistill.features import Features, capture, ensure_eager_attention
+from kdistill.terms import TermSpec, compute_terms, step_temperature
 from kdistill.training import (
+    GroupStream,
     History,
-    Timer,
-    batch_units,
-    endless_groups,
     make_accelerator,
     make_learner,
     make_loaders,
     set_seed,
-    step_units,
-    validate_learners,
+    validation_metrics,
 )
 
 LOGIT_TERMS = ("kd", "ce")
@@ -92,12 +90,14 @@ def peer_terms(k: int, feats: list[Features], labels: torch.Tensor, *, spec: Ter
     return terms
 
 
-def distill_mutual(student, teacher, tokenizer, data: DataBundle, *, spec: TermSpec, distill: DistillConfig,
-                   train: TrainConfig, max_length: int, log_dir: Path | None = None) -> tuple[History, History]:
+def distill_mutual(student, teacher, tokenizer, encoded: DatasetDict, *, spec: TermSpec, distill: DistillConfig,
+                   train: TrainConfig, log_dir: Path | None = None,
+                   checkpoints: Checkpoints | None = None) -> tuple[History, History]:
     """Train teacher, student (and `distill.peers - 2` more students) together; see the module docstring.
 
-    Leaves each model's best validation weights in `student` and `teacher`; returns (student history, teacher
-    history). `train.epochs`/`max_steps` count steps, and each step updates every peer once.
+    `encoded`: the tokenized splits (train, validation). Leaves each model's best validation weights in `student`
+    and `teacher`; returns (student history, teacher history). `train.epochs`/`max_steps` count steps, and each step
+    updates every peer once. `checkpoints`: where to save resumable state (every peer's), and whether to resume.
     """
     set_seed(train.seed)
     accelerator = make_accelerator(train)
@@ -110,50 +110,37 @@ def distill_mutual(student, teacher, tokenizer, data: DataBundle, *, spec: TermS
         for model in peers:
             ensure_eager_attention(model)
 
-    encoded = tokenize_splits(data, tokenizer, max_length)
     train_loader, val_loader, total_steps, evals_at = make_loaders(encoded["train"], encoded["validation"],
-                                                                   tokenizer, train)
+                                                                   tokenizer, train, accelerator)
     common = dict(total_steps=total_steps, train=train, accelerator=accelerator, log_dir=log_dir)
-    learners = [make_learner(teacher, "teacher_after", lr=distill.teacher_lr, **common)]
-    for k, model in enumerate(students, 1):  # the projections of hidden terms learn with the first student
-        learners.append(make_learner(model, "student" if k == 1 else f"student_{k}", lr=train.lr, **common,
-                                     patience=train.early_stopping_patience if k == 1 else None,
-                                     extra=spec.projections if k == 1 else None))
-    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
+    teacher_learner = make_learner(teacher, "teacher_after", lr=distill.teacher_lr, **common)
+    student_learners = [  # the projections of hidden terms learn with the first student
+        make_learner(model, "student" if k == 1 else f"student_{k}", lr=train.lr, **common,
+                     patience=train.early_stopping_patience if k == 1 else None,
+                     extra=spec.projections if k == 1 else None)
+        for k, model in enumerate(students, 1)]
+    learners = [teacher_learner, *student_learners]  # peer order: 0 is the teacher
     weights = [teacher_terms.active] + [spec.active] * len(students)
+    # the student decides when to stop; the teacher keeps its best weights
+    engine = Engine(accelerator, [student_learners[0], teacher_learner, *student_learners[1:]],
+                    GroupStream(train_loader, train.grad_accum, device=accelerator.device), total_steps, evals_at,
+                    lambda model: validation_metrics(model, val_loader, accelerator), train.max_grad_norm,
+                    f"mutual ({len(peers)} peers)", checkpoints)
+    flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
 
-    step = 0
-    bar = tqdm(total=total_steps, desc=f"mutual ({len(peers)} peers)", leave=False,
-               disable=None if accelerator.is_main_process else True)
-    with Timer() as timer:
-        for model in peers:
-            model.train()
-        for group in endless_groups(train_loader, train.grad_accum):
-            temperature = step_temperature(distill, step, total_steps)
-            units = step_units(group, accelerator)
-            logged = [{} for _ in peers]
-            for batch in group:
-                in_batch = batch_units(batch)
-                labels = batch.pop("labels")
-                feats = [capture(model, batch, hidden_states=spec.needs_hidden, attentions=spec.needs_attentions,
-                                 qkv=spec.needs_qkv) for model in peers]
-                loss = 0.0
-                for k in range(len(peers)):  # each peer's loss sees the others as constants
-                    terms = peer_terms(k, feats, labels, spec=spec, teacher_terms=teacher_terms,
-                                       temperature=temperature)
-                    loss = loss + step_loss(terms, weights[k], in_batch, units, accelerator.num_processes,
-                                            logged[k])
-                accelerator.backward(loss)
-            step += 1
-            for learner, peer_weights, peer_logged in zip(learners, weights, logged):
-                learner.step(step, peer_logged, peer_weights, accelerator, train.max_grad_norm,
-                             temperature=temperature)
-            bar.update(1)
-            # the student decides when to stop; the teacher keeps its best weights
-            if step in evals_at and validate_learners([learners[1], learners[0]], step, val_loader, accelerator):
-                break
-            if step >= total_steps:
-                break
-    bar.close()
-    histories = [learner.finish(timer.seconds) for learner in learners]
-    return histories[1], histories[0]
+    def take_step(step: int, group: list[dict]) -> None:
+        temperature = step_temperature(distill, step, total_steps)
+
+        def terms_of(batch):  # every peer's terms, each seeing the others as constants
+            labels = batch.pop("labels")
+            feats = [capture(model, batch, **flags) for model in peers]
+            return [(peer_terms(k, feats, labels, spec=spec, teacher_terms=teacher_terms, temperature=temperature),
+                     weights[k]) for k in range(len(peers))]
+
+        logged = [{} for _ in peers]
+        engine.backward(group, terms_of, logged)  # one backward of the peers' summed losses
+        for learner, peer_weights, peer_logged in zip(learners, weights, logged):
+            engine.apply(learner, step + 1, peer_logged, peer_weights, temperature=temperature)
+
+    student_history, teacher_history, *_ = engine.run(take_step)
+    return student_history, teacher_history

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from kdistill.export import export_model
+from kdistill.deploy.export import export_model
+from kdistill.deploy.predict import load_predictor, predict_file, read_jsonl_texts
 from kdistill.errors import UserError
-from kdistill.predict import load_predictor, predict_file, read_jsonl_texts
 
 LABELS = ["sport", "tech", "politics"]
 
@@ -62,14 +62,14 @@ def test_max_length_from_kdistill_json(tiny_bert_dir, tmp_path):
 def test_truncation_warning_counts_inputs(tiny_bert_dir, caplog):
     pred = load_predictor(tiny_bert_dir)
     long_text = " ".join(["goal match team"] * 40)  # far past max_length=32 tokens
-    with caplog.at_level(logging.WARNING, logger="kdistill.predict"):
+    with caplog.at_level(logging.WARNING, logger="kdistill.deploy.predict"):
         out = pred.predict([long_text, "vote law", long_text], batch_size=2)
     assert len(out) == 3
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1
     assert "2 of 3" in warnings[0].getMessage() and "max_length=32" in warnings[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kdistill.predict"):
+    with caplog.at_level(logging.WARNING, logger="kdistill.deploy.predict"):
         pred.predict(["vote law"])
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
@@ -93,30 +93,30 @@ def test_predict_file_bad_line_names_file_and_line(tiny_bert_dir, tmp_path):
     src = tmp_path / "bad.jsonl"
     src.write_text('{"text": "goal"}\n{"text": "vote"}\n{"text": "oops"\n', encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: invalid JSON"):
         predict_file(tiny_bert_dir, src, out)
     assert not out.exists()
     src.write_text('{"text": "goal"}\n{"txt": "vote"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'text' missing"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: field 'text' missing"):
         predict_file(tiny_bert_dir, src, out)
 
 
 def test_an_input_that_is_a_folder_is_named_as_one(tiny_bert_dir, tmp_path):
-    with pytest.raises(ValueError, match=f"input {tmp_path} is a folder"):
+    with pytest.raises(UserError, match=f"input {tmp_path} is a folder"):
         predict_file(tiny_bert_dir, tmp_path, None)
 
 
 def test_load_errors_name_the_path(tmp_path, tiny_bert_dir):
-    with pytest.raises(FileNotFoundError, match="model dir not found"):
+    with pytest.raises(UserError, match=r"nope: not a model dir \(no such folder\)"):
         load_predictor(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="needs model.onnx"):
+    with pytest.raises(UserError, match="needs model.onnx"):
         load_predictor(tiny_bert_dir, backend="onnx")
-    with pytest.raises(FileNotFoundError, match="input file not found"):
+    with pytest.raises(UserError, match="input file not found"):
         predict_file(tiny_bert_dir, tmp_path / "missing.jsonl", None)
 
 
 def test_long_inputs_are_tokenized_from_a_prefix_with_the_same_result(tiny_bert_dir, monkeypatch):
-    import kdistill.predict as predict_mod
+    import kdistill.deploy.predict as predict_mod
 
     pred = load_predictor(tiny_bert_dir)  # max_length 32: texts past 256 characters are cut first
     words = "goal match team coach vote senate chip data robot phone network the".split()
@@ -154,8 +154,6 @@ def _cli(argv, capsys) -> tuple[int, str]:
 
 
 def test_texts_with_unpaired_surrogates_are_refused_naming_them(tiny_bert_dir, tmp_path):
-    from kdistill.errors import UserError
-
     pred = load_predictor(tiny_bert_dir)
     with pytest.raises(UserError, match=r"texts\[1\]: unpaired surrogate U\+D800 at character 4"):
         pred.predict(["goal", "vote\ud800"])
@@ -231,13 +229,11 @@ def pickle_only_dir(tiny_bert_dir, tmp_path):
 
 
 def test_a_pickle_only_model_dir_is_refused_by_every_loader(pickle_only_dir, tmp_path, capsys):
-    from kdistill.errors import UserError
-    from kdistill.models import load_causal_lm, load_classifier, load_model_dir
-    from kdistill.predict import load_torch_model
+    from kdistill.models import load_causal_lm, load_classifier, load_dir_model, load_model_dir
 
     refused = r"pickled[/\\]?: holds pytorch_model\.bin but no model\.safetensors.*never unpickles"
     for load in (lambda: load_predictor(pickle_only_dir), lambda: load_predictor(pickle_only_dir, backend="torch"),
-                 lambda: load_torch_model(pickle_only_dir), lambda: load_model_dir(pickle_only_dir),
+                 lambda: load_dir_model(pickle_only_dir), lambda: load_model_dir(pickle_only_dir),
                  lambda: load_classifier(str(pickle_only_dir)), lambda: load_causal_lm(str(pickle_only_dir)),
                  lambda: export_model(pickle_only_dir, fmt="hf", out_dir=tmp_path / "exported")):  # fmt: skip
         with pytest.raises(UserError, match=refused):
@@ -254,3 +250,34 @@ def test_an_input_file_is_read_as_the_data_files_are_bom_dropped_bad_bytes_named
     path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(UserError, match=r"in\.jsonl: line 2: not valid UTF-8"):
         read_jsonl_texts(path)
+
+
+def test_one_model_dir_reader_for_training_and_deployment(tiny_bert_dir, tmp_path, capsys):
+    """models.inspect_model_dir reads config.json and kdistill.json for load_model_dir and load_predictor alike: the
+    same labels and task, and the same one-line error naming a malformed file (exit 2 from the CLI)."""
+    import shutil
+
+    from kdistill.models import guess_task, inspect_model_dir, load_model_dir, read_meta
+
+    info = inspect_model_dir(tiny_bert_dir)
+    assert (info.labels, info.task) == (LABELS, "classification")
+    assert load_predictor(tiny_bert_dir).labels == info.labels
+    assert guess_task({"architectures": ["GPT2LMHeadModel"]}) == guess_task({"architectures": ["LlamaForCausalLM"]})
+    assert guess_task({"architectures": ["GPT2LMHeadModel"]}) == "causal-lm"
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_bert_dir, d)
+    (d / "kdistill.json").write_text('{"task": "classification",')
+    for load in (lambda: inspect_model_dir(d), lambda: read_meta(d), lambda: load_model_dir(d),
+                 lambda: load_predictor(d)):  # fmt: skip
+        with pytest.raises(UserError, match=r"m[/\\]kdistill\.json: not valid JSON \(line 1"):
+            load()
+    code, err = _cli(["predict", d, "goal"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "kdistill.json: not valid JSON" in err, err
+
+    (d / "kdistill.json").write_text("{}")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "id2label": {"0": "sport", "2": "tech"}}))
+    for load in (lambda: load_model_dir(d), lambda: load_predictor(d)):
+        with pytest.raises(UserError, match=r"config\.json: id2label ids must be 0\.\.1"):
+            load()

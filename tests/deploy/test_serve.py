@@ -12,8 +12,9 @@ import httpx
 import pytest
 import uvicorn
 
-from kdistill.predict import load_predictor
-from kdistill.serve import create_app
+from kdistill.deploy.predict import load_predictor
+from kdistill.deploy.serve import create_app
+from kdistill.errors import UserError
 
 API_KEY = "s3cret"
 MAX_BODY = 3000
@@ -195,11 +196,11 @@ def test_full_queue_answers_503(tiny_bert_dir):
 
 
 def test_run_server_rejects_bad_options_before_starting(tiny_bert_dir, tmp_path):
-    from kdistill.serve import run_server
+    from kdistill.deploy.serve import run_server
 
-    with pytest.raises(FileNotFoundError, match="model dir not found"):
+    with pytest.raises(UserError, match=r"missing: not a model dir \(no such folder\)"):
         run_server(tmp_path / "missing")
-    with pytest.raises(ValueError, match="workers must be a positive integer"):
+    with pytest.raises(UserError, match="workers must be a positive integer"):
         run_server(tiny_bert_dir, workers=0)
     with pytest.raises(ValueError, match="unknown server option"):
         run_server(tiny_bert_dir, max_batch=3)
@@ -331,7 +332,7 @@ def test_queue_is_bounded_in_bytes(tiny_bert_dir):
     assert first.status_code == 200
     assert second.status_code == 503 and "max_queue_bytes=2000" in second.json()["detail"]
     assert app.state.batcher.stats["rejected_queue_full"] == 1
-    with pytest.raises(ValueError, match="max_queue_bytes"):
+    with pytest.raises(UserError, match="max_queue_bytes"):
         create_app(tiny_bert_dir, max_body_bytes=2000, max_queue_bytes=1000)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdistill.export import export_model
+from kdistill.deploy.export import export_model
+from kdistill.errors import UserError
 
 LABELS = ["sport", "tech", "politics"]
 
@@ -107,12 +108,12 @@ def _graph_nodes(path):
 
 def test_failure_leaves_no_out_dir(tmp_path, tiny_bert_dir):
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="model dir not found"):
+    with pytest.raises(UserError, match=r"missing: not a model dir \(no such folder\)"):
         export_model(tmp_path / "missing", fmt="onnx", out_dir=out)
     assert not out.exists()
-    with pytest.raises(ValueError, match="parity_labels has 1 labels for 2"):
+    with pytest.raises(UserError, match="parity_labels has 1 labels for 2"):
         export_model(tiny_bert_dir, fmt="onnx", out_dir=out, parity_texts=["a", "b"], parity_labels=[0])
-    with pytest.raises(ValueError, match="needs fmt='onnx'"):
+    with pytest.raises(UserError, match="needs fmt='onnx'"):
         export_model(tiny_bert_dir, fmt="hf", out_dir=out, quantize="int8")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temp dirs either
@@ -122,10 +123,10 @@ def test_failure_mid_export_cleans_up_and_keeps_old_out_dir(tmp_path, tiny_bert_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old export")
-    with pytest.raises(ValueError, match="not empty; remove it or choose another --out"):  # the CLI has no overwrite
+    with pytest.raises(UserError, match="not empty; remove it or choose another --out"):  # the CLI has no overwrite
         export_model(tiny_bert_dir, fmt="hf", out_dir=out)
 
-    import kdistill.export as export_mod
+    import kdistill.deploy.export as export_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while quantizing")
@@ -153,7 +154,7 @@ def test_hf_export_of_causal_lm(tiny_tokenizer, tmp_path):
     parity = export_model(src, fmt="hf", out_dir=tmp_path / "out")
     assert parity["backends"]["hf"]["max_abs_logit_diff"] == 0.0
     assert json.loads((tmp_path / "out" / "kdistill.json").read_text())["task"] == "causal-lm"
-    with pytest.raises(ValueError, match="classification model dirs only"):
+    with pytest.raises(UserError, match="classification model dirs only"):
         export_model(src, fmt="onnx", out_dir=tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 

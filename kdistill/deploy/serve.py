@@ -26,9 +26,12 @@ form the next batch, so throughput grows with concurrency. A request holds its p
 texts' UTF-8 bytes out of max_queue_bytes) from the moment it is queued until it is answered, times out or its
 client hangs up; a request that timed out or whose client hung up is dropped before it is computed.
 
-Several worker processes (`run_server(workers=N)`): uvicorn imports `kdistill.serve:app_from_env` as a factory
-in each worker; the app config travels in the KDISTILL_SERVE_CONFIG environment variable. Counters in
+Several worker processes (`run_server(workers=N)`): uvicorn imports `kdistill.deploy.serve:app_from_env` as a
+factory in each worker; the app config travels in the KDISTILL_SERVE_CONFIG environment variable. Counters in
 /metadata are per worker process.
+
+A bad model dir or setting (a limit, the worker count) is a kdistill.errors.UserError naming it, raised before any
+port is opened.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.requests import ClientDisconnect
 
+from kdistill.deploy.predict import Backend, load_predictor
 from kdistill.errors import UserError, encode_utf8
-from kdistill.predict import Backend, inspect_model_dir, load_predictor
+from kdistill.models import inspect_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -286,14 +290,14 @@ def create_app(
                         ("max_text_chars", max_text_chars), ("max_queue", max_queue),
                         ("max_queue_bytes", max_queue_bytes)]:  # fmt: skip
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
     if max_queue_bytes < max_body_bytes:  # a body's texts never take more bytes than the body
-        raise ValueError(f"max_queue_bytes ({max_queue_bytes}) must be >= max_body_bytes ({max_body_bytes}), "
+        raise UserError(f"max_queue_bytes ({max_queue_bytes}) must be >= max_body_bytes ({max_body_bytes}), "
                          "or a request that passes the body limit could never be queued")  # fmt: skip
     if batch_wait_ms < 0:
-        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+        raise UserError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
     if not request_timeout_s > 0:
-        raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s!r}")
+        raise UserError(f"request_timeout_s must be > 0, got {request_timeout_s!r}")
     predictor = load_predictor(model_dir, backend=backend, num_threads=num_threads)
     truncation_log = _TruncationLog(predictor.max_length)
     batcher = MicroBatcher(
@@ -474,7 +478,7 @@ def app_from_env() -> FastAPI:
     """uvicorn factory for worker processes: create_app(**json(KDISTILL_SERVE_CONFIG))."""
     raw = os.environ.get(CONFIG_ENV)
     if not raw:
-        raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with kdistill.serve.run_server")
+        raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with kdistill.deploy.serve.run_server")
     return create_app(**json.loads(raw))
 
 
@@ -499,7 +503,7 @@ def run_server(
     import uvicorn
 
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise UserError(f"workers must be a positive integer, got {workers!r}")
     info = inspect_model_dir(model_dir)  # fail fast, before any worker starts
     unknown = set(limits) - set(LIMITS)
     if unknown:
@@ -515,6 +519,5 @@ def run_server(
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     else:
         os.environ[CONFIG_ENV] = json.dumps(config)
-        uvicorn.run(
-            "kdistill.serve:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level
-        )
+        uvicorn.run("kdistill.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level)

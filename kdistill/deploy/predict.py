@@ -12,9 +12,8 @@ with {"task": "classification", "max_length": int, ...}. A dir whose PyTorch wei
 Backend choice with backend="auto": `model.int8.onnx` (quantization was asked for when exporting), then
 `model.onnx`, then safetensors weights. Loading never unpickles: safetensors only, no remote code.
 
-Errors a user can act on (missing dir or files, a bad JSONL line, a text that is not valid Unicode) raise
-FileNotFoundError / ValueError (UserError for pickle-only weights and unpaired surrogates) with one line naming the
-path; the CLI maps them to exit code 2.
+Errors a user can act on (missing dir or files, a bad JSONL line, pickle-only weights, a text that is not valid
+Unicode) raise kdistill.errors.UserError with one line naming the path; the CLI prints it and exits with code 2.
 """
 
 from __future__ import annotations
@@ -25,20 +24,26 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from kdistill.errors import decode_utf8, encode_utf8
+from kdistill.errors import UserError, decode_utf8, encode_utf8
 from kdistill.io import atomic_write_text
+from kdistill.models import (
+    META_FILE,
+    ModelDirInfo,
+    inspect_model_dir,
+    load_dir_model,
+    load_dir_tokenizer,
+    require_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-KDISTILL_JSON = "kdistill.json"
 DEFAULT_MAX_LENGTH_CAP = 512
 PREFIX_CHARS_PER_TOKEN = 8
 """A long input is first tokenized as its first max_length x this many characters (cut at whitespace); see
@@ -47,58 +52,13 @@ max_length-th token."""
 
 
 # --------------------------------------------------------------------------------------------- model dir
+# The dir's JSON files are read by kdistill.models.inspect_model_dir, its weights and tokenizer loaded by
+# models.load_dir_model / load_dir_tokenizer: one reader for training, evaluation and deployment.
 
 
-@dataclass
-class ModelDirInfo:
-    """What a model dir holds, read from its JSON files without loading weights."""
-
-    path: Path
-    config: dict
-    kdistill: dict
-    task: str
-    labels: list[str]
-    onnx_files: dict[str, Path] = field(default_factory=dict)  # backend name -> file
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def _task_from_config(config: dict) -> str:
-    archs = " ".join(config.get("architectures") or [])
-    if "CausalLM" in archs or "LMHead" in archs:
-        return "causal-lm"
-    return "classification"
-
-
-def inspect_model_dir(model_dir: str | os.PathLike) -> ModelDirInfo:
-    """Check that `model_dir` is a usable model dir and say what it holds (no weights are loaded)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model dir not found: {path}")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model dir")
-    config = _read_json(config_path)
-    meta = _read_json(path / KDISTILL_JSON) if (path / KDISTILL_JSON).is_file() else {}
-    task = meta.get("task") or _task_from_config(config)
-    id2label = config.get("id2label") or {}
-    try:
-        labels_by_id = {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"{config_path}: id2label keys must be integers") from None
-    if labels_by_id and sorted(labels_by_id) != list(range(len(labels_by_id))):
-        raise ValueError(f"{config_path}: id2label ids must be 0..{len(labels_by_id) - 1}")
-    labels = [labels_by_id[i] for i in range(len(labels_by_id))]
-    onnx = {name: path / f for name, f in ONNX_FILES.items() if (path / f).is_file()}
-    return ModelDirInfo(path, config, meta, task, labels, onnx)
+def onnx_files(path: Path) -> dict[str, Path]:
+    """The ONNX graphs a model dir holds: backend name -> file."""
+    return {name: path / f for name, f in ONNX_FILES.items() if (path / f).is_file()}
 
 
 def resolve_max_length(info: ModelDirInfo, tokenizer) -> int:
@@ -107,44 +67,16 @@ def resolve_max_length(info: ModelDirInfo, tokenizer) -> int:
     Also capped by the model's max_position_embeddings, so a tokenizer saved without a limit (its
     model_max_length is then a huge sentinel) cannot push positions past what the model has.
     """
-    if info.kdistill.get("max_length") is not None:
-        value = info.kdistill["max_length"]
+    if info.meta.get("max_length") is not None:
+        value = info.meta["max_length"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"{info.path / KDISTILL_JSON}: max_length must be an integer >= 2, got {value!r}")
+            raise UserError(f"{info.path / META_FILE}: max_length must be an integer >= 2, got {value!r}")
         return value
     length = min(int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH_CAP)), DEFAULT_MAX_LENGTH_CAP)
     positions = info.config.get("max_position_embeddings")
     if isinstance(positions, int) and positions > 0:
         length = min(length, positions)
     return length
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The dir's own tokenizer; never remote code."""
-    from transformers import AutoTokenizer
-
-    path = Path(model_dir)
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{path}: cannot load tokenizer files ({str(e).splitlines()[0]})") from None
-
-
-def load_torch_model(model_dir: str | os.PathLike, task: str = "classification"):
-    """The dir's PyTorch model in eval mode, fp32, from safetensors only (nothing is unpickled)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from kdistill.models import require_safetensors
-
-    path = Path(model_dir)
-    require_safetensors(path)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    try:
-        model = auto.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------- runners
@@ -185,7 +117,7 @@ class _OrtRunner:
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise ValueError(f"{onnx_path}: cannot load ONNX model ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{onnx_path}: cannot load ONNX model ({str(e).splitlines()[0]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
 
@@ -197,7 +129,7 @@ class _OrtRunner:
             elif name == "token_type_ids":
                 feed[name] = np.zeros_like(batch["input_ids"], dtype=np.int64)
             else:
-                raise ValueError(f"{self.path}: graph input {name!r} is not produced by the tokenizer")
+                raise UserError(f"{self.path}: graph input {name!r} is not produced by the tokenizer")
         return self.session.run([self.output_name], feed)[0].astype(np.float32, copy=False)
 
 
@@ -227,10 +159,10 @@ class Predictor:
     @property
     def metadata(self) -> dict[str, Any]:
         """Model name, labels, backend, max_length and num_parameters (None where unknown)."""
-        num_parameters = getattr(self._runner, "num_parameters", None) or self.info.kdistill.get("num_parameters")
+        num_parameters = getattr(self._runner, "num_parameters", None) or self.info.meta.get("num_parameters")
         archs = self.info.config.get("architectures") or []
         return {
-            "model": self.info.kdistill.get("name") or self.info.path.resolve().name,
+            "model": self.info.meta.get("name") or self.info.path.resolve().name,
             "model_type": self.info.config.get("model_type"),
             "architecture": archs[0] if archs else None,
             "task": self.info.task,
@@ -273,7 +205,7 @@ class Predictor:
         """Logits (N, C) in input order, and the number of inputs that were truncated. No warning."""
         texts = _check_texts(texts)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         n_labels = len(self.labels)
         if not texts:
             return np.zeros((0, n_labels), dtype=np.float32), 0
@@ -336,27 +268,25 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
         if not t.strip():  # as the data readers and the server: nothing to classify is an input error
-            raise ValueError(f"texts[{i}] is empty")
+            raise UserError(f"texts[{i}] is empty")
         encode_utf8(t, f"texts[{i}]")
     return texts
 
 
-def _pick_backend(info: ModelDirInfo, backend: str) -> str:
+def _pick_backend(info: ModelDirInfo, onnx: dict[str, Path], backend: str) -> str:
     if backend == "auto":
         for name in ("onnx-int8", "onnx"):
-            if name in info.onnx_files:
+            if name in onnx:
                 return name
         backend = "torch"
     if backend == "torch":
-        from kdistill.models import require_safetensors  # not at the top: it imports torch, which ONNX needn't
-
         require_safetensors(info.path, also_accepted="model.onnx or model.int8.onnx")  # before the tokenizer loads
         return backend
     if backend in ONNX_FILES:
-        if backend not in info.onnx_files:
-            raise FileNotFoundError(f"{info.path}: backend {backend!r} needs {ONNX_FILES[backend]}")
+        if backend not in onnx:
+            raise UserError(f"{info.path}: backend {backend!r} needs {ONNX_FILES[backend]}")
         return backend
-    raise ValueError(f"unknown backend {backend!r}; choose auto, torch, onnx or onnx-int8")
+    raise UserError(f"unknown backend {backend!r}; choose auto, torch, onnx or onnx-int8")
 
 
 def load_predictor(
@@ -376,20 +306,21 @@ def load_predictor(
     """
     info = inspect_model_dir(model_dir)
     if info.task != "classification":
-        raise ValueError(f"{info.path}: prediction supports classification model dirs only (task={info.task!r})")
+        raise UserError(f"{info.path}: prediction supports classification model dirs only (task={info.task!r})")
     if not info.labels:
-        raise ValueError(f"{info.path / 'config.json'}: no id2label; cannot name the classes")
-    chosen = _pick_backend(info, backend)
-    tokenizer = load_tokenizer(info.path)
+        raise UserError(f"{info.path / 'config.json'}: no id2label; cannot name the classes")
+    onnx = onnx_files(info.path)
+    chosen = _pick_backend(info, onnx, backend)
+    tokenizer = load_dir_tokenizer(info.path)
     max_length = resolve_max_length(info, tokenizer)
     if chosen == "torch":
         if num_threads:
             import torch
 
             torch.set_num_threads(num_threads)
-        runner: Any = _TorchRunner(load_torch_model(info.path, info.task))
+        runner: Any = _TorchRunner(load_dir_model(info.path, info.task))
     else:
-        runner = _OrtRunner(info.onnx_files[chosen], chosen, num_threads, spinning=ort_spinning)
+        runner = _OrtRunner(onnx[chosen], chosen, num_threads, spinning=ort_spinning)
     return Predictor(tokenizer=tokenizer, runner=runner, labels=info.labels, max_length=max_length, info=info)
 
 
@@ -400,9 +331,9 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
     """Rows and their texts from a JSONL file; blank lines are skipped; errors name the file and line."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"input {path} is a folder; give a JSONL file")
+        raise UserError(f"input {path} is a folder; give a JSONL file")
     if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
+        raise UserError(f"input file not found: {path}")
     rows, texts = [], []
     # as data.py reads JSONL: a BOM is dropped, and lines split on \n only (U+2028 may sit inside a JSON string)
     for lineno, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), start=1):
@@ -411,11 +342,11 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
+            raise UserError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
         if not isinstance(row.get(text_field), str):
-            raise ValueError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
+            raise UserError(f"{path}:{lineno}: field {text_field!r} missing or not a string")
         encode_utf8(row[text_field], f"{path}:{lineno}: field {text_field!r}")
         rows.append(row)
         texts.append(row[text_field])
@@ -423,20 +354,20 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
 
 
 def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl", *, overwrite: bool = False) -> None:
-    """ValueError when the output file `path` is an existing folder, or an existing file the user did not say may be
+    """UserError when the output file `path` is an existing folder, or an existing file the user did not say may be
     replaced (`overwrite`); called before any work is done."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"output {path} is a folder, not a file; give a file path such as {path / example}")
+        raise UserError(f"output {path} is a folder, not a file; give a file path such as {path / example}")
     if path.exists() and not overwrite:
-        raise ValueError(f"output {path} exists; give a new path, or pass --overwrite to replace it")
+        raise UserError(f"output {path} exists; give a new path, or pass --overwrite to replace it")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
     """Write records as JSONL atomically (temp file + rename): readers never see half a file."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder not found: {path.parent}")
+        raise UserError(f"output folder not found: {path.parent}")
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 

@@ -21,6 +21,9 @@ labels, each backend's accuracy. An fp32 export whose logits differ by more than
 
 Writes are atomic: everything is built in a temp dir beside out_dir and renamed into place at the end, so a
 failure leaves no out_dir (and an existing out_dir untouched).
+
+A bad argument, model dir or out dir is a kdistill.errors.UserError naming it (the CLI: one line, exit code 2); a
+failed parity check is a RuntimeError.
 """
 
 from __future__ import annotations
@@ -37,17 +40,10 @@ from typing import Any, Literal
 import numpy as np
 
 from kdistill import __version__
+from kdistill.deploy.predict import Predictor, _TorchRunner, load_predictor, resolve_max_length
+from kdistill.errors import UserError
 from kdistill.io import atomic_dir
-from kdistill.predict import (
-    KDISTILL_JSON,
-    Predictor,
-    _TorchRunner,
-    inspect_model_dir,
-    load_predictor,
-    load_tokenizer,
-    load_torch_model,
-    resolve_max_length,
-)
+from kdistill.models import META_FILE, inspect_model_dir, load_dir_model, load_dir_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -90,43 +86,43 @@ def export_model(
     its contrib ops (see _fuse_onnx); the graph then runs on onnxruntime only. Off: a plain ONNX graph.
     """
     if fmt not in ("hf", "onnx"):
-        raise ValueError(f"unknown export format {fmt!r}; choose hf or onnx")
+        raise UserError(f"unknown export format {fmt!r}; choose hf or onnx")
     if quantize not in (None, "int8"):
-        raise ValueError(f"unknown quantization {quantize!r}; choose int8 or none")
+        raise UserError(f"unknown quantization {quantize!r}; choose int8 or none")
     if quantize and fmt != "onnx":
-        raise ValueError("quantize='int8' needs fmt='onnx' (int8 is onnxruntime dynamic quantization)")
+        raise UserError("quantize='int8' needs fmt='onnx' (int8 is onnxruntime dynamic quantization)")
     if opset < 17:
-        raise ValueError(f"ONNX opset must be >= 17, got {opset}")
+        raise UserError(f"ONNX opset must be >= 17, got {opset}")
     info = inspect_model_dir(model_dir)
     if fmt == "onnx" and info.task != "classification":
-        raise ValueError(f"{info.path}: ONNX export supports classification model dirs only (task={info.task!r})")
+        raise UserError(f"{info.path}: ONNX export supports classification model dirs only (task={info.task!r})")
     out = Path(out_dir)
     if out.resolve() == info.path.resolve():
-        raise ValueError(f"out dir {out} is the model dir itself; choose another out dir")
+        raise UserError(f"out dir {out} is the model dir itself; choose another out dir")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out dir {out} exists and is not a folder")
+        raise UserError(f"out dir {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out dir {out} exists and is not empty; remove it or choose another --out")
+        raise UserError(f"out dir {out} exists and is not empty; remove it or choose another --out")
 
     texts = list(parity_texts) if parity_texts is not None else list(SAMPLE_TEXTS)
     if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("parity_texts must be a non-empty list of strings")
+        raise UserError("parity_texts must be a non-empty list of strings")
     labels = list(parity_labels) if parity_labels is not None else None
     if labels is not None:
         if len(labels) != len(texts):
-            raise ValueError(f"parity_labels has {len(labels)} labels for {len(texts)} parity texts")
+            raise UserError(f"parity_labels has {len(labels)} labels for {len(texts)} parity texts")
         n_classes = len(info.labels)
         bad = [y for y in labels if not isinstance(y, (int, np.integer)) or not 0 <= int(y) < n_classes]
         if bad:
-            raise ValueError(f"parity_labels must be class ids 0..{n_classes - 1}; got {bad[:3]}")
+            raise UserError(f"parity_labels must be class ids 0..{n_classes - 1}; got {bad[:3]}")
         labels = [int(y) for y in labels]
 
-    tokenizer = load_tokenizer(info.path)
+    tokenizer = load_dir_tokenizer(info.path)
     max_length = resolve_max_length(info, tokenizer)
-    model = load_torch_model(info.path, info.task)
+    model = load_dir_model(info.path, info.task)
     num_parameters = sum(p.numel() for p in model.parameters())
     meta = {
-        **info.kdistill,
+        **info.meta,
         "task": info.task,
         "max_length": max_length,
         "num_parameters": num_parameters,
@@ -153,7 +149,7 @@ def export_model(
                 meta["export"]["fused_ops"] = _fuse_onnx(tmp / "model.onnx", model.config)
             if quantize:
                 meta["export"]["int8"] = _quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
-        (tmp / KDISTILL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
         if info.task == "classification":
             parity = _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels)
@@ -341,7 +337,7 @@ def _lm_parity(model, tokenizer, tmp: Path, texts: list[str], max_length: int) -
     """hf export of a causal LM: reload it and compare next-token logits text by text (no pad token needed)."""
     import torch
 
-    reloaded = load_torch_model(tmp, "causal-lm")
+    reloaded = load_dir_model(tmp, "causal-lm")
     worst, agree, total = 0.0, 0, 0
     with torch.inference_mode():
         for text in texts:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 from starlette.testclient import TestClient
 
-from kdistill.serve import create_app
+from kdistill.deploy.serve import create_app
 
 P, N = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 CASES = [("GET", "/health", P, 20), ("GET", "/metadata", P, 20), ("POST", "/predict", P, 250),
