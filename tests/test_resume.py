@@ -76,11 +76,15 @@ def newest_checkpoint_step(run_dir, phase: str) -> int:
     return max((int(os.path.basename(os.path.dirname(d)).removeprefix("step-")) for d in done), default=0)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_result(toy_recipe):
+@pytest.mark.parametrize("strategy", ["explicit", "mutual", "alternating"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_result(toy_recipe, strategy):
+    """SIGKILL in the student phase's second epoch, then `kdistill run --resume`: every phase's history and the
+    weights equal those of an uninterrupted run (mutual, alternating: the teacher learning alongside too)."""
     root, recipe = toy_recipe
-    reference, killed = root / "reference", root / "killed"
-    uninterrupted = start_kdistill("run", recipe, "--out", reference)  # alongside: one thread each, two cores
-    proc = start_kdistill("run", recipe, "--out", killed)
+    reference, killed = root / f"reference-{strategy}", root / f"killed-{strategy}"
+    chosen = ("--set", f"distill.strategy={strategy}")
+    uninterrupted = start_kdistill("run", recipe, *chosen, "--out", reference)  # alongside: one thread each
+    proc = start_kdistill("run", recipe, *chosen, "--out", killed)
     deadline = time.monotonic() + 240
     while newest_checkpoint_step(killed, "student") <= STEPS_PER_EPOCH:  # wait for one in the second epoch
         assert proc.poll() is None, finish(proc).stderr[-2000:]
@@ -95,9 +99,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(toy_recipe):
     # the newest (an older one too, when the kill came between the new one's rename and the old one's removal)
     checkpoint = max((killed / "checkpoints" / "student").glob("step-*"))
     state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-    position, (student,) = state["positions"]["train"], state["learners"]
+    position, (student, *teacher_after) = state["positions"]["train"], state["learners"]
     assert position["epoch"] == 1 and 0 < position["batches_done"] < STEPS_PER_EPOCH  # mid-epoch
     assert [s["step"] for s in student["history"]["steps"]] == list(range(1, state["step"] + 1))
+    assert [learner["name"] for learner in teacher_after] == ([] if strategy == "explicit" else ["teacher_after"])
 
     resumed = finish(start_kdistill("run", "--resume", killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -106,7 +111,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(toy_recipe):
     done = finish(uninterrupted)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    for name in ("teacher", "student"):  # every step's loss terms, before and after the resume point
+    learned = ("teacher", "student") + (() if strategy == "explicit" else ("teacher_after",))
+    for name in learned:  # every step's loss terms, before and after the resume point
         assert_same_steps(history(killed, name)["steps"], history(reference, name)["steps"], rel=1e-6)
         assert_same_steps(history(killed, name)["evals"], history(reference, name)["evals"], rel=1e-6)
     assert accuracies(killed) == accuracies(reference)
@@ -457,4 +463,44 @@ def test_a_causal_lm_run_resumes_after_a_kill(monkeypatch, tmp_path, bpe_tokeniz
         assert_same_steps(history(resumed, name)["steps"], history(reference, name)["steps"], rel=1e-6)
     perplexities = [{n: m["perplexity"] for n, m in json.loads((d / "metrics.json").read_text())["models"].items()}
                     for d in (resumed, reference)]
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6)
+
+
+def test_a_causal_lm_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, bpe_tokenizer, docs):
+    """A causal-LM run SIGKILLed after its fourth checkpoint (in whichever phase that is: student or baseline) and
+    resumed with `kdistill run --resume` ends with the uninterrupted run's histories and perplexities."""
+    teacher_dir = tmp_path / "teacher"
+    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)
+    bpe_tokenizer.save_pretrained(teacher_dir)
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "lm.yaml", {
+        "task": "causal-lm", "data": {"train_file": str(corpus), "block_size": 16},
+        "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2},
+        "distill": {"losses": {"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0}},  # (hidden: no cache, slower steps)
+        "train": {"max_steps": 60, "batch_size": 4, "checkpoint_every": 3},
+        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    })
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = start_kdistill("run", recipe, "--out", reference)
+    proc = start_kdistill("run", recipe, "--out", killed)
+    deadline = time.monotonic() + 240
+    while newest_checkpoint_step(killed, "student") < 12 and newest_checkpoint_step(killed, "baseline") < 3:
+        assert proc.poll() is None, finish(proc).stderr[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+
+    resumed = finish(start_kdistill("run", "--resume", killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    done = finish(uninterrupted)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("student", "baseline"):
+        assert_same_steps(history(killed, name)["steps"], history(reference, name)["steps"], rel=1e-6)
+        assert_same_steps(history(killed, name)["evals"], history(reference, name)["evals"], rel=1e-6)
+    perplexities = [{n: m["perplexity"] for n, m in json.loads((d / "metrics.json").read_text())["models"].items()}
+                    for d in (killed, reference)]
     assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6)
