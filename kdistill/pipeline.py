@@ -26,12 +26,16 @@ from kdistill.config import DataConfig, EvalConfig, RunConfig, StudentConfig, pa
 from kdistill.data import (
     BUILTIN_DATASETS,
     SPLITS,
+    TOKEN_DATASETS,
+    UNLABELED,
     DataBundle,
     Encodings,
     LMBlocks,
     LMCorpus,
+    join_words,
     load_data,
     load_lm_corpus,
+    load_token_data,
     pack_blocks,
     tokenize_splits,
 )
@@ -41,10 +45,13 @@ from kdistill.distill.causal import distill_causal, lm_only_spec
 from kdistill.distill.explicit import distill_explicit, why_not_cached
 from kdistill.distill.mutual import distill_mutual
 from kdistill.errors import UserError
+from kdistill.features import Pooling
 from kdistill.evaluate import (
     block_parameters,
     compare_lm_speed,
     compare_speed,
+    embed,
+    embedding_metrics,
     evaluate_lm_model,
     evaluate_model,
     machine_info,
@@ -59,9 +66,11 @@ from kdistill.models import (
     load_model_dir,
     load_tokenizer,
     read_meta,
+    read_pooling,
     require_safetensors,
     resolve_model_source,
     save_model,
+    save_sentence_encoder,
     seeded,
 )
 from kdistill.report import write_report
@@ -69,6 +78,7 @@ from kdistill.rundir import check_run_dir, run_dir_for, run_fingerprint
 from kdistill.student import (
     build_student,
     check_layers,
+    count_parameters,
     describe_student,
     num_layers_of,
     resolve_width,
@@ -233,6 +243,8 @@ def preflight(cfg: RunConfig, run_dir: Path, *, resume: bool = False, overwrite:
     the run dir created or anything trained."""
     if distilling and cfg.task == "causal-lm":
         check_causal_lm(cfg)
+    if cfg.task == "embedding":
+        check_embedding(cfg)
     check_paths(cfg)
     if distilling and cfg.student.model and cfg.task == "classification":
         teacher_tokenizer = recipe_teacher_tokenizer(cfg)
@@ -331,6 +343,15 @@ def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
             from None
 
 
+def student_reads(cfg: RunConfig, data: DataBundle, encodings: Encodings, tokenizer):
+    """(the student's tokenizer, whether it differs from the teacher's `tokenizer`, the calibration batch of a
+    student built from the teacher or None): a given student.model reads its own tokenizer, maybe another."""
+    if cfg.student.model:
+        student_tokenizer = load_tokenizer(cfg.student.model)
+        return student_tokenizer, check_tokenizers(cfg, tokenizer, student_tokenizer), None
+    return tokenizer, False, calibration_batch(encodings(data, tokenizer, ("train",))["train"], tokenizer)
+
+
 def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     """The student the recipe describes, and the teacher layers it was copied from. A given student.model
     (classification) gets a head for the teacher's labels unless it has one for them already."""
@@ -347,7 +368,7 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
             student = load_classifier(s.model, labels)
         return student.train(), None
     if s.model:
-        student, _, _ = load_model_dir(s.model)
+        student, _, _ = load_model_dir(s.model, task="embedding" if cfg.task == "embedding" else None)
         return student.train(), None
     layers = student_layers(s, num_layers_of(teacher.config))
     try:
@@ -374,10 +395,12 @@ def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
 
 
 def distill_student(cfg: RunConfig, teacher, tokenizer, encoded: DatasetDict, run_dir: Path, init_layers, student,
-                    checkpoints: Checkpoints | None = None, teacher_tokenizer=None, teacher_train=None):
+                    checkpoints: Checkpoints | None = None, teacher_tokenizer=None, teacher_train=None,
+                    pooling: Pooling | None = None):
     """Run the configured strategy; returns the student's history (and the teacher's, if it kept learning).
     `tokenizer`, `encoded`: the student's tokenizer and splits; `teacher_tokenizer`, `teacher_train`: the teachers'
-    tokenizer and training split, where they differ (explicit only, check_tokenizers)."""
+    tokenizer and training split, where they differ (explicit only, check_tokenizers). `pooling`: task embedding
+    (explicit only: the student learns the teacher's pooled sentence embeddings)."""
     spec = term_spec(cfg, teacher, student, init_layers)
     extra = [load_model_dir(p)[0] for p in cfg.distill.extra_teachers]
     common = dict(spec=spec, distill=cfg.distill, train=cfg.train, log_dir=run_dir / "logs", checkpoints=checkpoints)
@@ -385,7 +408,8 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, encoded: DatasetDict, ru
     if strategy == "explicit":
         # work_dir: the teacher hidden-state cache goes on the run dir's disk, not in a possibly small $TMPDIR
         return distill_explicit(student, [teacher, *extra], tokenizer, encoded, name="student", work_dir=run_dir,
-                                teacher_tokenizer=teacher_tokenizer, teacher_train=teacher_train, **common), None
+                                teacher_tokenizer=teacher_tokenizer, teacher_train=teacher_train, pooling=pooling,
+                                **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":
@@ -402,14 +426,15 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
     together; the main process alone writes files and evaluates."""
     if cfg.task == "causal-lm":
         return run_causal_lm(cfg, out, resume=resume, overwrite=overwrite)
+    phases = run_embedding_phases if cfg.task == "embedding" else run_phases
     started = time.perf_counter()
     run_dir = run_dir_of(cfg, out)
     preflight(cfg, run_dir, resume=resume, overwrite=overwrite)  # bad input fails before anything is written
-    data = load_data(cfg.data)
+    data = load_task_data(cfg)
     log.info("data: %s; world size %d", json.dumps(data.summary()["sizes"]), world_size())
     fp = run_fingerprint(cfg, training_data(data))
     with run_dir_for(cfg, run_dir, fp, resume=resume, overwrite=overwrite), writing(run_dir):
-        return run_phases(cfg, data, run_dir, resume=resume, started=started, fingerprint=fp)
+        return phases(cfg, data, run_dir, resume=resume, started=started, fingerprint=fp)
 
 
 def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float,
@@ -417,7 +442,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     """Teacher, student, teacher_after, baseline; then evaluation, export and report (main process). Each split is
     tokenized once per tokenizer (data.Encodings) and handed to every phase that reads it."""
     main = is_main_process()
-    encodings = Encodings(cfg.data.max_length)
+    encodings = Encodings(cfg.data.max_length, cfg.data.label_all_subtokens)
     teacher, tokenizer, teacher_dir, _ = get_teacher(cfg, data, encodings, run_dir, resume=resume,
                                                      fingerprint=fingerprint)
     student_data = with_transfer(data, cfg.data, teacher, tokenizer)  # augmentation reads the teacher's embeddings
@@ -426,13 +451,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         # the teacher keeps learning: keep its pre-distillation weights to report both
         teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
 
-    if cfg.student.model:  # its own tokenizer, maybe another than the teacher's
-        student_tokenizer = load_tokenizer(cfg.student.model)
-        cross = check_tokenizers(cfg, tokenizer, student_tokenizer)
-        calibration = None
-    else:
-        student_tokenizer, cross = tokenizer, False
-        calibration = calibration_batch(encodings(data, tokenizer, ("train",))["train"], tokenizer)
+    student_tokenizer, cross, calibration = student_reads(cfg, data, encodings, tokenizer)
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
     baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
@@ -516,8 +535,15 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
     teacher = results.get("teacher", next(iter(results.values())))
     for name, r in results.items():
         r["accuracy_retained_pct"] = 100 * r["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else None
+        if "entity_f1" in r:  # token classification: the headline number
+            r["entity_f1_retained_pct"] = 100 * r["entity_f1"] / teacher["entity_f1"] if teacher["entity_f1"] else None
         r["speedup_vs_teacher"] = teacher["latency_ms_batch1"] / r["latency_ms_batch1"]
         r["size_ratio_vs_teacher"] = teacher["params"] / r["params"]
+    return run_metrics(cfg, data, shapes, results)
+
+
+def run_metrics(cfg: RunConfig, data: DataBundle, shapes: dict | None, results: dict, **units: str) -> dict:
+    """metrics.json of a run: its models' numbers (`results`), what it ran on, and the units (`units`: more)."""
     return {
         "run": cfg.name,
         "task": cfg.task,
@@ -528,13 +554,15 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
         "machine": {**machine_info(), "host": socket.gethostname(), "eval_threads": cfg.eval.num_threads
                     or torch.get_num_threads(), "world_size": world_size()},
         "units": {"latency_ms_batch1": "ms", "throughput_per_s": "examples/s", "size_mb": "MiB",
-                  "train_wall_time_s": "s"},
+                  "train_wall_time_s": "s", **units},
     }
 
 
 def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle) -> dict:
-    texts = list(data.splits["test"]["text"])
-    labels = list(data.splits["test"]["label"])
+    if "tokens" in data.splits["test"].column_names:  # token classification: parity on the test sentences' text
+        texts, labels = sentence_texts(data.splits["test"]), None
+    else:
+        texts, labels = list(data.splits["test"]["text"]), list(data.splits["test"]["label"])
     out = {}
     for fmt in cfg.export.formats:
         kind, quant = ("onnx", "int8") if fmt == "onnx-int8" else (fmt, None)
@@ -542,6 +570,30 @@ def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle) -> dict:
         out[fmt] = export_model(run_dir / "student", fmt=kind, out_dir=run_dir / "export" / fmt, quantize=quant,
                                 parity_texts=texts, parity_labels=labels, overwrite=True)
     return out
+
+
+# ------------------------------------------------------------------------------------- token classification
+
+def load_task_data(cfg: RunConfig) -> DataBundle:
+    """The run's splits: sentences with a tag per word (task: token-classification), else texts with a label."""
+    return load_token_data(cfg.data) if cfg.task == "token-classification" else load_data(cfg.data)
+
+
+def token_data_for_model(model_dir: Path, names: list[str], data: DataBundle, spec: str) -> DataBundle:
+    """`data`'s tag ids renumbered to the model's (`names`, its id2label); UserError when the tag sets differ."""
+    if sorted(names) != sorted(data.label_names):
+        raise UserError(f"{model_dir}: model tags {names} differ from the data's {data.label_names} ({spec})")
+    if names != data.label_names:
+        remap = [names.index(n) for n in data.label_names]
+        data.splits = data.splits.map(lambda r: {"tags": [remap[t] for t in r["tags"]]})
+        data.label_names = names
+    return data
+
+
+def sentence_texts(split, limit: int = 256) -> list[str]:
+    """Plain texts of (the first `limit`) sentences of a token split, its words joined by spaces (without spaces
+    between CJK characters, as written): what predict and serve read."""
+    return [join_words(words) for words in split["tokens"][:limit]]
 
 
 # ------------------------------------------------------------------------------------------------ causal LM
@@ -695,10 +747,10 @@ def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: boo
     dir)."""
     run_dir = run_dir_of(cfg, out)
     preflight(cfg, run_dir, overwrite=overwrite, distilling=False)
-    data = load_data(cfg.data)
+    data = load_task_data(cfg)
     fp = run_fingerprint(cfg, training_data(data))
     with run_dir_for(cfg, run_dir, fp, overwrite=overwrite), writing(run_dir):
-        encodings = Encodings(cfg.data.max_length)
+        encodings = Encodings(cfg.data.max_length, cfg.data.label_all_subtokens)
         _, _, teacher_dir, history = get_teacher(cfg, data, encodings, run_dir, fingerprint=fp)
         standalone_metrics(cfg, run_dir, {"teacher": (teacher_dir, history)}, data, encodings)
     return run_dir, teacher_dir
@@ -716,7 +768,8 @@ def standalone_metrics(cfg: RunConfig, run_dir: Path, models: dict, data: DataBu
 
 def data_config_for(spec: str, overrides: list[str]) -> DataConfig:
     """`--data SPEC`: a built-in dataset name or a data file, plus `--set data.x=y` overrides."""
-    raw = {"data": {"dataset": spec} if spec in BUILTIN_DATASETS else {"train_file": spec, "dataset": None}}
+    builtin = spec in BUILTIN_DATASETS or spec in TOKEN_DATASETS
+    raw = {"data": {"dataset": spec} if builtin else {"train_file": spec, "dataset": None}}
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] != "data" or len(keys) != 2:
@@ -728,7 +781,10 @@ def data_config_for(spec: str, overrides: list[str]) -> DataConfig:
 def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> DataBundle:
     """Data whose label ids are those of the model's config (the same names, in the model's order)."""
     model_dir = Path(model_dir)
-    names = inspect_model_dir(model_dir).labels
+    info = inspect_model_dir(model_dir)
+    names = info.labels
+    if info.task == "token-classification":  # sentences with tags; the model's tag order
+        return token_data_for_model(model_dir, names, load_token_data(data_config_for(spec, overrides)), spec)
     data = load_data(data_config_for(spec, overrides))
     if sorted(names) != sorted(data.label_names):
         raise UserError(f"{model_dir}: model labels {names} differ from the data's {data.label_names} ({spec})")
@@ -756,3 +812,116 @@ def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overr
                     "train_wall_time_s": meta.get("train_wall_time_s")})
     atomic_write_json(Path(out) if out else Path(model_dir) / "metrics.json", metrics)
     return metrics
+
+
+# ------------------------------------------------------------------------------------ sentence embeddings
+# task: embedding (Reimers & Gurevych 2020): a frozen sentence-transformers teacher; the student (layers of the
+# teacher's transformer, or student.model) with the teacher's pooling learns the teacher's pooled embeddings on the
+# run's texts (labels unused) through distill/explicit.py; the teacher is given, never trained. The no-KD control is
+# the same student untrained: its initialisation, saved as "baseline".
+
+def embedding_teacher_dir(cfg: RunConfig) -> Path:
+    """The teacher sentence encoder's dir: teacher.path, or teacher.model (built-in alias or local dir)."""
+    if cfg.teacher.from_scratch is not None and not cfg.teacher.path:
+        raise UserError("teacher.from_scratch: task embedding distils a given sentence encoder; set teacher.model "
+                        "(minilm-l6, mpnet-base or a sentence-transformers dir)")
+    name = cfg.teacher.path or cfg.teacher.model
+    if not name:
+        raise UserError("teacher.model: task embedding needs a sentence-transformers teacher (minilm-l6, mpnet-base "
+                        "or a dir)")
+    source, extra = resolve_model_source(name)
+    if extra or not Path(source).is_dir():
+        raise UserError(f"teacher.model: {name}: task embedding needs a local sentence-transformers dir")
+    return Path(source)
+
+
+def check_embedding(cfg: RunConfig) -> None:
+    """What an embedding run supports, checked before any data is read: a sentence-transformers teacher kdistill can
+    pool, the explicit strategy, no export at the end of the run yet."""
+    read_pooling(embedding_teacher_dir(cfg))
+    if cfg.distill.strategy != "explicit":
+        raise UserError(f"distill.strategy: task embedding supports explicit (a frozen teacher), not "
+                        f"{cfg.distill.strategy}")
+    if cfg.export.formats:
+        raise UserError("export.formats: task embedding does not export at the end of a run yet; use "
+                        "`kdistill export` on the student dir")
+
+
+def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float,
+                         fingerprint: dict) -> Path:
+    """Baseline (the student's initialisation), student (distilled), then evaluation and report (main process)."""
+    main = is_main_process()
+    encodings = Encodings(cfg.data.max_length)
+    teacher_dir = embedding_teacher_dir(cfg)
+    pooling = read_pooling(teacher_dir)
+    teacher, tokenizer, _ = load_model_dir(teacher_dir, task="embedding")
+    student_tokenizer, cross, calibration = student_reads(cfg, data, encodings, tokenizer)
+    student, init_layers = make_student(cfg, teacher, calibration)
+    shapes = describe_student(teacher, student)
+
+    def save(model, name: str, meta: dict) -> None:
+        save_sentence_encoder(model, student_tokenizer, run_dir / name, {"max_length": cfg.data.max_length,
+                              "student_init": shapes["init"], **meta}, pooling, cfg.data.max_length)
+
+    models = {"teacher": (teacher_dir, None), "student": (run_dir / "student", None)}
+    if cfg.distill.baseline:  # the no-KD control: the same student, not trained at all
+        if main and not (resume and is_saved(run_dir / "baseline")):
+            save(student, "baseline", {"role": "no-KD baseline: the student's initialisation, untrained",
+                                       "train_wall_time_s": 0.0})
+        models["baseline"] = (run_dir / "baseline", None)
+    if resume and is_saved(run_dir / "student"):
+        log.info("student: distilled before the run was resumed (%s)", run_dir / "student")
+    else:
+        checkpoints = phase_checkpoints(cfg, run_dir, "student", resume, fingerprint)
+        teacher_train = encodings(data, tokenizer, ("train",))["train"] if cross else None
+        history, _ = distill_student(cfg, teacher, student_tokenizer, encodings(data, student_tokenizer), run_dir,
+                                     init_layers, student, checkpoints, teacher_tokenizer=tokenizer if cross else None,
+                                     teacher_train=teacher_train, pooling=pooling)
+        models["student"] = (run_dir / "student", history)
+        if main:
+            save_history(run_dir, history)
+            save(student, "student", {"role": "student", "strategy": cfg.distill.strategy,
+                                      "losses": cfg.distill.losses, "train_wall_time_s": history.wall_time_s})
+            checkpoints.clear()
+    if not main:
+        return run_dir
+    metrics = evaluate_embedding_run(cfg, models, data, shapes, encodings)
+    metrics["total_wall_time_s"] = time.perf_counter() - started
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_report([run_dir])
+    return run_dir
+
+
+def evaluate_embedding_run(cfg: RunConfig, models: dict, data: DataBundle, shapes: dict | None,
+                           encodings: Encodings) -> dict:
+    """Every sentence encoder of the run on the same held-out texts (the test split), each in its own tokenization:
+    agreement with the teacher (Spearman ρ of pairwise cosines, recall@10 of its neighbours), k-NN accuracy (train
+    split as the index, test split as queries) where the data has labels, size, and speed measured interleaved."""
+    labeled = bool(data.label_names) and all(
+        y != UNLABELED for split in ("train", "test") for y in data.splits[split]["label"])
+    splits = ("train", "test") if labeled else ("test",)
+    loaded, inputs, vectors = {}, {}, {}
+    for name, (path, _) in models.items():
+        model, tokenizer, _ = load_model_dir(path, task="embedding")
+        encoded = encodings(data, tokenizer, splits)
+        loaded[name], inputs[name] = model, (encoded["test"], tokenizer)
+        vectors[name] = {split: embed(model, encoded[split], tokenizer, read_pooling(path)) for split in splits}
+    teacher = vectors["teacher"]
+    results = {}
+    for name, (path, history) in models.items():
+        knn = (vectors[name]["train"], data.splits["train"]["label"], vectors[name]["test"],
+               data.splits["test"]["label"]) if labeled else None
+        results[name] = {**embedding_metrics(vectors[name]["test"], teacher["test"], knn=knn),
+                         "params": count_parameters(loaded[name]), "size_mb": dir_size_mb(path),
+                         "train_wall_time_s": history.wall_time_s if history else
+                         read_meta(path).get("train_wall_time_s")}
+    for name, numbers in compare_speed(loaded, inputs, cfg.eval).items():
+        results[name].update(numbers)
+    t = results["teacher"]
+    for r in results.values():
+        r["speedup_vs_teacher"] = t["latency_ms_batch1"] / r["latency_ms_batch1"]
+        r["size_ratio_vs_teacher"] = t["params"] / r["params"]
+        if labeled:
+            r["knn_accuracy_delta_vs_teacher_points"] = 100 * (r["knn_accuracy"] - t["knn_accuracy"])
+    return run_metrics(cfg, data, shapes, results, spearman_agreement="Spearman rho", recall_at_10="fraction",
+                       knn_accuracy="fraction", knn_accuracy_delta_vs_teacher_points="percentage points")

@@ -56,6 +56,20 @@ LM_COLUMNS = [  # causal-lm runs (metrics.json "task": "causal-lm")
 ]
 
 
+SIZE_AND_SPEED_COLUMNS = COLUMNS[COLUMNS.index(("params", "params", "{:,}")):COLUMNS.index(
+    ("accuracy_retained_pct", "acc. retained", "{:.1f}%"))]
+"""params, MB, latency, throughput, speed-up and size ratio: the columns every encoder task's table shows."""
+
+EMBEDDING_COLUMNS = [  # sentence-embedding runs (metrics.json "task": "embedding")
+    ("spearman_agreement", "Spearman vs teacher", "{:.4f}"),
+    ("recall_at_10", "recall@10", "{:.3f}"),
+    ("knn_accuracy", "k-NN acc.", "{:.2%}"),
+    ("dim", "dim", "{}"),
+    *SIZE_AND_SPEED_COLUMNS,
+    ("train_wall_time_s", "train time (s)", "{:.0f}"),
+]
+
+
 def load_run(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
@@ -77,9 +91,34 @@ def _fmt(value, pattern: str) -> str:
         return str(value)
 
 
+TOKEN_COLUMNS = [  # token-classification runs (metrics.json "task": "token-classification")
+    ("entity_f1", "entity F1", "{:.4f}"),
+    ("entity_precision", "entity P", "{:.4f}"),
+    ("entity_recall", "entity R", "{:.4f}"),
+    ("token_accuracy", "token acc.", "{:.2%}"),
+    *SIZE_AND_SPEED_COLUMNS,
+    ("entity_f1_retained_pct", "F1 retained", "{:.1f}%"),
+    ("train_wall_time_s", "train time (s)", "{:.0f}"),
+]
+
+
+def entity_type_table(run: dict) -> str:
+    """Token classification: entity F1 per type (seqeval), one column per model of the run."""
+    models = run["metrics"]["models"]
+    types = sorted({t for m in models.values() for t in m.get("per_type", {})})
+    lines = ["| entity type | support | " + " | ".join(f"{name} F1" for name in models) + " |",
+             "|" + "---|" * (len(models) + 2)]
+    for t in types:
+        support = next((m["per_type"][t]["support"] for m in models.values() if t in m.get("per_type", {})), 0)
+        cells = [_fmt(m.get("per_type", {}).get(t, {}).get("f1"), "{:.4f}") for m in models.values()]
+        lines.append(f"| {t} | {support} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_table(runs: list[dict]) -> str:
     many = len(runs) > 1
-    columns = LM_COLUMNS if runs[0]["metrics"].get("task") == "causal-lm" else COLUMNS
+    columns = {"causal-lm": LM_COLUMNS, "embedding": EMBEDDING_COLUMNS,
+               "token-classification": TOKEN_COLUMNS}.get(runs[0]["metrics"].get("task"), COLUMNS)
     head = "| model | " + " | ".join(label for _, label, _ in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for run in runs:
@@ -209,10 +248,17 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     first = runs[0]["metrics"]
     if first.get("task") == "causal-lm":  # perplexity, speed, sample generations
         return write_lm_report(runs, out)
+    if first.get("task") == "embedding":  # agreement with the teacher, neighbours, k-NN, speed
+        return write_embedding_report(runs, out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", ""]
     lines += [summary_table(runs), ""]
+    if first.get("task") == "token-classification":  # entity-level scores (seqeval, strict IOB2) per type
+        lines += ["Entity F1: seqeval's strict IOB2 matching (type and both boundaries exact), micro-averaged over "
+                  "entities; token accuracy over the scored sub-tokens (each word's first).", ""]
+        for run in runs:
+            lines += [f"## Entity F1 per type ({run['metrics']['run']})", "", entity_type_table(run), ""]
     machine = first.get("machine", {})
     lines += [f"Test set: {first['data']['sizes']['test']} examples of {first['data']['source']} "
               f"({len(first['data']['labels'])} classes). Latency and throughput: CPU, "
@@ -245,6 +291,33 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         lines.append("")
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     return report
+
+
+def write_embedding_report(runs: list[dict], out: Path) -> Path:
+    """report.md for sentence-embedding runs: the table of agreement, k-NN accuracy and speed, what each number
+    means, and the student's shape."""
+    first = runs[0]["metrics"]
+    data, machine = first["data"], first.get("machine", {})
+    some = next(iter(first["models"].values()))
+    lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", "", summary_table(runs), ""]
+    lines += [f"Held-out texts: the {some.get('n_held_out', '?')} test texts of {data['source']}. Spearman vs "
+              "teacher: rank correlation between the model's and the teacher's cosine similarities of the same "
+              "pairs of held-out texts (all pairs, or 20,000 drawn with a fixed seed). recall@10: the share of each "
+              "text's 10 nearest held-out neighbours by the teacher that the model also ranks among its 10 nearest.",
+              ""]
+    if "knn_accuracy" in some:
+        lines += [f"k-NN acc.: each test text takes the majority label of its {some.get('knn_k', '?')} most "
+                  "cosine-similar training texts (the training split is the index; its labels are never used in "
+                  "training).", ""]
+    if "baseline" in first["models"]:
+        lines += ["baseline = the no-KD control: the same student, not trained at all (its initialisation from the "
+                  "teacher's layers, with the teacher's pooling). There are no labels to train it on otherwise.", ""]
+    lines += [f"Latency and throughput: CPU, {machine.get('eval_threads', '?')} threads, the encoder's forward "
+              "(pooling excluded), medians after warm-up, all models measured interleaved in one process.", ""]
+    shape = first.get("student_shape")
+    if shape:
+        lines += [student_line(shape), ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines))
 
 
 def write_lm_report(runs: list[dict], out: Path) -> Path:

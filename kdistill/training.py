@@ -36,12 +36,16 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+from seqeval.metrics import accuracy_score as seqeval_accuracy
+from seqeval.metrics import classification_report as seqeval_report
+from seqeval.scheme import IOB2
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from kdistill import losses
 from kdistill.config import TrainConfig
 from kdistill.data import UNLABELED, LMBlocks, next_token_targets
 from kdistill.errors import UserError
+from kdistill.features import Pooling, capture
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +161,23 @@ def make_loader(dataset, tokenizer, batch_size: int, *, seed: int, shuffle: bool
                 accelerator: Accelerator | None = None) -> DataLoader:
     """Dynamic padding + length-grouped batches. `dataset` has input_ids/attention_mask/labels columns.
 
+    The collator follows the labels: one per example (classification) pads the inputs alone; a list per example
+    (token classification, `has_token_labels`) pads the labels too, with -100 (DataCollatorForTokenClassification).
+
     `batch_size` counts the rows of a batch over all processes; with an `accelerator` of several processes each
     process loads its share (see LengthGroupedSampler).
     """
     lengths = [len(x) for x in dataset["input_ids"]]
     shards = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index) if accelerator else {}
     sampler = LengthGroupedSampler(lengths, batch_size, seed=seed, shuffle=shuffle, **shards)
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    collate = DataCollatorForTokenClassification(tokenizer, return_tensors="pt") if has_token_labels(dataset) \
+        else DataCollatorWithPadding(tokenizer, return_tensors="pt")
     return DataLoader(dataset.with_format("python"), batch_sampler=sampler, collate_fn=collate)
+
+
+def has_token_labels(dataset) -> bool:
+    """Whether `dataset`'s examples carry one label per token (a list: token classification)."""
+    return "labels" in dataset.column_names and len(dataset) > 0 and isinstance(dataset[0]["labels"], list)
 
 
 def set_loader_epoch(loader, epoch: int, skip: int = 0) -> None:
@@ -356,6 +369,10 @@ def predict_logits(model, loader, accelerator: Accelerator) -> tuple[torch.Tenso
 
 
 def validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, float]:
+    """Accuracy, macro F1 and loss of a classifier; entity F1, token accuracy and loss of a token classifier
+    (`token_validation_metrics`, chosen by the loader's labels)."""
+    if has_token_labels(loader.dataset):
+        return token_validation_metrics(model, loader, accelerator)
     logits, labels = predict_logits(model, loader, accelerator)
     preds = logits.argmax(-1)
     return {
@@ -366,8 +383,89 @@ def validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, flo
 
 
 def accuracy_then_loss(metrics: dict[str, float]) -> tuple[float, ...]:
-    """Classifiers: higher validation accuracy is better; ties go to the lower loss."""
-    return (metrics["accuracy"], -metrics["loss"])
+    """Classifiers: higher validation accuracy is better (token classifiers: entity F1); ties go to the lower
+    loss."""
+    return (metrics.get("entity_f1", metrics["accuracy"]), -metrics["loss"])
+
+
+# ------------------------------------------------------------------------ token classification: validation
+
+
+def tag_sequences(pred_ids, label_ids, label_names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(predicted tags, true tags) per example, at the labeled positions only (label != -100: the first sub-token
+    of each word, no padding). pred_ids, label_ids: (B, L) or lists of per-example lists."""
+    preds, trues = [], []
+    for p_row, y_row in zip(pred_ids, label_ids):
+        pairs = [(int(p), int(y)) for p, y in zip(p_row, y_row) if int(y) != UNLABELED]
+        preds.append([label_names[p] for p, _ in pairs])
+        trues.append([label_names[y] for _, y in pairs])
+    return preds, trues
+
+
+def entity_metrics(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
+    """Entity-level precision / recall / F1 per type and micro-averaged (seqeval, strict IOB2: an entity counts
+    when its type and both boundaries match exactly), and token accuracy."""
+    report = seqeval_report(true_tags, pred_tags, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+                    "support": int(v["support"])}
+                for k, v in report.items() if not k.endswith(" avg")}
+    return {"entity_precision": float(micro["precision"]), "entity_recall": float(micro["recall"]),
+            "entity_f1": float(micro["f1-score"]), "token_accuracy": float(seqeval_accuracy(true_tags, pred_tags)),
+            "per_type": per_type}
+
+
+@torch.no_grad()
+def token_validation_metrics(model, loader, accelerator: Accelerator) -> dict[str, float]:
+    """Entity F1 (seqeval), token accuracy (as `accuracy`) and the CE loss per labeled token of a token classifier
+    over a whole split (every process: the shares are gathered)."""
+    was_training = model.training
+    model.eval()
+    names = [getattr(model, "module", model).config.id2label[i]
+             for i in range(getattr(model, "module", model).config.num_labels)]
+    parts, total, count = [], 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        s, c = losses.hard_ce(logits, labels)
+        total, count = total + float(s), count + int(c)
+        parts.append(tag_sequences(logits.argmax(-1).cpu().tolist(), labels.cpu().tolist(), names))
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        parts = gather_object(parts)
+        total, count = [sum(x) for x in zip(*gather_object([(total, count)]))]
+    preds = [row for p, _ in parts for row in p]
+    trues = [row for _, t in parts for row in t]
+    m = entity_metrics(trues, preds)
+    return {"entity_f1": m["entity_f1"], "accuracy": m["token_accuracy"], "loss": total / max(count, 1)}
+
+
+@torch.no_grad()
+def embedding_validation_metrics(model, teacher, loader, accelerator: Accelerator, pooling: Pooling
+                                 ) -> dict[str, float]:
+    """A sentence-embedding student's agreement with its frozen teacher on a held-out split (task: embedding;
+    there are no labels): the mean cosine between the two models' pooled embeddings of each text and their
+    per-element mean squared error. Both models read the same batches (one tokenization)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+        s = capture(model, batch, hidden_states=False, pooling=pooling).pooled.float()
+        t = capture(teacher, batch, hidden_states=False, pooling=pooling).pooled.float()
+        parts.append((torch.nn.functional.cosine_similarity(s, t, dim=-1).sum().item(),
+                      (s - t).pow(2).sum().item(), s.shape[0], t.numel()))
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        parts = gather_object(parts)
+    rows, elements = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    return {"cosine": sum(p[0] for p in parts) / max(rows, 1), "mse": sum(p[1] for p in parts) / max(elements, 1)}
+
+
+def cosine_then_mse(metrics: dict[str, float]) -> tuple[float, ...]:
+    """Sentence-embedding students: higher cosine agreement with the teacher is better; ties go to the lower MSE."""
+    return (metrics["cosine"], -metrics["mse"])
 
 
 @torch.no_grad()

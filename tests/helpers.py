@@ -13,10 +13,11 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, BertModel
 
 from kdistill.config import TrainConfig, load_config
 from kdistill.data import DataBundle, tokenize_splits
+from kdistill.models import save_sentence_encoder
 from kdistill.student import build_student
 from kdistill.terms import TermSpec
 from kdistill.training import History
@@ -197,3 +198,13 @@ def assert_same_steps(a: list[dict], b: list[dict], rel: float, abs: float = 1e-
         assert set(x) == set(y)
         for key in x:
             assert y[key] == pytest.approx(x[key], rel=rel, abs=abs), (x["step"], key)
+
+
+# ------------------------------------------------------------------------------------- sentence encoders
+
+def tiny_encoder_dir(path, tokenizer, pooling, seed: int = 0, **config):
+    """A random tiny BERT encoder (`features.Pooling` `pooling`) saved as a sentence-transformers dir (Transformer,
+    Pooling[, Normalize]), as task embedding's teacher and student dirs are."""
+    torch.manual_seed(seed)
+    model = BertModel(tiny_bert_config(tokenizer, **config), add_pooling_layer=False)
+    return save_sentence_encoder(model, tokenizer, path, {"role": "teacher"}, pooling, 32)

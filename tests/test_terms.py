@@ -19,7 +19,7 @@ from tests.helpers import tiny_pair, tiny_train, toy_encoded
 
 B, L, D, C, V, HEADS = 3, 6, 8, 4, 11, 2
 PAIRS = [(1, 2), (2, 4)]  # student layer -> teacher layer, 1-based hidden_states indices
-READS = {"logits", "token_logits", "embeddings", "hidden_states", "cls", "attentions", "qkv"}
+READS = {"logits", "token_logits", "embeddings", "hidden_states", "cls", "attentions", "qkv", "pooled"}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -31,6 +31,8 @@ def features(layers: int, task: str, mask: torch.Tensor, seed: int) -> Features:
     g = _gen(seed)
     b = mask.shape[0]
     logits = torch.randn(b, C, generator=g) if task == "classification" else torch.randn(b, L, V, generator=g)
+    if task == "token-classification":  # one tag distribution per token
+        logits = logits[..., :C]
     keys = mask.bool()[:, None, None, :]
     attentions = tuple(torch.randn(b, HEADS, L, L, generator=g).masked_fill(~keys, float("-inf")).softmax(-1)
                        for _ in range(layers))
@@ -40,6 +42,7 @@ def features(layers: int, task: str, mask: torch.Tensor, seed: int) -> Features:
         attentions=attentions,
         qkv=[{k: torch.randn(b, L, D, generator=g) for k in ("query", "key", "value")} for _ in range(layers)],
         attention_mask=mask,
+        pooled=torch.randn(b, D, generator=g),  # drawn last: the other draws stay as they were
     )
 
 
@@ -54,6 +57,10 @@ def batch(task: str, padding: list[int], seed: int = 0) -> dict:
         labels = torch.randint(0, C, (len(padding),), generator=_gen(seed))
         if len(padding) > 1:
             labels[1] = -100  # an unlabeled transfer row
+        return {"attention_mask": mask, "labels": labels}
+    if task == "token-classification":  # a tag per token; -100 on padding and on non-first sub-tokens (position 2)
+        labels = torch.randint(0, C, (len(padding), L), generator=_gen(seed)).masked_fill(mask == 0, -100)
+        labels[:, 2] = -100
         return {"attention_mask": mask, "labels": labels}
     ids = torch.randint(0, V, (len(padding), L), generator=_gen(seed))
     valid = torch.zeros_like(mask, dtype=torch.bool)
@@ -78,7 +85,8 @@ ROWS = [(name, task) for name, term in T.TERMS.items() for task in sorted(term.t
 def test_every_row_is_consistent():
     assert set(T.TERMS) == {
         "kd", "ce", "cls_pkd", "hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse",
-        "minilm_qq", "minilm_kk", "minilm_vv", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "lm"}
+        "minilm_qq", "minilm_kk", "minilm_vv", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "lm",
+        "pooled_mse", "pooled_cosine", "pooled_contrastive"}
     for name, term in T.TERMS.items():
         assert term.name == name and callable(term.fn) and term.fn.__doc__, name  # each function says its formula
         assert term.tasks and term.tasks <= set(T.TASKS), name

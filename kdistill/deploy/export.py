@@ -40,10 +40,24 @@ from typing import Any, Literal
 import numpy as np
 
 from kdistill import __version__
-from kdistill.deploy.predict import Predictor, _TorchRunner, load_predictor, resolve_max_length
+from kdistill.deploy.predict import (
+    EmbeddingPredictor,
+    Predictor,
+    TokenPredictor,
+    _TorchRunner,
+    load_predictor,
+    resolve_max_length,
+)
 from kdistill.errors import UserError
 from kdistill.io import atomic_dir
-from kdistill.models import META_FILE, inspect_model_dir, load_dir_model, load_dir_tokenizer
+from kdistill.models import (
+    META_FILE,
+    inspect_model_dir,
+    load_dir_model,
+    load_dir_tokenizer,
+    read_pooling,
+    write_sentence_transformer_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +108,9 @@ def export_model(
     if opset < 17:
         raise UserError(f"ONNX opset must be >= 17, got {opset}")
     info = inspect_model_dir(model_dir)
-    if fmt == "onnx" and info.task != "classification":
-        raise UserError(f"{info.path}: ONNX export supports classification model dirs only (task={info.task!r})")
+    if fmt == "onnx" and info.task not in ("classification", "token-classification", "embedding"):
+        raise UserError(f"{info.path}: ONNX export supports embedding, token-classification and "
+                        f"classification model dirs only (task={info.task!r})")
     out = Path(out_dir)
     if out.resolve() == info.path.resolve():
         raise UserError(f"out dir {out} is the model dir itself; choose another out dir")
@@ -151,7 +166,9 @@ def export_model(
                 meta["export"]["int8"] = _quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-        if info.task == "classification":
+        if info.task == "embedding":  # the sentence-transformers module files: the pooling the predictor applies
+            write_sentence_transformer_files(tmp, read_pooling(info.path), model.config.hidden_size, max_length)
+        if info.task in ("classification", "token-classification", "embedding"):  # (token logits: a row per token)
             parity = _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels)
         else:
             parity = _lm_parity(model, tokenizer, tmp, texts, max_length)
@@ -217,10 +234,14 @@ def _export_onnx(model, tokenizer, path: Path, opset: int, max_length: int) -> l
             self.inner = inner
 
         def forward(self, *tensors):
-            return self.inner(**dict(zip(names, tensors))).logits
+            out = self.inner(**dict(zip(names, tensors)))
+            return out.logits if "logits" in out else out.last_hidden_state  # a sentence encoder: (B, L, D)
 
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
     dynamic_axes["logits"] = {0: "batch"}
+    with torch.no_grad():
+        if Logits(model).eval()(*args).dim() == 3:  # a token classifier: (batch, sequence, tags)
+            dynamic_axes["logits"] = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; parity below is the real check
         torch.onnx.export(
@@ -317,9 +338,12 @@ def _accuracy(logits: np.ndarray, labels: list[int] | None) -> float | None:
 
 
 def _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels) -> dict:
-    reference = Predictor(
-        tokenizer=tokenizer, runner=_TorchRunner(model), labels=info.labels, max_length=max_length, info=info
-    )
+    cls = TokenPredictor if info.task == "token-classification" else Predictor  # token logits: a row per token
+    common = dict(tokenizer=tokenizer, runner=_TorchRunner(model), max_length=max_length, info=info)
+    if info.task == "embedding":  # pooled embeddings (N, D), compared as logits are
+        reference = EmbeddingPredictor(labels=[], pooling=read_pooling(info.path), **common)
+    else:
+        reference = cls(labels=info.labels, **common)
     ref_logits, n_truncated = reference.predict_logits(texts, batch_size=PARITY_BATCH_SIZE)
     backends: dict[str, dict] = {"pytorch": {"accuracy": _accuracy(ref_logits, labels)}}
     names = ["hf"] if fmt == "hf" else ["onnx"] + (["onnx-int8"] if quantize else [])

@@ -36,6 +36,7 @@ from kdistill.models import (
     ModelDirInfo,
     inspect_model_dir,
     load_dir_model,
+    read_pooling,
     load_dir_tokenizer,
     require_safetensors,
 )
@@ -97,7 +98,9 @@ class _TorchRunner:
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {k: self.torch.from_numpy(v) for k, v in batch.items() if k in self.accepts}
         with self.torch.inference_mode():
-            return self.model(**inputs).logits.float().numpy()
+            out = self.model(**inputs)
+            # a bare encoder (task embedding) has no logits: its last hidden state (B, L, D), pooled by the predictor
+            return (out.logits if "logits" in out else out.last_hidden_state).float().numpy()
 
 
 class _OrtRunner:
@@ -201,12 +204,17 @@ class Predictor:
         """Logits (B, C) for one batch from encode(): the backend alone, without tokenization."""
         return self._runner(batch)
 
+    @property
+    def output_width(self) -> int:
+        """The width of one text's output row: the number of classes."""
+        return len(self.labels)
+
     def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
         """Logits (N, C) in input order, and the number of inputs that were truncated. No warning."""
         texts = _check_texts(texts)
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        n_labels = len(self.labels)
+        n_labels = self.output_width
         if not texts:
             return np.zeros((0, n_labels), dtype=np.float32), 0
         # Batch texts of similar length together so little compute goes to padding; restore order after.
@@ -305,9 +313,10 @@ def load_predictor(
     turn it off when other compute shares the process, e.g. a side-by-side benchmark.
     """
     info = inspect_model_dir(model_dir)
-    if info.task != "classification":
-        raise UserError(f"{info.path}: prediction supports classification model dirs only (task={info.task!r})")
-    if not info.labels:
+    if info.task not in ("classification", "token-classification", "embedding"):
+        raise UserError(f"{info.path}: prediction supports embedding, token-classification and "
+                        f"classification model dirs only (task={info.task!r})")
+    if not info.labels and info.task != "embedding":
         raise UserError(f"{info.path / 'config.json'}: no id2label; cannot name the classes")
     onnx = onnx_files(info.path)
     chosen = _pick_backend(info, onnx, backend)
@@ -321,7 +330,151 @@ def load_predictor(
         runner: Any = _TorchRunner(load_dir_model(info.path, info.task))
     else:
         runner = _OrtRunner(onnx[chosen], chosen, num_threads, spinning=ort_spinning)
-    return Predictor(tokenizer=tokenizer, runner=runner, labels=info.labels, max_length=max_length, info=info)
+    if info.task == "embedding":
+        return EmbeddingPredictor(tokenizer=tokenizer, runner=runner, labels=[], max_length=max_length, info=info,
+                                  pooling=read_pooling(info.path))
+    cls = TokenPredictor if info.task == "token-classification" else Predictor
+    return cls(tokenizer=tokenizer, runner=runner, labels=info.labels, max_length=max_length, info=info)
+
+
+# ------------------------------------------------------------------------------------ token classification
+
+
+class TokenPredictor(Predictor):
+    """A token classifier (NER): each text's entities as character spans.
+
+        load_predictor("runs/ner/student").predict(["EU rejects German call"])
+        # [{"entities": [{"type": "ORG", "text": "EU", "start": 0, "end": 2, "score": 0.98},
+        #                {"type": "MISC", "text": "German", "start": 11, "end": 17, "score": 0.95}]}]
+
+    Words are the tokenizer's pre-tokenized words (whitespace and punctuation; each CJK character); a word's tag is
+    the argmax at its first sub-token (as the model was trained), its span runs from its first sub-token's start to
+    its last sub-token's end (the tokenizer's offset_mapping, characters of the input text). Tags decode as BIO:
+    B-X starts an entity, I-X continues one of type X (or starts one, when it follows something else), O ends it.
+    `score`: the mean probability of the tags of the entity's words. Needs a fast tokenizer (offsets, word ids).
+    """
+
+    def encode_tokens(self, texts: list[str]):
+        """(model inputs, offsets (B, L, 2), word ids per text, truncated count) of one batch."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise UserError(f"{self.info.path}: token classification needs a fast tokenizer (tokenizer.json)")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True, return_tensors="np")
+        offsets = enc.pop("offset_mapping")
+        word_ids = [e.word_ids for e in enc.encodings]
+        return {k: np.asarray(v) for k, v in enc.items()}, offsets, word_ids, sum(1 for e in enc.encodings
+                                                                                     if e.overflowing)
+
+    def predict_token_logits(self, texts: Sequence[str], batch_size: int = 32):
+        """Per text, in input order: (logits (n_tokens, C) of its real tokens, offsets (n_tokens, 2), word ids);
+        and the number of truncated texts."""
+        texts = _check_texts(texts)
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        out: list = [None] * len(texts)
+        n_truncated = 0
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch, offsets, word_ids, truncated = self.encode_tokens([texts[i] for i in idx])
+            n_truncated += truncated
+            logits = self.run_model(batch)
+            for row, i in enumerate(idx):
+                n = int(batch["attention_mask"][row].sum())
+                out[i] = (logits[row, :n], offsets[row, :n], word_ids[row][:n])
+        return out, n_truncated
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
+        """Every real token's logits, (Σ tokens, C), texts in input order (what export parity compares)."""
+        per_text, n_truncated = self.predict_token_logits(texts, batch_size=batch_size)
+        if not per_text:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), 0
+        return np.concatenate([logits for logits, _, _ in per_text]), n_truncated
+
+    def predict_counted(self, texts: Sequence[str], batch_size: int = 32) -> tuple[list[dict], int]:
+        per_text, n_truncated = self.predict_token_logits(texts, batch_size=batch_size)
+        return [{"entities": entity_spans(text, softmax(logits), offsets, word_ids, self.labels)}
+                for text, (logits, offsets, word_ids) in zip(texts, per_text)], n_truncated
+
+
+def entity_spans(text: str, probs: np.ndarray, offsets, word_ids: list, labels: list[str]) -> list[dict]:
+    """BIO-decoded entities of one text from its tokens' tag probabilities (n_tokens, C): see TokenPredictor."""
+    words: list[list] = []  # [start, end, tag, prob] per word, in order
+    previous = None
+    for t, w in enumerate(word_ids):
+        if w is None:
+            previous = None
+            continue
+        start, end = int(offsets[t][0]), int(offsets[t][1])
+        if w != previous:
+            k = int(probs[t].argmax())
+            words.append([start, end, labels[k], float(probs[t][k])])
+        else:
+            words[-1][1] = max(words[-1][1], end)
+        previous = w
+    entities: list[dict] = []
+    current = None
+    for start, end, tag, prob in words:
+        kind = tag[2:] if tag[:2] in ("B-", "I-") else None
+        if kind is not None and tag.startswith("I-") and current is not None and current["type"] == kind:
+            current["end"], current["probs"] = end, current["probs"] + [prob]
+            continue
+        if current is not None:
+            entities.append(current)
+        current = {"type": kind, "start": start, "end": end, "probs": [prob]} if kind else None
+    if current is not None:
+        entities.append(current)
+    return [{"type": e["type"], "text": text[e["start"]:e["end"]], "start": e["start"], "end": e["end"],
+             "score": float(np.mean(e["probs"]))} for e in entities]
+
+
+# ------------------------------------------------------------------------------------ sentence embeddings
+
+
+def pool_numpy(hidden: np.ndarray, attention_mask: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
+    """(B, L, D) last hidden states -> (B, D) sentence embeddings, as kdistill.features.pool does in torch (mean over
+    the real tokens, position 0, or max over the real tokens; then L2-normalised when `normalize`), for every
+    backend: an ONNX graph of a sentence encoder outputs the last hidden state, and torch is never loaded for it."""
+    mask = attention_mask.astype(hidden.dtype)[..., None]  # (B, L, 1)
+    if mode == "mean":
+        out = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+    elif mode == "cls":
+        out = hidden[:, 0]
+    else:  # max
+        out = np.where(mask > 0, hidden, np.finfo(hidden.dtype).min).max(1)
+    if normalize:
+        out = out / np.clip(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12, None)
+    return out.astype(np.float32, copy=False)
+
+
+class EmbeddingPredictor(Predictor):
+    """A sentence encoder (task embedding): one vector per text, pooled as its dir's sentence-transformers modules
+    say (models.read_pooling), so the same as `SentenceTransformer(dir).encode(texts)`.
+
+        load_predictor("runs/embedding/student").predict(["the team won the match"])
+        # [{"embedding": [0.013, -0.094, ...]}]
+    """
+
+    def __init__(self, *, pooling, **kwargs):
+        super().__init__(**kwargs)
+        self.pooling = pooling
+
+    @property
+    def output_width(self) -> int:
+        return int(self.info.config["hidden_size"])
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata, "dim": self.output_width,
+                "pooling": {"mode": self.pooling.mode, "normalize": self.pooling.normalize}}
+
+    def run_model(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Pooled embeddings (B, D) of one batch from encode()."""
+        return pool_numpy(self._runner(batch), batch["attention_mask"], self.pooling.mode, self.pooling.normalize)
+
+    def predict_counted(self, texts: Sequence[str], batch_size: int = 32) -> tuple[list[dict], int]:
+        vectors, n_truncated = self.predict_logits(texts, batch_size=batch_size)  # (N, D): the pooled embeddings
+        return [{"embedding": row.tolist()} for row in vectors], n_truncated
 
 
 # --------------------------------------------------------------------------------------------- files

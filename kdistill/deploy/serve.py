@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.requests import ClientDisconnect
 
-from kdistill.deploy.predict import Backend, load_predictor
+from kdistill.deploy.predict import Backend, EmbeddingPredictor, load_predictor
 from kdistill.errors import UserError, encode_utf8
 from kdistill.models import inspect_model_dir
 
@@ -371,17 +371,33 @@ def create_app(
             "pid": os.getpid(),
         }
 
-    @app.post(
-        "/predict",
-        dependencies=[Depends(require_key)],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
-            }
-        },
-    )
+    texts_body = {"requestBody": {"required": True,
+                                  "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
+
+    @app.post("/predict", dependencies=[Depends(require_key)], openapi_extra=texts_body)
     async def predict(request: Request) -> dict:
+        answered = await answer(request)
+        if isinstance(answered, Response):
+            return answered
+        results, field = answered
+        return {"prediction": results[0]} if field == "text" else {"predictions": results}
+
+    if isinstance(predictor, EmbeddingPredictor):  # a sentence encoder also answers with bare vectors
+
+        @app.post("/embed", dependencies=[Depends(require_key)], openapi_extra=texts_body)
+        async def embed(request: Request) -> dict:
+            """{"text": ...} -> {"embedding": [...]}; {"texts": [...]} -> {"embeddings": [[...], ...]}: the
+            same limits, validation and batching as /predict."""
+            answered = await answer(request)
+            if isinstance(answered, Response):
+                return answered
+            results, field = answered
+            vectors = [r["embedding"] for r in results]
+            return {"embedding": vectors[0]} if field == "text" else {"embeddings": vectors}
+
+    async def answer(request: Request) -> tuple[list[dict], str] | Response:
+        """A request's texts through every check (body size, JSON, one of text / texts, each text) and the batcher:
+        (results in input order, "text" or "texts"), or the 499 response to a client that hung up."""
         body = await _read_body(request, max_body_bytes)
         if not body.strip():
             raise HTTPException(400, "malformed JSON: the request body is empty")
@@ -428,7 +444,7 @@ def create_app(
             results = job.result()
         except QueueFullError as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
-        return {"prediction": results[0]} if field == "text" else {"predictions": results}
+        return results, field
 
     return app
 

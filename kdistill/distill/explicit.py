@@ -5,9 +5,12 @@ The teacher never learns here: it is in eval mode, its parameters do not require
 they are computed once before training and read back at each step instead of running the teacher:
 
 - logits (terms kd/ce; every teacher of a multi-teacher run): in memory, (N, C) float32;
+  a token classifier's per-token logits (N, L_max, C) float32, each example at its positions (right
+  padding), cut to each batch's length;
 - hidden states (hidden_mse, hidden_cosine, embedding_mse, cls_pkd): only the main teacher's layers the terms
   read (`TermSpec.teacher_hidden_layers`), fp16, memory-mapped from a temporary directory removed when training
   ends (`cache.FeatureStore`: each example's real tokens, put back into each batch's padding);
+- pooled sentence embeddings (task: embedding; pooled_* terms): in memory, (N, D) float32, as logits are;
 - attention maps and Q/K/V (attention_*, minilm_*) are never cached: (N, heads, L, L) per layer is far too big.
   With such a term the teacher runs every step and nothing is cached (`on` is then an error); likewise for cls_pkd
   under a left-padding tokenizer (position 0 is then a pad token, whose teacher state depends on the batch).
@@ -48,18 +51,22 @@ from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
 from kdistill.engine import Engine
 from kdistill.errors import UserError
-from kdistill.features import Features, capture, ensure_eager_attention
+from kdistill.features import Features, Pooling, capture, ensure_eager_attention
 from kdistill.io import atomic_dir
 from kdistill.terms import TermSpec, compute_terms, step_temperature, uncacheable_terms
 from kdistill.training import (
     GroupStream,
     History,
+    has_token_labels,
     make_accelerator,
     make_learner,
     make_loader,
     make_loaders,
     set_seed,
     validation_metrics,
+    embedding_validation_metrics,
+    cosine_then_mse,
+    accuracy_then_loss,
 )
 
 log = logging.getLogger(__name__)
@@ -84,10 +91,17 @@ class TeacherCache:
     """The main teacher's hidden states of the layers the terms read; None when they read none."""
     num_hidden_states: int = 0
     """len(hidden_states) of the main teacher (layers + 1), so the cached layers sit at their own indices."""
+    pooled: torch.Tensor | None = None
+    """(N, D) float32: the main teacher's pooled sentence embeddings (task: embedding), in row order."""
 
     def outputs(self, idx: torch.Tensor, attention_mask: torch.Tensor, device) -> tuple[Features | None, list]:
         """(main teacher's Features or None, each teacher's logits (B, C)) for the batch of rows `idx`."""
-        logits = [c[idx.cpu()].to(device) for c in self.logits]
+        # token classification: (N, L_max, C) per-token logits, cut to this batch's padded length
+        logits = [(c[idx.cpu(), : attention_mask.shape[1]] if c.dim() == 3 else c[idx.cpu()]).to(device)
+                  for c in self.logits]
+        if self.pooled is not None:  # a sentence encoder: no logits, no hidden states cached
+            return Features(logits=None, pooled=self.pooled[idx.cpu()].to(device),
+                            attention_mask=attention_mask), logits
         if self.features is None:
             return None, logits
         layers = self.features.gather(idx, attention_mask, device)
@@ -140,12 +154,13 @@ def plan_cache(spec: TermSpec, mode: str, tokenizer, teacher, lengths: list[int]
 
 @torch.no_grad()
 def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, spec: TermSpec,
-                          store_dir: Path | None = None) -> TeacherCache:
+                          store_dir: Path | None = None, pooling: Pooling | None = None) -> TeacherCache:
     """Run each frozen teacher once over every training example (every process: all rows) and keep its outputs.
 
     Logits of every teacher, in memory. With hidden terms active, the main teacher's hidden states of the layers
     they read, written atomically as a FeatureStore at `store_dir` (which must not exist yet) and memory-mapped.
     `encoded_train` carries the `idx` column (`with_index`): rows land at their index, whatever the batch order.
+    `pooling` (task: embedding): the main teacher's pooled sentence embeddings instead of logits.
     """
     layers, first_only = spec.teacher_hidden_layers
     if layers and store_dir is None:
@@ -155,6 +170,7 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
     n, device = len(encoded_train), accelerator.device
     logits: list[torch.Tensor | None] = [None] * len(teachers)
     num_hidden_states = 0
+    pooled = None
     # autocast: train.mixed_precision, as for the live teacher's forward
     with atomic_dir(store_dir) if layers else nullcontext() as tmp, accelerator.autocast():
         store = None
@@ -169,6 +185,12 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
             rows = batch.pop("idx")
             batch = {k: v.to(device) for k, v in batch.items()}
             for k, teacher in enumerate(teachers):
+                if k == 0 and pooling is not None:  # a sentence encoder: its pooled embedding is the target
+                    out = capture(teacher, batch, hidden_states=False, pooling=pooling).pooled
+                    if pooled is None:
+                        pooled = torch.empty(n, out.shape[-1])
+                    pooled[rows] = out.float().cpu()
+                    continue
                 if k == 0 and store is not None:  # one forward gives the main teacher's logits and hidden states
                     feats = capture(teacher, batch, hidden_states=True)
                     num_hidden_states = len(feats.hidden_states)
@@ -177,8 +199,13 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
                 else:
                     out = teacher(**batch).logits
                 if logits[k] is None:
-                    logits[k] = torch.empty(n, out.shape[-1])
-                logits[k][rows] = out.float().cpu()
+                    # token classification: every token's logits, each example at its positions, zeros past its end
+                    logits[k] = torch.empty(n, out.shape[-1]) if out.dim() == 2 else \
+                        torch.zeros(n, max(len(ids) for ids in encoded_train["input_ids"]), out.shape[-1])
+                if out.dim() == 3:
+                    logits[k][rows, : out.shape[1]] = out.float().cpu()
+                else:
+                    logits[k][rows] = out.float().cpu()
         if store is not None:
             store.flush()
             del store  # closes the write maps before the directory is renamed into place
@@ -186,13 +213,14 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
     if accelerator.is_main_process:
         log.info("teacher cache: %d examples through %d teacher(s) in %.1f s%s", n, len(teachers),
                  time.perf_counter() - start, f"; hidden states in {store_dir}" if layers else "")
-    return TeacherCache(logits, features, num_hidden_states)
+    return TeacherCache([c for c in logits if c is not None], features, num_hidden_states, pooled)
 
 
 def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *, spec: TermSpec,
                      distill: DistillConfig, train: TrainConfig, name: str = "student",
                      log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
-                     work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None) -> History:
+                     work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None,
+                     pooling: Pooling | None = None, task: str | None = None) -> History:
     """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
 
     `encoded`: the student's tokenization of the splits (train, validation; data.tokenize_splits).
@@ -201,10 +229,21 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
     `work_dir`: where the teacher hidden-state cache's temporary directory goes (default: the system's, $TMPDIR).
     `tokenizer`: the student's; `teacher_tokenizer` and `teacher_train` (the teachers' tokenization of the same
     training rows, in the same order), where the teachers' vocabulary differs from the student's.
+    `pooling` (task: embedding): teacher and student are sentence encoders pooled alike; the pooled_* terms read
+    their embeddings, the labels are ignored, and validation scores the student's agreement with the teacher
+    (`training.embedding_validation_metrics`).
+    `task`: which unit each term counts (terms.TERMS); None: "token-classification" when the examples carry one
+    label per token (their teacher cache then holds per-token logits, (N, L_max, C)), else "classification".
     """
     set_seed(train.seed)
+    # `task` selects each term's unit; None: token classification when the examples carry one label per token
+    if task is None and pooling is not None:  # sentence encoders: the pooled_* terms of task embedding
+        task = "embedding"
+    task = task or ("token-classification" if has_token_labels(encoded["train"]) else "classification")
     accelerator = make_accelerator(train)
-    needs_teacher = "kd" in spec.active or spec.needs_teacher_features
+    needs_teacher = "kd" in spec.active or spec.needs_teacher_features or spec.needs_pooled
+    if spec.needs_pooled and pooling is None:
+        raise ValueError(f"loss terms {sorted(spec.active)} read pooled sentence embeddings: give pooling")
     if needs_teacher and not teachers:
         raise ValueError(f"loss terms {sorted(spec.active)} need a teacher")
     if (teacher_tokenizer is None) != (teacher_train is None):
@@ -233,7 +272,7 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
                 store_dir = Path(tmp) / "features"
             with torch.random.fork_rng(devices=[]):  # (its loader draws a seed): the same run with or without it
                 cached = cache_teacher_outputs(teachers, teacher_train, teachers_read, accelerator, spec=spec,
-                                               store_dir=store_dir)
+                                               store_dir=store_dir, pooling=pooling)
         elif needs_teacher and teacher_tokenizer is not None:  # the teachers cannot read the student's batches
             raise UserError("the student reads another vocabulary than the teacher, so the teacher's outputs must be "
                             "cached, and they are not (distill.cache_teacher, and the log line above, say why)")
@@ -242,15 +281,23 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
                                                                        tokenizer, train, accelerator)
         learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train,
                                accelerator=accelerator, log_dir=log_dir, patience=train.early_stopping_patience,
-                               extra=spec.projections)
+                               extra=spec.projections,
+                               score=accuracy_then_loss if pooling is None else cosine_then_mse)
         student = learner.model  # (wrapped for DDP when several processes run)
-        if cached is None:
+        if cached is None or pooling is not None:  # (embedding: validation runs the teacher)
             teachers = [t.to(accelerator.device) for t in teachers]
+        if pooling is None:
+            def validate(model):
+                return validation_metrics(model, val_loader, accelerator)
+        else:
+            def validate(model):
+                return embedding_validation_metrics(model, teachers[0], val_loader, accelerator, pooling)
         engine = Engine(accelerator, [learner], GroupStream(train_loader, train.grad_accum, device=accelerator.device),
-                        total_steps, evals_at, lambda model: validation_metrics(model, val_loader, accelerator),
-                        train.max_grad_norm, f"distill {name}", checkpoints)
+                        total_steps, evals_at, validate,
+                        train.max_grad_norm, f"distill {name}", checkpoints, task=task)
         weights = spec.active
-        flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
+        flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv,
+                     pooling=pooling if spec.needs_pooled else None)
 
         def take_step(step: int, group: list[dict]) -> None:
             temperature = step_temperature(distill, step, total_steps)
@@ -263,13 +310,14 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
                 elif needs_teacher:  # (without: supervised training, e.g. the no-KD baseline)
                     with torch.no_grad(), accelerator.autocast():  # frozen teacher(s)
                         teacher_feats = capture(teachers[0], batch, **flags).float()
-                        teacher_logits = [teacher_feats.logits] + [t(**batch).logits.float() for t in teachers[1:]]
+                        teacher_logits = [] if pooling is not None else \
+                            [teacher_feats.logits] + [t(**batch).logits.float() for t in teachers[1:]]
                 if len(teacher_logits) > 1 or (cached is not None and "kd" in weights):
                     teacher_log_probs = losses.average_teacher_logprobs(
                         teacher_logits, temperature=temperature, weights=distill.teacher_weights)
                 student_feats = capture(student, batch, **flags)
                 return [(compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
-                                       teacher_log_probs=teacher_log_probs), weights)]
+                                       teacher_log_probs=teacher_log_probs, task=task), weights)]
 
             logged = {}
             engine.backward(group, terms_of, [logged], sync=student)
