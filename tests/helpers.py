@@ -21,7 +21,7 @@ from kdistill.models import save_sentence_encoder
 from kdistill.student import build_student
 from kdistill.terms import TermSpec
 from kdistill.training import History
-from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
+from tests.conftest import LABELS, make_toy_examples, tiny_bert_config, tiny_gpt2
 
 SPEC_WEIGHTS = {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}
 
@@ -208,3 +208,21 @@ def tiny_encoder_dir(path, tokenizer, pooling, seed: int = 0, **config):
     torch.manual_seed(seed)
     model = BertModel(tiny_bert_config(tokenizer, **config), add_pooling_layer=False)
     return save_sentence_encoder(model, tokenizer, path, {"role": "teacher"}, pooling, 32)
+
+
+# ------------------------------------------------------------------------------------------------ causal LM
+
+def tiny_lm_recipe(root, tokenizer, docs, *, losses: dict[str, float], train: dict):
+    """A causal-LM recipe over a saved tiny GPT-2 teacher (tests.conftest.tiny_gpt2) and `docs` as a JSONL corpus,
+    blocks of 16 tokens, a 2-layer student."""
+    teacher_dir = root / "teacher"
+    tiny_gpt2(tokenizer).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    corpus = root / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    return write_recipe(root / "lm.yaml", {
+        "task": "causal-lm", "data": {"train_file": str(corpus), "block_size": 16},
+        "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2},
+        "distill": {"losses": losses}, "train": train,
+        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    })

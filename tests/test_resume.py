@@ -38,6 +38,7 @@ from tests.helpers import (
     save_teacher_dir,
     start_kdistill,
     tiny_pair,
+    tiny_lm_recipe,
     tiny_train,
     toy_encoded,
     toy_run_config,
@@ -429,18 +430,8 @@ def test_a_causal_lm_run_resumes_after_a_kill(monkeypatch, tmp_path, bpe_tokeniz
     from kdistill.pipeline import run
 
     monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
-    teacher_dir = tmp_path / "teacher"
-    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)
-    bpe_tokenizer.save_pretrained(teacher_dir)
-    corpus = tmp_path / "news.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
-    recipe = write_recipe(tmp_path / "lm.yaml", {
-        "task": "causal-lm", "data": {"train_file": str(corpus), "block_size": 16},
-        "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2},
-        "distill": {"losses": {"forward_kl": 1.0, "lm": 0.5}},
-        "train": {"max_steps": 5, "batch_size": 4, "checkpoint_every": 2},
-        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
-    })
+    recipe = tiny_lm_recipe(tmp_path, bpe_tokenizer, docs, losses={"forward_kl": 1.0, "lm": 0.5},
+                            train={"max_steps": 5, "batch_size": 4, "checkpoint_every": 2})
     cfg = load_config(recipe)
     reference = run(cfg, tmp_path / "reference")
     killed = tmp_path / "killed"
@@ -469,18 +460,9 @@ def test_a_causal_lm_run_resumes_after_a_kill(monkeypatch, tmp_path, bpe_tokeniz
 def test_a_causal_lm_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, bpe_tokenizer, docs):
     """A causal-LM run SIGKILLed after its fourth checkpoint (in whichever phase that is: student or baseline) and
     resumed with `kdistill run --resume` ends with the uninterrupted run's histories and perplexities."""
-    teacher_dir = tmp_path / "teacher"
-    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)
-    bpe_tokenizer.save_pretrained(teacher_dir)
-    corpus = tmp_path / "news.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
-    recipe = write_recipe(tmp_path / "lm.yaml", {
-        "task": "causal-lm", "data": {"train_file": str(corpus), "block_size": 16},
-        "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2},
-        "distill": {"losses": {"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0}},  # (hidden: no cache, slower steps)
-        "train": {"max_steps": 60, "batch_size": 4, "checkpoint_every": 3},
-        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
-    })
+    recipe = tiny_lm_recipe(tmp_path, bpe_tokenizer, docs,  # (hidden_mse: no cache, slower steps)
+                            losses={"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0},
+                            train={"max_steps": 60, "batch_size": 4, "checkpoint_every": 3})
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     uninterrupted = start_kdistill("run", recipe, "--out", reference)
     proc = start_kdistill("run", recipe, "--out", killed)
