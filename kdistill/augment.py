@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from kdistill.config import AugmentConfig, DataConfig
-from kdistill.data import UNLABELED, DataBundle, text_key
+from kdistill.data import TRANSFER, UNLABELED, DataBundle, text_key
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def augment_rows(rows: list[dict], teacher, tokenizer, cfg: AugmentConfig,
 def with_transfer(data: DataBundle, cfg: DataConfig, teacher, tokenizer) -> DataBundle:
     """The student's data: `data` with data.unlabeled_file's rows and (data.augment) augmented training texts
     appended to the train split as unlabeled rows (label UNLABELED: the `ce` term skips them, the soft-target terms
-    read them; the explicit strategy's teacher cache labels them once). `data` itself is left as it is, for the
+    read them; the explicit strategy's teacher cache labels them once). Token classification: the transfer sentences
+    with the tag TRANSFER on every word (scored by `kd`, skipped by `ce`). `data` itself is left as it is, for the
     teacher and the no-KD baseline."""
     rows, counts = list(data.unlabeled), {}
     if cfg.augment:
@@ -119,7 +120,11 @@ def with_transfer(data: DataBundle, cfg: DataConfig, teacher, tokenizer) -> Data
     if not rows:
         return data
     train = data.splits["train"]
-    columns = {f: [r[f] for r in rows] for f in train.column_names if f != "label"}
-    extra = Dataset.from_dict({**columns, "label": [UNLABELED] * len(rows)}, features=train.features)
+    if "tags" in train.column_names:
+        columns = {"tokens": [r["tokens"] for r in rows], "tags": [[TRANSFER] * len(r["tokens"]) for r in rows]}
+    else:
+        columns = {f: [r[f] for r in rows] for f in train.column_names if f != "label"}
+        columns["label"] = [UNLABELED] * len(rows)
+    extra = Dataset.from_dict(columns, features=train.features)
     splits = DatasetDict({**data.splits, "train": concatenate_datasets([train, extra])})
     return replace(data, splits=splits, leakage={**data.leakage, **counts})

@@ -83,16 +83,23 @@ def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in datas
              split: Annotated[str, typer.Option(help="test | validation | train | all (every row of a file)")]
              = "test", set: SetOpt = None, out: Annotated[Optional[Path], typer.Option(
                  help="metrics.json path (default: <model>/metrics.json)")] = None,
-             overwrite: ReplaceOutOpt = False) -> dict:
-    """Accuracy, P/R/F1, confusion matrix, size, latency and throughput of one model dir."""
+             overwrite: ReplaceOutOpt = False,
+             teacher: Annotated[Optional[Path], typer.Option(
+                 help="Sentence encoders only: a teacher dir to measure agreement with (Spearman, recall@10)")]
+             = None) -> dict:
+    """Quality (accuracy and P/R/F1; entity F1 for NER; k-NN accuracy and agreement with a teacher for sentence
+    encoders), size, latency and throughput of one model dir."""
     from kdistill.deploy.predict import check_output_file
     from kdistill.pipeline import evaluate_dir
 
     if out is not None:
         check_output_file(out, example="metrics.json", overwrite=overwrite)
-    metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out)
-    keys = ("accuracy", "macro_f1", "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
-    typer.echo(json.dumps({k: metrics[k] for k in keys}))
+    metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out, teacher=teacher)
+    headline = {"classification": ("accuracy", "macro_f1"),
+                "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+                "embedding": ("knn_accuracy", "spearman_agreement", "recall_at_10")}[metrics["task"]]
+    keys = (*headline, "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
+    typer.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
     return metrics
 
 

@@ -68,9 +68,12 @@ class DataConfig(_Section):
     become unlabeled transfer data: the student learns the teacher's soft targets on them, label terms (`ce`, and
     a teacher trained in the run) skip them. For few labels plus plenty of unlabeled text (Hinton's transfer set)."""
     unlabeled_file: str | None = None
-    """In-domain text without labels (CSV, TSV, JSONL, Parquet, as train_file; its `text_column`, labels ignored):
-    unlabeled transfer rows the student learns the teacher's soft targets on; the teacher and the no-KD baseline
-    never see them. Texts also in the test or validation split are dropped and reported. classification only."""
+    """In-domain text without labels (CSV, TSV, JSONL, Parquet, as train_file; its `text_column`, labels ignored),
+    or the name of a built-in dataset (e.g. bbc-news: all its texts, labels dropped): unlabeled transfer rows the
+    student learns the teacher's soft targets on; the teacher and the no-KD baseline never see them. Texts also in
+    the test or validation split are dropped and reported. Token classification (explicit strategy): each text is
+    split into sentences and words (kdistill.data.text_sentences) and the student learns the teacher's soft tag of
+    every word; a text holding a test or validation sentence is dropped. Not for causal-lm or embedding."""
     augment: AugmentConfig | None = None
     """Augment the training texts into unlabeled transfer rows for the student (see AugmentConfig), e.g.
     `{multiplier: 4, replace_prob: 0.4}`; never a test or validation text. classification only."""
@@ -123,8 +126,10 @@ class TeacherConfig(_Section):
 class StudentConfig(_Section):
     layers: int | list[int] = 2
     """Number of layers, or the explicit teacher layer indices to copy (e.g. [0, 5])."""
-    layer_map: Literal["uniform", "first", "last"] = "uniform"
-    """Which teacher layers to copy when `layers` is a number: spread evenly, the first k, or the last k."""
+    layer_map: Literal["uniform", "first", "last", "importance"] = "uniform"
+    """Which teacher layers to copy when `layers` is a number: spread evenly, the first k, the last k, or
+    `importance`: the k blocks with the highest Block Influence (ShortGPT: 1 − cos(block input, block output), mean
+    over the tokens of a calibration batch of the training data), shown in the report."""
     hidden_size: int | None = None
     """Narrower width than the teacher's (structured pruning of hidden channels); None keeps the teacher's."""
     num_attention_heads: int | None = None
@@ -286,7 +291,15 @@ class RunConfig(_Section):
     def _data_source(self):
         if self.data.train_file is None and self.data.dataset is None:
             raise ValueError("data: set data.dataset or data.train_file")
-        if self.task != "classification" and (self.data.unlabeled_file or self.data.augment):
+        if self.task == "token-classification" and self.data.augment:
+            raise ValueError("data.augment works with task classification only (it rewrites whole texts); "
+                             "token-classification takes data.unlabeled_file")
+        if self.task == "token-classification" and self.data.unlabeled_file and self.distill.strategy != "explicit":
+            # the soft tags of the transfer sentences come from a frozen teacher, which only explicit has
+            raise ValueError(f"data.unlabeled_file: token-classification learns transfer sentences with strategy "
+                             f"explicit (a frozen teacher), not {self.distill.strategy}")
+        if self.task not in ("classification", "token-classification") and (self.data.unlabeled_file
+                                                                               or self.data.augment):
             raise ValueError(f"data.unlabeled_file and data.augment work with task classification, not {self.task}")
         return self
 

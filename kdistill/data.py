@@ -50,6 +50,9 @@ datasets.disable_progress_bars()  # its bars (loading from disk, relabelling a s
 SPLITS = ("train", "validation", "test")
 UNLABELED = -100
 """The label id of a training example without a label (data.labeled_limit): the loss functions' ignore_index."""
+TRANSFER = -1
+"""Token classification: the label of a transfer sentence's scored sub-token (data.unlabeled_file): the token `kd`
+term reads it (labels != UNLABELED), `ce` skips it (it counts labels >= 0). Never in a validation or test split."""
 
 
 @dataclass
@@ -61,8 +64,9 @@ class DataBundle:
     leakage: dict = field(default_factory=dict)
     """Texts shared between train and the held-out splits, found and removed."""
     unlabeled: list[dict] = field(default_factory=list)
-    """data.unlabeled_file's rows (text, [text_pair]), none of them a held-out text: the student's transfer rows
-    (augment.with_transfer), kept out of `splits` so that the teacher and the no-KD baseline never see them."""
+    """data.unlabeled_file's rows (text, [text_pair]; token classification: sentences {"tokens"}), none of them a
+    held-out text: the student's transfer rows (augment.with_transfer), kept out of `splits` so that the teacher and
+    the no-KD baseline never see them."""
 
     @property
     def has_pair(self) -> bool:
@@ -77,6 +81,8 @@ class DataBundle:
             if "label" in self.splits["train"].column_names else 0,
             "leakage": self.leakage,
             "unlabeled_file_rows": len(self.unlabeled),
+            "transfer_sentences": sum(1 for tags in self.splits["train"]["tags"] if tags and tags[0] == TRANSFER)
+            if "tags" in self.splits["train"].column_names else 0,
         }
 
 
@@ -440,9 +446,26 @@ def _capped(items: list, limit: int | None, source: str, split: str, empty: str 
     return items
 
 
-def _read_unlabeled(cfg: DataConfig, held_out: list[dict]) -> tuple[list[dict], int]:
-    """data.unlabeled_file's texts (labels ignored), less those of the held-out splits; and how many those were."""
+def _builtin_texts(name: str) -> list[str]:
+    """Every text of built-in dataset `name`, all splits (a token dataset's sentences joined), labels dropped."""
+    if name in TOKEN_DATASETS:
+        return [join_words(r["tokens"]) for rows in TOKEN_DATASETS[name][0]().values() for r in rows]
+    return [r["text"] for rows in BUILTIN_DATASETS[name][0]().values() for r in rows]
+
+
+def _is_builtin_source(name: str) -> bool:
+    """data.unlabeled_file names a built-in dataset (and no file of that name exists)."""
+    return name in list_datasets() and not Path(name).exists()
+
+
+def _read_unlabeled(cfg: DataConfig) -> list[dict]:
+    """data.unlabeled_file's texts {text, [text_pair]}: a file's text columns, or a built-in dataset's texts."""
     path = cfg.unlabeled_file
+    if _is_builtin_source(path):
+        if cfg.text_pair_column:
+            raise DataError(f"data.unlabeled_file: built-in dataset {path} has no text pairs (data.text_pair_column "
+                            f"is {cfg.text_pair_column}); use a file with both text columns")
+        return [{"text": t} for t in _builtin_texts(path)]
     rows, unit = read_table(path)
     if not rows:
         raise DataError(f"{path}: no rows (data.unlabeled_file)")
@@ -460,9 +483,14 @@ def _read_unlabeled(cfg: DataConfig, held_out: list[dict]) -> tuple[list[dict], 
         if cfg.text_pair_column:
             item["text_pair"] = _text(row.get(cfg.text_pair_column), f"{path}: {unit} {i}", cfg.text_pair_column)
         out.append(item)
+    return out
+
+
+def _without_held_out(rows: list[dict], held_out: list[dict], limit: int | None) -> tuple[list[dict], int]:
+    """The first `limit` of `rows` whose text is no held-out text; and how many were held-out texts."""
     held = {text_key(r) for r in held_out}
-    kept = [r for r in out if text_key(r) not in held]
-    return kept[: cfg.limit] if cfg.limit else kept, len(out) - len(kept)
+    kept = [r for r in rows if text_key(r) not in held]
+    return kept[:limit] if limit else kept, len(rows) - len(kept)
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -505,7 +533,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
     unlabeled = []
     if cfg.unlabeled_file:
-        unlabeled, leaks = _read_unlabeled(cfg, test_rows + val_rows)
+        unlabeled, leaks = _without_held_out(_read_unlabeled(cfg), test_rows + val_rows, cfg.limit)
         leakage["unlabeled_texts_also_held_out"] = leaks  # always dropped: their soft targets would leak the test
         if leaks:
             log.warning("%s: %d texts also appear in the test or validation split; dropped", cfg.unlabeled_file, leaks)
@@ -897,7 +925,8 @@ def _sentence_split(rows: list[dict], fraction: float, seed: int, source: str, s
 def load_token_data(cfg: DataConfig) -> DataBundle:
     """Sentences of the configured token-classification data, as train / validation / test splits (the dataset's
     own where it has them or files are given; else seeded random splits by `data.test_fraction` and
-    `data.validation_fraction`), tags as ids into the sorted tag names."""
+    `data.validation_fraction`), tags as ids into the sorted tag names; with data.unlabeled_file, its transfer
+    sentences (`transfer_sentences`) in `unlabeled`."""
     given: dict[str, list[dict]] = {}
     if cfg.train_file:
         given["train"], source = read_token_file(cfg.train_file), cfg.train_file
@@ -930,7 +959,61 @@ def load_token_data(cfg: DataConfig) -> DataBundle:
         rows = _capped(given[split], cfg.limit, str(source), split)
         splits[split] = Dataset.from_dict({"tokens": [r["tokens"] for r in rows],
                                            "tags": [[tag_id[t] for t in r["tags"]] for r in rows]})
-    return DataBundle(DatasetDict(splits), names, str(source))
+    unlabeled, leakage = [], {}
+    if cfg.unlabeled_file:
+        held = [r["tokens"] for split in ("validation", "test") for r in given[split]]
+        texts = [r["text"] for r in _read_unlabeled(cfg)]
+        unlabeled, leaks = transfer_sentences(texts, held, cfg.max_length, cfg.limit)
+        leakage["unlabeled_texts_also_held_out"] = leaks  # always dropped: their soft tags would leak the test
+        if leaks:
+            log.warning("%s: %d texts hold a test or validation sentence; dropped", cfg.unlabeled_file, leaks)
+        if not unlabeled:
+            raise DataError(f"{cfg.unlabeled_file}: no sentence of {MIN_TRANSFER_WORDS} or more words "
+                            "(data.unlabeled_file)")
+    return DataBundle(DatasetDict(splits), names, str(source), leakage, unlabeled)
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'“‘])|(?<=[。！？])")
+"""Where a transfer text is split into sentences: after . ! ? followed by whitespace and an upper-case letter or a
+quote (English), after 。！？ (Chinese, written without spaces)."""
+TRANSFER_WORD = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
+"""A word of a transfer sentence, close to CoNLL-2003's tokenisation: letters and digits, joined by inner - ' .
+(`well-known`, `don't`, `U.S`), or one punctuation mark. A word with a CJK character becomes one word per
+character, as in peoples-daily-ner."""
+MIN_TRANSFER_WORDS = 3
+"""Shorter transfer sentences (headings, list items, stray punctuation) are dropped."""
+
+
+def text_sentences(text: str, max_words: int) -> list[list[str]]:
+    """A text's sentences as words (SENTENCE_END, TRANSFER_WORD), each cut to `max_words` words, those shorter than
+    MIN_TRANSFER_WORDS dropped."""
+    out = []
+    for sentence in SENTENCE_END.split(text):
+        words = [piece for w in TRANSFER_WORD.findall(sentence)
+                 for piece in (list(w) if any(_is_cjk(c) for c in w) else [w])]
+        if len(words) >= MIN_TRANSFER_WORDS:
+            out.append(words[:max_words])
+    return out
+
+
+def _sentence_key(words: list[str]) -> str:
+    return _normalise(join_words(words))
+
+
+def transfer_sentences(texts: list[str], held_out: list[list[str]], max_words: int,
+                       limit: int | None) -> tuple[list[dict], int]:
+    """Token classification's transfer set: the sentences {"tokens"} of `texts` (text_sentences), the first `limit`,
+    less every text that holds a held-out sentence (compared as joined words, case and spacing ignored: its tags
+    would come from the teacher's view of a test sentence); and how many texts those were."""
+    held = {_sentence_key(words) for words in held_out}
+    out, leaks = [], 0
+    for text in texts:
+        sentences = text_sentences(text, max_words)
+        if any(_sentence_key(words) in held for words in sentences):
+            leaks += 1
+        else:
+            out += [{"tokens": words} for words in sentences]
+    return out[:limit] if limit else out, leaks
 
 
 def continuation_ids(label_names: list[str]) -> list[int]:
@@ -951,8 +1034,10 @@ def align_tags(word_ids: list[int | None], tags: list[int], *, all_subtokens: bo
             out.append(UNLABELED)
         elif w != prev:
             out.append(tags[w])
-        else:
-            out.append((continuation[tags[w]] if continuation else tags[w]) if all_subtokens else UNLABELED)
+        elif not all_subtokens:
+            out.append(UNLABELED)
+        else:  # (a transfer sentence's TRANSFER stays TRANSFER: it names no tag to continue)
+            out.append(continuation[tags[w]] if continuation and tags[w] >= 0 else tags[w])
         prev = w
     return out
 

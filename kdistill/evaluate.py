@@ -382,13 +382,15 @@ def knn_accuracy(index: np.ndarray, index_labels, queries: np.ndarray, query_lab
     return correct / max(len(query_labels), 1)
 
 
-def embedding_metrics(held_out: np.ndarray, teacher_held_out: np.ndarray, *, knn: tuple | None = None) -> dict:
-    """One sentence encoder's quality numbers: agreement with the teacher on held-out texts (Spearman ρ of pairwise
-    cosines, recall@10 of the teacher's neighbours) and, with `knn` = (index embeddings, index labels, query
-    embeddings, query labels), k-NN accuracy."""
-    out = {"spearman_agreement": spearman_agreement(held_out, teacher_held_out),
-           f"recall_at_{RECALL_K}": neighbour_recall(held_out, teacher_held_out),
-           "n_held_out": len(held_out), "dim": int(held_out.shape[1])}
+def embedding_metrics(held_out: np.ndarray, teacher_held_out: np.ndarray | None, *, knn: tuple | None = None
+                      ) -> dict:
+    """One sentence encoder's quality numbers: agreement with the teacher's embeddings of the same held-out texts
+    where given (Spearman ρ of pairwise cosines, recall@10 of the teacher's neighbours) and, with `knn` = (index
+    embeddings, index labels, query embeddings, query labels), k-NN accuracy."""
+    out = {"n_held_out": len(held_out), "dim": int(held_out.shape[1])}
+    if teacher_held_out is not None:
+        out["spearman_agreement"] = spearman_agreement(held_out, teacher_held_out)
+        out[f"recall_at_{RECALL_K}"] = neighbour_recall(held_out, teacher_held_out)
     if knn is not None:
         out["knn_accuracy"] = knn_accuracy(*knn)
         out["knn_k"] = KNN_K

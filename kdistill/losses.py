@@ -212,18 +212,19 @@ def average_teacher_logprobs(
     return torch.logsumexp(stacked, dim=0)
 
 
-def hard_ce(
-    logits: Tensor, labels: Tensor, *, mask: Tensor | None = None, ignore_index: int = -100
-) -> tuple[Tensor, Tensor]:
+def hard_ce(logits: Tensor, labels: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cross-entropy with the ground-truth labels (the "hard" term of Hinton et al. 2015).
 
     loss_i = −log softmax(logits_i)(y_i)
 
-    logits: (N, C)   labels: (N,) int   mask: (N,) bool, True = counts
-    A row counts when mask is True and its label is not ``ignore_index``.
+    logits: (..., C)   labels: (...) int   mask: (...) bool, True = counts
+    A row counts when mask is True and its label is a class id (>= 0): -100 (no label, padding) and -1 (a
+    token-classification transfer word, which has soft targets only) are not counted.
     Returns (sum over counted rows, number of counted rows).
     """
-    return _cross_entropy_sum(logits, labels, mask, ignore_index, "hard_ce")
+    gold = labels >= 0
+    return _cross_entropy_sum(logits, labels, gold if mask is None else gold & mask.to(gold.device, torch.bool),
+                              -100, "hard_ce")
 
 
 def _cross_entropy_sum(logits, labels, mask, ignore_index, what):

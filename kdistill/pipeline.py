@@ -332,11 +332,13 @@ def calibration_batch(encoded_train, tokenizer, n: int = 64) -> dict:
 
 
 def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
-    """The teacher layers the student copies (student.layers: indices, or how many)."""
+    """The teacher layers the student copies (student.layers: indices, or how many). layer_map importance ranks the
+    blocks only when the teacher runs on the calibration batch (make_student); until then the uniform choice of as
+    many layers stands in, since every check made before (preflight) depends on their number alone."""
     try:
         if isinstance(s.layers, list):
             return check_layers(s.layers, teacher_layers)
-        return select_layers(teacher_layers, s.layers, s.layer_map)
+        return select_layers(teacher_layers, s.layers, "uniform" if s.layer_map == "importance" else s.layer_map)
     except ValueError as e:
         message = str(e)
         raise UserError(f"student.{message}" if message.startswith("layers") else f"student.layers: {message}") \
@@ -370,14 +372,15 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     if s.model:
         student, _, _ = load_model_dir(s.model, task="embedding" if cfg.task == "embedding" else None)
         return student.train(), None
-    layers = student_layers(s, num_layers_of(teacher.config))
+    student_layers(s, num_layers_of(teacher.config))  # a bad number or index fails here, naming student.layers
+    depth = {"layers": s.layers} if isinstance(s.layers, list) else {"num_layers": s.layers, "layer_map": s.layer_map}
     try:
-        student = build_student(teacher, layers=layers, hidden_size=s.hidden_size,
+        student = build_student(teacher, **depth, hidden_size=s.hidden_size,
                                 num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
                                 init=s.init, calibration_inputs=calibration, seed=cfg.train.seed)
     except (ValueError, NotImplementedError) as e:
         raise UserError(f"student: {e}") from None
-    return student.train(), (layers if s.init != "random" else None)
+    return student.train(), (student.kdistill_init["teacher_layers"] if s.init != "random" else None)
 
 
 def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
@@ -559,8 +562,12 @@ def run_metrics(cfg: RunConfig, data: DataBundle, shapes: dict | None, results: 
 
 
 def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle) -> dict:
-    if "tokens" in data.splits["test"].column_names:  # token classification: parity on the test sentences' text
+    """Export the run's student in each of export.formats, each with a parity check on the test split's texts
+    (and, for a classifier, its labels)."""
+    if cfg.task == "token-classification":  # parity on the test sentences' text
         texts, labels = sentence_texts(data.splits["test"]), None
+    elif cfg.task == "embedding":  # parity on the pooled vectors
+        texts, labels = list(data.splits["test"]["text"]), None
     else:
         texts, labels = list(data.splits["test"]["text"]), list(data.splits["test"]["label"])
     out = {}
@@ -796,20 +803,35 @@ def data_for_model(model_dir: str | Path, spec: str, overrides: list[str]) -> Da
 
 
 def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overrides: list[str] | None = None,
-                 out: str | Path | None = None) -> dict:
-    """`kdistill evaluate`: every number of one model dir on one split of a dataset."""
+                 out: str | Path | None = None, teacher: str | Path | None = None) -> dict:
+    """`kdistill evaluate`: every number of one model dir on one split of a dataset. A sentence encoder (task
+    embedding) gets k-NN accuracy (the train split as the index) and, with `teacher` (a sentence-transformers dir),
+    its agreement with that teacher on the split; `teacher` is refused for the other tasks."""
     if split not in ("test", "validation", "train", "all"):
         raise UserError(f"--split: {split!r} is not one of test, validation, train, all")
-    model, tokenizer, meta = load_model_dir(model_dir)
-    data = data_for_model(model_dir, spec, overrides or [])
+    info = inspect_model_dir(model_dir)
+    if teacher is not None and info.task != "embedding":
+        raise UserError(f"--teacher: only sentence encoders (task embedding) are compared with a teacher; "
+                        f"{model_dir} is a {info.task} model")
+    if info.task == "embedding":
+        data = load_data(data_config_for(spec, overrides or []))
+    else:
+        data = data_for_model(model_dir, spec, overrides or [])
     if split != "test":
         chosen = concatenate_datasets(list(data.splits.values())) if split == "all" else data.splits[split]
         data.splits["test"] = chosen
-    max_length = meta.get("max_length") or min(tokenizer.model_max_length, 512)
-    encoded = tokenize_splits(data, tokenizer, max_length, ("test",))["test"]
-    metrics = evaluate_model(model, tokenizer, encoded, data.label_names, EvalConfig(), model_dir)
-    metrics.update({"model": str(model_dir), "data": spec, "split": split, "machine": machine_info(),
-                    "train_wall_time_s": meta.get("train_wall_time_s")})
+    if info.task == "embedding":
+        models = {"model": (Path(model_dir), None), **({"teacher": (Path(teacher), None)} if teacher else {})}
+        max_length = info.meta.get("max_length") or 512
+        metrics = embedding_results(models, data, Encodings(max_length), EvalConfig(),
+                                    knn=split in ("test", "validation"))["model"]
+    else:
+        model, tokenizer, meta = load_model_dir(model_dir)
+        max_length = meta.get("max_length") or min(tokenizer.model_max_length, 512)
+        encoded = tokenize_splits(data, tokenizer, max_length, ("test",))["test"]
+        metrics = evaluate_model(model, tokenizer, encoded, data.label_names, EvalConfig(), model_dir)
+    metrics.update({"model": str(model_dir), "task": info.task, "data": spec, "split": split,
+                    "machine": machine_info(), "train_wall_time_s": info.meta.get("train_wall_time_s")})
     atomic_write_json(Path(out) if out else Path(model_dir) / "metrics.json", metrics)
     return metrics
 
@@ -837,14 +859,11 @@ def embedding_teacher_dir(cfg: RunConfig) -> Path:
 
 def check_embedding(cfg: RunConfig) -> None:
     """What an embedding run supports, checked before any data is read: a sentence-transformers teacher kdistill can
-    pool, the explicit strategy, no export at the end of the run yet."""
+    pool, the explicit strategy."""
     read_pooling(embedding_teacher_dir(cfg))
     if cfg.distill.strategy != "explicit":
         raise UserError(f"distill.strategy: task embedding supports explicit (a frozen teacher), not "
                         f"{cfg.distill.strategy}")
-    if cfg.export.formats:
-        raise UserError("export.formats: task embedding does not export at the end of a run yet; use "
-                        "`kdistill export` on the student dir")
 
 
 def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool, started: float,
@@ -886,6 +905,8 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
     if not main:
         return run_dir
     metrics = evaluate_embedding_run(cfg, models, data, shapes, encodings)
+    if cfg.export.formats:
+        metrics["exports"] = export_student(cfg, run_dir, data)
     metrics["total_wall_time_s"] = time.perf_counter() - started
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_report([run_dir])
@@ -894,10 +915,26 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
 
 def evaluate_embedding_run(cfg: RunConfig, models: dict, data: DataBundle, shapes: dict | None,
                            encodings: Encodings) -> dict:
-    """Every sentence encoder of the run on the same held-out texts (the test split), each in its own tokenization:
-    agreement with the teacher (Spearman ρ of pairwise cosines, recall@10 of its neighbours), k-NN accuracy (train
-    split as the index, test split as queries) where the data has labels, size, and speed measured interleaved."""
-    labeled = bool(data.label_names) and all(
+    """Every sentence encoder of the run on the same held-out texts (the test split): `embedding_results`, and
+    each one's speed-up, size ratio and k-NN accuracy relative to the teacher."""
+    results = embedding_results(models, data, encodings, cfg.eval)
+    t = results["teacher"]
+    for r in results.values():
+        r["speedup_vs_teacher"] = t["latency_ms_batch1"] / r["latency_ms_batch1"]
+        r["size_ratio_vs_teacher"] = t["params"] / r["params"]
+        if "knn_accuracy" in r:
+            r["knn_accuracy_delta_vs_teacher_points"] = 100 * (r["knn_accuracy"] - t["knn_accuracy"])
+    return run_metrics(cfg, data, shapes, results, spearman_agreement="Spearman rho", recall_at_10="fraction",
+                       knn_accuracy="fraction", knn_accuracy_delta_vs_teacher_points="percentage points")
+
+
+def embedding_results(models: dict, data: DataBundle, encodings: Encodings, eval_cfg: EvalConfig, *,
+                      knn: bool = True) -> dict:
+    """name -> numbers of each sentence encoder in `models` (name -> (dir, history or None)) on the test split,
+    each in its own tokenization: agreement with models["teacher"] where there is one (Spearman ρ of pairwise
+    cosines, recall@10 of its neighbours), k-NN accuracy (train split as the index, test split as queries) where
+    `knn` and the data has labels, size, and speed measured interleaved."""
+    labeled = knn and bool(data.label_names) and all(
         y != UNLABELED for split in ("train", "test") for y in data.splits[split]["label"])
     splits = ("train", "test") if labeled else ("test",)
     loaded, inputs, vectors = {}, {}, {}
@@ -906,22 +943,18 @@ def evaluate_embedding_run(cfg: RunConfig, models: dict, data: DataBundle, shape
         encoded = encodings(data, tokenizer, splits)
         loaded[name], inputs[name] = model, (encoded["test"], tokenizer)
         vectors[name] = {split: embed(model, encoded[split], tokenizer, read_pooling(path)) for split in splits}
-    teacher = vectors["teacher"]
     results = {}
     for name, (path, history) in models.items():
-        knn = (vectors[name]["train"], data.splits["train"]["label"], vectors[name]["test"],
-               data.splits["test"]["label"]) if labeled else None
-        results[name] = {**embedding_metrics(vectors[name]["test"], teacher["test"], knn=knn),
+        v = vectors[name]
+        knn_data = (v["train"], data.splits["train"]["label"], v["test"], data.splits["test"]["label"]) \
+            if labeled else None
+        teacher_test = vectors["teacher"]["test"] if "teacher" in vectors else None
+        results[name] = {**embedding_metrics(v["test"], teacher_test, knn=knn_data),
                          "params": count_parameters(loaded[name]), "size_mb": dir_size_mb(path),
                          "train_wall_time_s": history.wall_time_s if history else
                          read_meta(path).get("train_wall_time_s")}
-    for name, numbers in compare_speed(loaded, inputs, cfg.eval).items():
+    for name, numbers in compare_speed(loaded, inputs, eval_cfg).items():
         results[name].update(numbers)
-    t = results["teacher"]
-    for r in results.values():
-        r["speedup_vs_teacher"] = t["latency_ms_batch1"] / r["latency_ms_batch1"]
-        r["size_ratio_vs_teacher"] = t["params"] / r["params"]
-        if labeled:
-            r["knn_accuracy_delta_vs_teacher_points"] = 100 * (r["knn_accuracy"] - t["knn_accuracy"])
-    return run_metrics(cfg, data, shapes, results, spearman_agreement="Spearman rho", recall_at_10="fraction",
-                       knn_accuracy="fraction", knn_accuracy_delta_vs_teacher_points="percentage points")
+    return results
+
+

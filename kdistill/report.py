@@ -230,15 +230,26 @@ def draw_or_skip(plot, *args) -> Path | None:
 
 
 def student_line(shape: dict) -> str:
-    """The student's shape against the teacher's (metrics.json "student_shape"), one line of the report."""
+    """The student's shape against the teacher's (metrics.json "student_shape"), one line of the report; where
+    student.layer_map importance chose the layers, a paragraph with every teacher block's Block Influence follows."""
     s, t = shape["student"], shape["teacher"]
+    init = shape.get("init")
+    scores = init.get("block_influence") if isinstance(init, dict) else None
+    if scores is not None:  # a list as long as the teacher: its own paragraph, not inside the init's dict
+        init = {k: v for k, v in init.items() if k != "block_influence"}
     if "student_block_params" in shape:  # causal LM: its transformer blocks, the shared embeddings aside
         detail = (f" (teacher: {t['layers']} x {t['hidden']}); block parameters {shape['student_block_params']:,} "
                   f"vs {shape['teacher_block_params']:,} ({shape['block_param_ratio']:.1%})")
     else:
         detail = (f", {s['heads']} heads, FFN {s['ffn']} (teacher: {t['layers']} x {t['hidden']}, {t['heads']} "
                   f"heads, FFN {t['ffn']})")
-    return f"Student: {s['layers']} layers x {s['hidden']} hidden{detail}; init {shape.get('init')}."
+    line = f"Student: {s['layers']} layers x {s['hidden']} hidden{detail}; init {init}."
+    if scores is None:
+        return line
+    kept = set(init["teacher_layers"])
+    ranking = ", ".join(f"**{i}: {b:.4f}**" if i in kept else f"{i}: {b:.4f}" for i, b in enumerate(scores))
+    return (f"{line}\n\nBlock Influence per teacher block (ShortGPT: 1 − mean cos(block input, block output) over "
+            f"the calibration tokens; the kept blocks in bold): {ranking}.")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:

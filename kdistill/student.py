@@ -12,6 +12,10 @@ too), and the state dict is copied with the chosen layers renumbered 0..n-1. Eve
     the last the features the teacher's head was trained on; DistilBERT (every other layer) and TinyBERT (every
     k-th, ending on the top layer) are the two precedents this sits between. One layer alone → the last one.
   - "first" / "last": the bottom / top n layers.
+  - "importance": the n blocks with the highest Block Influence on a calibration batch (ShortGPT, Men et al. 2024,
+    "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect"): BI_i = 1 − mean over real
+    tokens of cos(h_i, h_i+1), the hidden states entering and leaving block i. A block whose output points where its
+    input did adds little to the residual stream; ShortGPT removes the lowest-BI blocks first.
 
 Width (BERT-family encoders only: model_type bert, roberta, xlm-roberta, camembert — the same module layout). In the
 spirit of Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation"),
@@ -48,6 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -56,7 +61,7 @@ from kdistill.models import seeded
 log = logging.getLogger(__name__)
 
 INIT_CHOICES = ("teacher-layers", "pruned", "random")
-LAYER_MAPS = ("uniform", "first", "last")
+LAYER_MAPS = ("uniform", "first", "last", "importance")
 WIDTH_PRUNABLE_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 """model_type values whose modules follow BERT's layout, the families width reduction supports."""
 LAYER_LIST_SUFFIXES = ("encoder.layer", "transformer.layer", "layers", "h", "layer", "blocks")
@@ -65,11 +70,14 @@ LAYER_LIST_SUFFIXES = ("encoder.layer", "transformer.layer", "layers", "h", "lay
 # ---------------------------------------------------------------------------------------------------- depth
 
 
-def select_layers(teacher_layers: int, num_layers: int, layer_map: str = "uniform") -> list[int]:
+def select_layers(
+    teacher_layers: int, num_layers: int, layer_map: str = "uniform", scores: Sequence[float] | None = None
+) -> list[int]:
     """Indices (sorted, unique) of the `num_layers` teacher layers to keep, out of `teacher_layers`.
 
     "uniform": evenly spread including the first and last layer (a single layer → the last); "first" / "last":
-    the bottom / top `num_layers`. Raises ValueError naming a bad num_layers or layer_map.
+    the bottom / top `num_layers`; "importance": the `num_layers` highest of `scores` (one Block Influence per
+    teacher layer, `block_influence`). Raises ValueError naming a bad num_layers, layer_map or scores.
     """
     if layer_map not in LAYER_MAPS:
         raise ValueError(f"layer_map={layer_map!r} is not one of {', '.join(LAYER_MAPS)}")
@@ -78,6 +86,12 @@ def select_layers(teacher_layers: int, num_layers: int, layer_map: str = "unifor
             f"num_layers={num_layers!r} must be an integer from 1 to the teacher's {teacher_layers} layers"
         )
     n, t = num_layers, teacher_layers
+    if layer_map == "importance":
+        if scores is None or len(scores) != t:
+            got = "none" if scores is None else len(scores)
+            raise ValueError(f"layer_map='importance' needs one Block Influence score per teacher layer ({t}), "
+                             f"got {got}")
+        return most_influential(scores, n)
     if layer_map == "first":
         return list(range(n))
     if layer_map == "last":
@@ -86,6 +100,47 @@ def select_layers(teacher_layers: int, num_layers: int, layer_map: str = "unifor
         return [t - 1]
     # round(i * (t-1) / (n-1)) with halves rounded up, in integers; steps are >= 1 so the result is unique.
     return [(2 * i * (t - 1) + (n - 1)) // (2 * (n - 1)) for i in range(n)]
+
+
+def most_influential(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the k blocks with the highest Block Influence, in ascending (layer) order; a tie keeps the lower
+    layer, so equal scores give the same choice on every machine."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable
+    return sorted(ranked[:k])
+
+
+def block_influence(model: PreTrainedModel, calibration_inputs: Mapping[str, Tensor]) -> list[float]:
+    """ShortGPT's Block Influence of each transformer block of `model`, in layer order (see the module docstring).
+
+    BI_i = 1 − (1/N) Σ_t cos(h_i[t], h_i+1[t]),  t over the N real tokens of the batch (pooled, not per sequence)
+    h_i: (B, L, D) the hidden state entering block i, h_i+1 the one leaving it. Each score lies in [0, 2].
+    calibration_inputs: a batch as for the forward (input_ids (B, L), attention_mask (B, L) with 1 = real token;
+    labels and non-tensors are ignored). Decoders (GPT-2, Llama, Qwen2, ...) and encoders (BERT, ...) alike.
+    """
+    _, blocks = find_layer_list(model)
+    inputs, mask = _calibration_inputs(model, calibration_inputs)
+    last = []
+    # hidden_states[-1] is not what the last block returned in decoders: GPT-2, Llama, Qwen2 ... store it after the
+    # final norm (ln_f / norm), so cos(h, norm(h)) would score the norm's rescaling, not the block. The block's own
+    # output is read with a hook instead (for BERT-like encoders the two agree).
+    handle = blocks[-1].register_forward_hook(
+        lambda _m, _a, output: last.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        # the base model: the LM head's (B, L, vocab) logits would cost more memory than every hidden state together
+        states = _eval_forward(model.base_model, inputs, output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    if states is None or len(states) != len(blocks) + 1:
+        raise NotImplementedError(
+            f"{type(model).__name__}: output_hidden_states gave {0 if states is None else len(states)} hidden "
+            f"states, not embeddings + {len(blocks)} blocks; cannot measure Block Influence"
+        )
+    states = [*states[: len(blocks)], last[0]]
+    return [
+        1.0 - _masked_mean(F.cosine_similarity(h_in.float(), h_out.float(), dim=-1), mask).item()
+        for h_in, h_out in zip(states[:-1], states[1:])
+    ]
 
 
 def check_layers(layers: Sequence[int], teacher_layers: int) -> list[int]:
@@ -205,6 +260,30 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum((0, 1)) / m.sum().clamp_min(1)
 
 
+def _calibration_inputs(
+    model: nn.Module, calibration_inputs: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The tensors of a calibration batch that the forward takes, on the model's device, and the (B, L) mask of its
+    real tokens (all ones without an attention_mask)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in calibration_inputs.items() if k != "labels" and isinstance(v, Tensor)}
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(inputs["input_ids"].shape[:2], device=device)
+    return inputs, mask
+
+
+def _eval_forward(model: nn.Module, inputs: Mapping[str, Tensor], **kwargs):
+    """One forward without gradients in eval mode (no dropout), the model's mode restored afterwards."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(**inputs, **kwargs)
+    finally:
+        model.train(was_training)
+
+
 def importance_scores(
     teacher: PreTrainedModel, layers: Sequence[int], calibration_inputs: Mapping[str, Tensor] | None = None
 ) -> dict:
@@ -242,11 +321,8 @@ def importance_scores(
                 neurons.append(w_in.norm(dim=1) * w_out.norm(dim=0))
         return {"hidden": hidden, "heads": heads, "neurons": neurons, "source": "weights"}
 
-    device = next(teacher.parameters()).device
-    inputs = {k: v.to(device) for k, v in calibration_inputs.items() if k != "labels" and isinstance(v, Tensor)}
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(inputs["input_ids"].shape[:2], device=device)
+    inputs, mask = _calibration_inputs(teacher, calibration_inputs)
+    device = mask.device
 
     hidden = torch.zeros(config.hidden_size, device=device)
     heads = [torch.zeros(n_heads, device=device) for _ in chosen]
@@ -275,13 +351,9 @@ def importance_scores(
     for i, layer in enumerate(chosen):
         handles.append(layer.attention.self.register_forward_hook(on_context(i)))
         handles.append(layer.intermediate.register_forward_hook(on_ffn(i)))  # BertIntermediate returns act(x W_in)
-    was_training = teacher.training
     try:
-        teacher.eval()
-        with torch.no_grad():
-            teacher(**inputs)
+        _eval_forward(teacher, inputs)
     finally:
-        teacher.train(was_training)
         for handle in handles:
             handle.remove()
     return {"hidden": hidden, "heads": heads, "neurons": neurons, "source": "activations"}
@@ -419,16 +491,19 @@ def build_student(
 ) -> PreTrainedModel:
     """A student of the teacher's class (and head, label names, tokenizer-facing config), smaller in depth and/or width.
 
-    Depth: `layers` (explicit teacher indices) or `num_layers` chosen by `layer_map` (`select_layers`); neither
-    keeps every layer. Width: `hidden_size` / `num_attention_heads` / `intermediate_size` below the teacher's prune
-    (BERT family only) using `calibration_inputs` (a batch dict as for the forward) to rank units. `init`:
+    Depth: `layers` (explicit teacher indices) or `num_layers` chosen by `layer_map` (`select_layers`; "importance"
+    scores the teacher's blocks on `calibration_inputs`, `block_influence`); neither keeps every layer. Width:
+    `hidden_size` / `num_attention_heads` / `intermediate_size` below the teacher's prune (BERT family only) using
+    `calibration_inputs` (a batch dict as for the forward) to rank units. `init`:
     "teacher-layers" | "pruned" (width reduction required) | "random" (fresh init from `seed`).
     The global RNG is left untouched; the student is on the teacher's device and dtype, in the teacher's mode.
-    The choice is recorded on the model as `student.kdistill_init` (see `describe_student`).
+    The choice is recorded on the model as `student.kdistill_init` (see `describe_student`), with the Block
+    Influence of every teacher block where "importance" chose.
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init={init!r} is not one of {', '.join(INIT_CHOICES)}")
     t_layers = num_layers_of(teacher.config)
+    scores = None
     if layers is not None:
         layers = check_layers(layers, t_layers)
         if num_layers is not None and num_layers != len(layers):
@@ -436,7 +511,12 @@ def build_student(
                 f"num_layers={num_layers} disagrees with layers={layers} ({len(layers)} layers); give one of them"
             )
     elif num_layers is not None:
-        layers = select_layers(t_layers, num_layers, layer_map)
+        if layer_map == "importance":
+            if calibration_inputs is None:
+                raise ValueError("layer_map='importance' ranks the teacher's blocks on a calibration batch; "
+                                 "give calibration_inputs")
+            scores = block_influence(teacher, calibration_inputs)
+        layers = select_layers(t_layers, num_layers, layer_map, scores)
     else:
         layers = list(range(t_layers))
 
@@ -467,6 +547,8 @@ def build_student(
     student.to(device=reference.device, dtype=reference.dtype)
 
     info = {"init": init, "teacher_layers": layers, "seed": seed}
+    if scores is not None:
+        info["block_influence"] = scores
     if init != "random":
         prefix = find_layer_list(teacher)[0] + "."
         state = _renumber_layers(teacher.state_dict(), prefix, layers)

@@ -45,9 +45,11 @@ ENCODER_TOKENS = CLASSIFICATION | TOKEN_CLASSIFICATION
 BOTH = frozenset(TASKS) - EMBEDDING
 """Tasks the hidden-state terms apply to: all but embedding (a sentence encoder learns its pooled output)."""
 
-UNITS = ("rows", "labeled", "tokens", "token_pairs", "targets")
-"""What a term's count can count, per batch (`training.batch_units` counts each): examples ("rows"), examples with a
-label ("labeled": unlabeled transfer rows carry none), real tokens ("tokens", the attention mask), (query, key)
+UNITS = ("rows", "labeled", "scored", "tokens", "token_pairs", "targets")
+"""What a term's count can count, per batch (`training.batch_units` counts each): examples ("rows"), examples or
+tokens with a label ("labeled", label >= 0: unlabeled transfer rows carry none), scored tokens of token
+classification ("scored", label != -100: the labeled ones and the TRANSFER words of transfer sentences), real
+tokens ("tokens", the attention mask), (query, key)
 pairs of real tokens within an example ("token_pairs", Σ_b n_b²: an attention map's elements) and the next-token
 targets of a causal LM ("targets", the batch's `valid` mask)."""
 
@@ -69,7 +71,8 @@ class TermInputs:
     student: Features
     teacher: Features | None
     labels: Tensor | None
-    """(B,) class ids (classification; -100 = unlabeled) or (B, L) next-token ids (causal-lm)."""
+    """(B,) class ids (classification; -100 = unlabeled), (B, L) tag ids (token classification; -100 = not scored,
+    -1 = a transfer word: soft targets only) or (B, L) next-token ids (causal-lm)."""
     mask: Tensor | None
     """(B, L): the token positions token-level terms count: the attention mask (classification), the next-token
     targets `valid` (causal-lm)."""
@@ -140,7 +143,8 @@ def _kd(x: TermInputs) -> Pair:
 
 def _ce(x: TermInputs) -> Pair:
     """Cross-entropy with the labels, −log p_S(y), per labeled example (`losses.hard_ce`); token classification:
-    per labeled token (labels (B, L), -100 on padding and non-first sub-tokens; hard_ce takes any leading shape)."""
+    per labeled token (labels (B, L), -100 on padding and non-first sub-tokens, TRANSFER (-1) on transfer sentences;
+    hard_ce counts labels >= 0 and takes any leading shape)."""
     return losses.hard_ce(x.student.logits, x.labels)
 
 
@@ -274,9 +278,10 @@ def _pooled_contrastive(x: TermInputs) -> Pair:
 
 def _token_kd(x: TermInputs) -> Pair:
     """Token-level KD (as in TinyBERT / MiniLM's NER fine-tuning, Hinton et al. 2015 per token): T² · KL(p_T ‖ p_S)
-    of each labeled token's tag distribution. logits (B, L, C) are flattened to (B·L, C); a token counts when its
-    label is not -100 (padding and, with first-sub-token alignment, the other sub-tokens are -100), so the count
-    is the `labeled` unit of a token batch. `teacher_log_probs` (B, L, C) when given (cached or several teachers)."""
+    of each scored token's tag distribution. logits (B, L, C) are flattened to (B·L, C); a token counts when its
+    label is not -100 (padding and, with first-sub-token alignment, the other sub-tokens are -100): gold tags and
+    the TRANSFER words of transfer sentences (data.unlabeled_file), so the count is the `scored` unit of a token
+    batch. `teacher_log_probs` (B, L, C) when given (cached or several teachers)."""
     counted = (x.labels != -100).reshape(-1)
     student = x.student.logits.flatten(0, 1)
     if x.teacher_log_probs is not None:
@@ -285,9 +290,9 @@ def _token_kd(x: TermInputs) -> Pair:
     return losses.soft_kl(student, x.teacher.logits.flatten(0, 1), temperature=x.temperature, mask=counted)
 
 
-_KD_UNIT = {"classification": "rows", "token-classification": "labeled"}
-"""kd counts examples (classification) or labeled tokens (token classification: training.batch_units' `labeled`
-is (labels != -100).sum(), which for (B, L) labels counts labeled tokens)."""
+_KD_UNIT = {"classification": "rows", "token-classification": "scored"}
+"""kd counts examples (classification) or scored tokens (token classification: training.batch_units' `scored`
+is (labels != -100).sum(), gold and TRANSFER tokens alike)."""
 
 
 # -------------------------------------------------------------------------------------------------- the table

@@ -247,16 +247,18 @@ class GroupStream:
 
 
 def batch_units(batch: dict) -> dict[str, torch.Tensor]:
-    """The units a loss term can count (terms.UNITS): examples (rows), labeled examples, real, unpadded tokens,
-    pairs of real tokens in one example, and, for a causal-LM batch (one with `valid`), its next-token targets.
+    """The units a loss term can count (terms.UNITS): examples (rows), labeled examples (tokens: labels >= 0),
+    scored tokens (labels != UNLABELED: the labeled ones and a transfer sentence's TRANSFER ones), real, unpadded
+    tokens, pairs of real tokens in one example, and, for a causal-LM batch (one with `valid`), its next-token targets.
 
     Call it before the labels are popped: without them every row counts as labeled."""
     mask = batch["attention_mask"]
     labels = batch.get("labels")
     rows = torch.tensor(float(mask.shape[0]))
-    labeled = (labels != UNLABELED).sum().float().cpu() if labels is not None else rows
+    labeled = (labels >= 0).sum().float().cpu() if labels is not None else rows
+    scored = (labels != UNLABELED).sum().float().cpu() if labels is not None else rows
     # token_pairs: (query, key) pairs of real tokens, Σ_b n_b², which an attention map's elements count
-    units = {"rows": rows, "labeled": labeled, "tokens": mask.sum().float(),
+    units = {"rows": rows, "labeled": labeled, "scored": scored, "tokens": mask.sum().float(),
              "token_pairs": (mask.sum(1).float() ** 2).sum()}
     if "valid" in batch:
         units["targets"] = batch["valid"].sum().float()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 from kdistill import losses
+from kdistill.cli import evaluate as evaluate_verb
 from kdistill.config import load_config
 from kdistill.errors import UserError
 from kdistill.evaluate import embedding_metrics, knn_accuracy, neighbour_recall, sample_pairs, spearman_agreement
@@ -177,6 +178,7 @@ def embedding_run(tmp_path, tiny_tokenizer):
         "distill": {"losses": {"pooled_mse": 1.0, "pooled_cosine": 0.5}},
         "train": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "eval_every": 3},
         "eval": {"repeats": 1, "warmup": 0},
+        "export": {"formats": ["onnx"]},
     })
     run_dir = run(load_config(recipe, []), tmp_path / "run")
     return run_dir, teacher
@@ -198,6 +200,8 @@ def test_tiny_embedding_run_end_to_end(embedding_run, toy_examples):
     assert [e["step"] for e in history["evals"]] == [3, 6] and "cosine" in history["evals"][0]
     assert {"pooled_mse", "pooled_cosine"} <= set(history["steps"][0])
     assert "Spearman vs teacher" in (run_dir / "report.md").read_text()
+    assert metrics["exports"]["onnx"]["backends"]["onnx"]["max_abs_logit_diff"] < 1e-4
+    assert (run_dir / "export" / "onnx" / "modules.json").is_file()
     # sentence-transformers loads the student and encodes as kdistill's pooling does
     texts = [r["text"] for r in toy_examples[:5]]
     st = SentenceTransformer(str(run_dir / "student"), device="cpu").encode(texts, convert_to_numpy=True)
@@ -207,6 +211,20 @@ def test_tiny_embedding_run_end_to_end(embedding_run, toy_examples):
         ours = capture(model, tokenizer(texts, padding=True, return_tensors="pt"), hidden_states=False,
                        pooling=Pooling("mean", True)).pooled.numpy()
     np.testing.assert_allclose(ours, st, atol=1e-5)
+
+
+def test_evaluate_verb_scores_a_sentence_encoder(embedding_run, tmp_path, capsys):
+    run_dir, teacher = embedding_run
+    data = str(tmp_path / "toy.csv")
+    metrics = evaluate_verb(run_dir / "student", data, teacher=teacher, out=tmp_path / "m.json")
+    assert metrics["task"] == "embedding" and 0.0 <= metrics["knn_accuracy"] <= 1.0
+    assert -1.0 <= metrics["spearman_agreement"] <= 1.0 and metrics["latency_ms_batch1"] > 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["knn_accuracy"] == metrics["knn_accuracy"]
+    # the teacher measured against itself agrees exactly: the vectors compared are the two models' own
+    itself = evaluate_verb(teacher, data, teacher=teacher, out=tmp_path / "t.json")
+    assert itself["spearman_agreement"] == pytest.approx(1.0) and itself["recall_at_10"] == 1.0
+    without = evaluate_verb(run_dir / "student", data, split="train", out=tmp_path / "s.json")
+    assert "spearman_agreement" not in without and "knn_accuracy" not in without  # no teacher; train is the index
 
 
 def test_embedding_recipe_errors_name_the_key(tmp_path, tiny_tokenizer):

@@ -400,11 +400,12 @@ def test_peoples_daily_builtin_split_sizes_and_tags():
     assert bundle.label_names == ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
 
 
-def test_evaluate_verb_scores_a_token_model_on_a_file(tiny_run, tmp_path):
-    from kdistill.pipeline import evaluate_dir
+def test_evaluate_verb_scores_a_token_model_on_a_file(tiny_run, tmp_path, capsys):
+    from kdistill.cli import evaluate
 
     data = tmp_path / "more.jsonl"
     data.write_text("\n".join(json.dumps(s) for s in toy_sentences(20, seed=7)), encoding="utf-8")
-    metrics = evaluate_dir(tiny_run / "student", str(data), split="all", out=tmp_path / "m.json")
+    metrics = evaluate(tiny_run / "student", str(data), split="all", out=tmp_path / "m.json")
     assert metrics["n_test"] == 20 and 0.0 <= metrics["entity_f1"] <= 1.0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["entity_f1"] == metrics["entity_f1"]
     assert json.loads((tmp_path / "m.json").read_text())["entity_f1"] == metrics["entity_f1"]
