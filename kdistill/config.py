@@ -73,7 +73,8 @@ class DataConfig(_Section):
     student learns the teacher's soft targets on; the teacher and the no-KD baseline never see them. Texts also in
     the test or validation split are dropped and reported. Token classification (explicit strategy): each text is
     split into sentences and words (kdistill.data.text_sentences) and the student learns the teacher's soft tag of
-    every word; a text holding a test or validation sentence is dropped. Not for causal-lm or embedding."""
+    every word; a text holding a test or validation sentence is dropped. Embedding: more texts whose teacher
+    embeddings the student learns. Not for causal-lm."""
     augment: AugmentConfig | None = None
     """Augment the training texts into unlabeled transfer rows for the student (see AugmentConfig), e.g.
     `{multiplier: 4, replace_prob: 0.4}`; never a test or validation text. classification only."""
@@ -298,9 +299,11 @@ class RunConfig(_Section):
             # the soft tags of the transfer sentences come from a frozen teacher, which only explicit has
             raise ValueError(f"data.unlabeled_file: token-classification learns transfer sentences with strategy "
                              f"explicit (a frozen teacher), not {self.distill.strategy}")
-        if self.task not in ("classification", "token-classification") and (self.data.unlabeled_file
-                                                                               or self.data.augment):
-            raise ValueError(f"data.unlabeled_file and data.augment work with task classification, not {self.task}")
+        if self.task == "embedding" and self.data.augment:
+            raise ValueError("data.augment works with task classification only; embedding takes more texts through "
+                             "data.unlabeled_file")
+        if self.task == "causal-lm" and (self.data.unlabeled_file or self.data.augment):
+            raise ValueError(f"data.unlabeled_file and data.augment work with the encoder tasks, not {self.task}")
         return self
 
     @model_validator(mode="after")

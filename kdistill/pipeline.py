@@ -892,10 +892,12 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
         log.info("student: distilled before the run was resumed (%s)", run_dir / "student")
     else:
         checkpoints = phase_checkpoints(cfg, run_dir, "student", resume, fingerprint)
-        teacher_train = encodings(data, tokenizer, ("train",))["train"] if cross else None
-        history, _ = distill_student(cfg, teacher, student_tokenizer, encodings(data, student_tokenizer), run_dir,
-                                     init_layers, student, checkpoints, teacher_tokenizer=tokenizer if cross else None,
-                                     teacher_train=teacher_train, pooling=pooling)
+        student_data = with_transfer(data, cfg.data, teacher, tokenizer)  # data.unlabeled_file: more texts to learn
+        teacher_train = encodings(student_data, tokenizer, ("train",))["train"] if cross else None
+        history, _ = distill_student(cfg, teacher, student_tokenizer, encodings(student_data, student_tokenizer),
+                                     run_dir, init_layers, student, checkpoints,
+                                     teacher_tokenizer=tokenizer if cross else None, teacher_train=teacher_train,
+                                     pooling=pooling)
         models["student"] = (run_dir / "student", history)
         if main:
             save_history(run_dir, history)

@@ -227,6 +227,29 @@ def test_evaluate_verb_scores_a_sentence_encoder(embedding_run, tmp_path, capsys
     assert "spearman_agreement" not in without and "knn_accuracy" not in without  # no teacher; train is the index
 
 
+def test_unlabeled_texts_are_more_to_learn_for_the_student_only(tmp_path, tiny_tokenizer):
+    teacher = tiny_encoder_dir(tmp_path / "teacher", tiny_tokenizer, Pooling("mean", True))
+    more = write_toy_csv(tmp_path / "more.csv", 40, seed=7)
+    recipe = write_recipe(tmp_path / "emb.yaml", {
+        "name": "emb", "task": "embedding",
+        "data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 60)), "max_length": 16,
+                 "unlabeled_file": str(more)},
+        "teacher": {"path": str(teacher)}, "student": {"layers": 1},
+        "distill": {"losses": {"pooled_mse": 1.0}},
+        "train": {"epochs": 1, "batch_size": 8, "warmup_ratio": 0.0},
+        "eval": {"repeats": 1, "warmup": 0},
+    })
+    run_dir = run(load_config(recipe, []), tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    kept = metrics["data"]["unlabeled_file_rows"]
+    assert kept > 0  # (the toy rows that are also held-out texts are dropped)
+    history = json.loads((run_dir / "logs" / "history_student.json").read_text())
+    # one epoch over the training split plus the unlabeled texts, in batches of 8
+    assert history["steps"][-1]["step"] == math.ceil((metrics["data"]["sizes"]["train"] + kept) / 8)
+    with pytest.raises(UserError, match="data.augment"):
+        load_config(recipe, ["data.augment.multiplier=2"])
+
+
 def test_embedding_recipe_errors_name_the_key(tmp_path, tiny_tokenizer):
     teacher = tiny_encoder_dir(tmp_path / "teacher", tiny_tokenizer, Pooling("mean", True))
     base = {"name": "emb", "task": "embedding", "data": {"train_file": str(write_toy_csv(tmp_path / "t.csv", 30))},
