@@ -150,5 +150,6 @@ def test_transfer_sets_are_refused_for_causal_lm():
     from kdistill.config import validate_config
     from kdistill.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.unlabeled_file and data.augment work with the encoder tasks, not causal-lm"):
+    with pytest.raises(ConfigError, match="data.unlabeled_file and data.augment work with the encoder tasks, not "
+                                          "causal-lm"):
         validate_config({"task": "causal-lm", "data": {"augment": {"multiplier": 2}}})
