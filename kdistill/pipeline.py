@@ -508,6 +508,11 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     if not main:  # evaluation, export and report: the main process alone
         return run_dir
     metrics = evaluate_run(cfg, run_dir, models, student_data, shapes, encodings)  # (data summary: transfer rows)
+    return finish_run(cfg, run_dir, data, metrics, started)
+
+
+def finish_run(cfg: RunConfig, run_dir: Path, data: DataBundle, metrics: dict, started: float) -> Path:
+    """An encoder run's last steps (main process): export the student, then metrics.json and the report."""
     if cfg.export.formats:
         metrics["exports"] = export_student(cfg, run_dir, data)
     metrics["total_wall_time_s"] = time.perf_counter() - started
@@ -907,12 +912,7 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
     if not main:
         return run_dir
     metrics = evaluate_embedding_run(cfg, models, data, shapes, encodings)
-    if cfg.export.formats:
-        metrics["exports"] = export_student(cfg, run_dir, data)
-    metrics["total_wall_time_s"] = time.perf_counter() - started
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    write_report([run_dir])
-    return run_dir
+    return finish_run(cfg, run_dir, data, metrics, started)
 
 
 def evaluate_embedding_run(cfg: RunConfig, models: dict, data: DataBundle, shapes: dict | None,
