@@ -135,6 +135,9 @@ class StudentConfig(_Section):
     """Narrower width than the teacher's (structured pruning of hidden channels); None keeps the teacher's."""
     num_attention_heads: int | None = None
     """Fewer attention heads (the most important ones are kept); None keeps the teacher's."""
+    num_key_value_heads: int | None = Field(None, ge=1)
+    """Decoders with grouped-query attention (Llama, Mistral, Qwen2/3, Gemma 3): fewer KV heads, each kept with its
+    query heads (the GQA ratio stays); with num_attention_heads the two must keep it. None keeps the teacher's."""
     intermediate_size: int | None = None
     """Narrower feed-forward layer (the most active neurons are kept); None keeps the teacher's."""
     init: Literal["teacher-layers", "pruned", "random"] = "teacher-layers"

@@ -81,7 +81,7 @@ from kdistill.student import (
     count_parameters,
     describe_student,
     num_layers_of,
-    resolve_width,
+    resolve_widths,
     select_layers,
 )
 from kdistill.teacher import finetune, load_causal_teacher, max_positions, train_teacher
@@ -213,13 +213,12 @@ def check_shapes(cfg: RunConfig, *, distilling: bool = True) -> None:
         s_layers, s_hidden, init_layers = num_layers_of(student_config), student_config.hidden_size, None
     else:
         layers = student_layers(s, t_layers)
-        if any(w is not None for w in (s.hidden_size, s.num_attention_heads, s.intermediate_size)):
-            try:
-                s_hidden = resolve_width(config, s.hidden_size, s.num_attention_heads, s.intermediate_size)[0]
-            except ValueError as e:
-                raise UserError(f"student.{e}") from None
-        else:
-            s_hidden = config.hidden_size
+        try:
+            s_hidden = resolve_widths(config, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+                                      num_key_value_heads=s.num_key_value_heads,
+                                      intermediate_size=s.intermediate_size).get("hidden_size", config.hidden_size)
+        except ValueError as e:
+            raise UserError(f"student.{e}") from None
         s_layers, init_layers = len(layers), (layers if s.init != "random" else None)
     try:
         pairs = layer_pairs(cfg.distill.layer_mapping, student_layers=s_layers, teacher_layers=t_layers,
@@ -376,7 +375,8 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     depth = {"layers": s.layers} if isinstance(s.layers, list) else {"num_layers": s.layers, "layer_map": s.layer_map}
     try:
         student = build_student(teacher, **depth, hidden_size=s.hidden_size,
-                                num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
+                                num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+                                intermediate_size=s.intermediate_size,
                                 init=s.init, calibration_inputs=calibration, seed=cfg.train.seed)
     except (ValueError, NotImplementedError) as e:
         raise UserError(f"student: {e}") from None

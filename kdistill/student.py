@@ -17,7 +17,7 @@ too), and the state dict is copied with the chosen layers renumbered 0..n-1. Eve
     tokens of cos(h_i, h_i+1), the hidden states entering and leaving block i. A block whose output points where its
     input did adds little to the residual stream; ShortGPT removes the lowest-BI blocks first.
 
-Width (BERT-family encoders only: model_type bert, roberta, xlm-roberta, camembert — the same module layout). In the
+Width of BERT-family encoders (model_type bert, roberta, xlm-roberta, camembert — the same module layout). In the
 spirit of Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation"),
 importance is measured from *activations* on a small calibration batch of real inputs, not from weights:
   - attention head:  mean over real tokens of ‖context_h‖₂, the head's attention output before the O projection;
@@ -34,8 +34,12 @@ The head dimension stays the teacher's: a head is kept or dropped as a whole, so
 what it computed in the teacher (same Q·K scale 1/√d_h, same relative-position tables) rather than a narrower,
 re-scaled approximation; Minitron likewise prunes heads, not head_dim. BERT derives head_dim as
 hidden_size / num_attention_heads, so for these models hidden_size and num_attention_heads move together:
-give one and the other follows (hidden = heads · d_h); give both and they must agree. Width reduction of GPT-2,
-Llama and other families raises NotImplementedError naming the family (depth selection works for them).
+give one and the other follows (hidden = heads · d_h); give both and they must agree.
+
+Width of decoders with grouped-query attention (Llama, Mistral, Qwen2, Qwen3, Gemma 3) follows the same recipe in
+`kdistill.decoder_width`: whole KV groups, MLP neurons and hidden channels ranked on the calibration batch, with
+`num_key_value_heads` as a fourth width. Width reduction of GPT-2 and other families raises NotImplementedError
+naming the family (depth selection works for them).
 
 `init` names, as in recipes (`student.init`):
   - "teacher-layers": copy the chosen layers (and, if a width is reduced, the pruned slice of them);
@@ -56,6 +60,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from kdistill.decoder_width import (
+    DECODER_WIDTH_TYPES,
+    check_decoder_layout,
+    decoder_head_dim,
+    is_width_prunable_decoder,
+    plan_decoder_width,
+    resolve_decoder_width,
+    slice_decoder_state,
+)
 from kdistill.models import seeded
 
 log = logging.getLogger(__name__)
@@ -233,8 +246,8 @@ def _check_bert_layout(model: nn.Module) -> None:
     if model_type not in WIDTH_PRUNABLE_TYPES:
         raise NotImplementedError(
             f"width reduction (hidden_size / num_attention_heads / intermediate_size) supports BERT-family encoders "
-            f"({', '.join(WIDTH_PRUNABLE_TYPES)}), not {model_type!r} ({type(model).__name__}); "
-            f"reduce depth only (num_layers / layers) for this family"
+            f"({', '.join(WIDTH_PRUNABLE_TYPES)}) and decoders ({', '.join(DECODER_WIDTH_TYPES)}), not "
+            f"{model_type!r} ({type(model).__name__}); reduce depth only (num_layers / layers) for this family"
         )
     _, layer_list = find_layer_list(model)
     layer = layer_list[0]
@@ -473,6 +486,32 @@ def resolve_width(config, hidden_size, num_attention_heads, intermediate_size) -
     return hidden, heads, ffn
 
 
+def resolve_widths(
+    config,
+    *,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    intermediate_size: int | None = None,
+) -> dict[str, int]:
+    """The student's width fields (config attribute → value, each ≤ the teacher's), {} when none is requested.
+
+    BERT-family configs go through `resolve_width` (hidden and heads tied by head_dim); the decoders of
+    `kdistill.decoder_width` through `resolve_decoder_width` (whole KV groups, hidden free of the head count).
+    ValueError whose message starts with the key at fault.
+    """
+    if all(w is None for w in (hidden_size, num_attention_heads, num_key_value_heads, intermediate_size)):
+        return {}
+    model_type = getattr(config, "model_type", None)
+    if model_type in DECODER_WIDTH_TYPES:
+        return resolve_decoder_width(config, hidden_size, num_attention_heads, num_key_value_heads, intermediate_size)
+    if num_key_value_heads is not None:
+        raise ValueError(f"num_key_value_heads={num_key_value_heads} applies to decoders with grouped-query "
+                         f"attention ({', '.join(DECODER_WIDTH_TYPES)}), not {model_type!r}")
+    hidden, heads, ffn = resolve_width(config, hidden_size, num_attention_heads, intermediate_size)
+    return {"hidden_size": hidden, "num_attention_heads": heads, "intermediate_size": ffn}
+
+
 # ---------------------------------------------------------------------------------------------------- build
 
 
@@ -484,6 +523,7 @@ def build_student(
     layers: Sequence[int] | None = None,
     hidden_size: int | None = None,
     num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
     intermediate_size: int | None = None,
     init: str = "teacher-layers",
     calibration_inputs: Mapping[str, Tensor] | None = None,
@@ -493,8 +533,9 @@ def build_student(
 
     Depth: `layers` (explicit teacher indices) or `num_layers` chosen by `layer_map` (`select_layers`; "importance"
     scores the teacher's blocks on `calibration_inputs`, `block_influence`); neither keeps every layer. Width:
-    `hidden_size` / `num_attention_heads` / `intermediate_size` below the teacher's prune (BERT family only) using
-    `calibration_inputs` (a batch dict as for the forward) to rank units. `init`:
+    `hidden_size` / `num_attention_heads` / `intermediate_size` below the teacher's prune (BERT family, and the GQA
+    decoders of `kdistill.decoder_width`, which also take `num_key_value_heads` and need `calibration_inputs`)
+    using `calibration_inputs` (a batch dict as for the forward) to rank units. `init`:
     "teacher-layers" | "pruned" (width reduction required) | "random" (fresh init from `seed`).
     The global RNG is left untouched; the student is on the teacher's device and dtype, in the teacher's mode.
     The choice is recorded on the model as `student.kdistill_init` (see `describe_student`), with the Block
@@ -520,17 +561,22 @@ def build_student(
     else:
         layers = list(range(t_layers))
 
-    widths = (hidden_size, num_attention_heads, intermediate_size)
-    narrower = False
-    if any(w is not None for w in widths):
-        _check_bert_layout(teacher)
-        hidden, heads, ffn = resolve_width(teacher.config, *widths)
-        narrower = (hidden, heads, ffn) != (teacher.config.hidden_size, teacher.config.num_attention_heads,
-                                            teacher.config.intermediate_size)
+    decoder = is_width_prunable_decoder(teacher.config)
+    if any(w is not None for w in (hidden_size, num_attention_heads, num_key_value_heads, intermediate_size)):
+        if decoder:
+            check_decoder_layout(teacher)
+        else:
+            _check_bert_layout(teacher)
+    widths = resolve_widths(teacher.config, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                            num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size)
+    narrower = any(getattr(teacher.config, key) != value for key, value in widths.items())
+    if narrower and decoder and init != "random" and calibration_inputs is None:
+        raise ValueError("width pruning of a decoder ranks KV groups, neurons and channels on a calibration batch; "
+                         "give calibration_inputs")
     if init == "pruned" and not narrower:
         raise ValueError(
-            "init='pruned' needs a width below the teacher's (hidden_size, num_attention_heads or intermediate_size); "
-            "use init='teacher-layers' to copy layers at full width"
+            "init='pruned' needs a width below the teacher's (hidden_size, num_attention_heads, num_key_value_heads "
+            "or intermediate_size); use init='teacher-layers' to copy layers at full width"
         )
 
     config = copy.deepcopy(teacher.config)
@@ -539,7 +585,10 @@ def build_student(
     if isinstance(layer_types, list) and len(layer_types) == t_layers:
         config.layer_types = [layer_types[i] for i in layers]
     if narrower:
-        config.hidden_size, config.num_attention_heads, config.intermediate_size = hidden, heads, ffn
+        for key, value in widths.items():
+            setattr(config, key, value)
+    if narrower and decoder:  # Llama and Qwen2 would derive head_dim from the new hidden_size / heads
+        config.head_dim = decoder_head_dim(teacher.config)
 
     with seeded(seed):
         student = type(teacher)(config)
@@ -552,15 +601,18 @@ def build_student(
     if init != "random":
         prefix = find_layer_list(teacher)[0] + "."
         state = _renumber_layers(teacher.state_dict(), prefix, layers)
-        if narrower:
-            plan = plan_width(teacher, layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn,
-                              calibration_inputs=calibration_inputs)
+        if narrower and decoder:
+            plan = plan_decoder_width(teacher, layers, widths, calibration_inputs)
+            state = slice_decoder_state(teacher, state, student.state_dict(), prefix, plan)
+            info["ranking"] = "activations"
+        elif narrower:
+            plan = plan_width(teacher, layers, **widths, calibration_inputs=calibration_inputs)
             state = _slice_state(state, student.state_dict(), prefix, plan, teacher.config.hidden_size)
             info["ranking"] = plan.source
         student.load_state_dict(state, strict=True)
     student.train(teacher.training)
     student.kdistill_init = info
-    width = f", hidden {hidden}, {heads} heads, FFN {ffn}" if narrower else ""
+    width = "".join(f", {key} {value}" for key, value in widths.items()) if narrower else ""
     log.info("student: %s from teacher layers %s%s", init, layers, width)
     return student
 

@@ -253,8 +253,8 @@ def test_width_errors_name_the_value(tiny_tokenizer):
         build_student(teacher, intermediate_size=0)
     with pytest.raises(NotImplementedError, match=r"'gpt2' \(GPT2LMHeadModel\)"):
         build_student(tiny_gpt2(tiny_tokenizer), hidden_size=16)
-    with pytest.raises(NotImplementedError, match=r"'llama' \(LlamaForCausalLM\)"):
-        build_student(tiny_llama(tiny_tokenizer), intermediate_size=32, init="random")
+    with pytest.raises(ValueError, match=r"num_key_value_heads=1 applies to decoders with grouped-query attention"):
+        build_student(teacher, num_key_value_heads=1)  # Llama-family width: tests/test_decoder_width.py
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
