@@ -502,12 +502,11 @@ def resolve_widths(
     """
     if all(w is None for w in (hidden_size, num_attention_heads, num_key_value_heads, intermediate_size)):
         return {}
-    model_type = getattr(config, "model_type", None)
-    if model_type in DECODER_WIDTH_TYPES:
+    if is_width_prunable_decoder(config):
         return resolve_decoder_width(config, hidden_size, num_attention_heads, num_key_value_heads, intermediate_size)
     if num_key_value_heads is not None:
         raise ValueError(f"num_key_value_heads={num_key_value_heads} applies to decoders with grouped-query "
-                         f"attention ({', '.join(DECODER_WIDTH_TYPES)}), not {model_type!r}")
+                         f"attention ({', '.join(DECODER_WIDTH_TYPES)}), not {getattr(config, 'model_type', None)!r}")
     hidden, heads, ffn = resolve_width(config, hidden_size, num_attention_heads, intermediate_size)
     return {"hidden_size": hidden, "num_attention_heads": heads, "intermediate_size": ffn}
 
