@@ -6,7 +6,8 @@ and machine recorded: the machine is shared and noisy, so compare models measure
 runs with `eval.num_threads` torch threads (`torch_threads`).
 
 Causal LMs. Held-out perplexity = exp(mean next-token NLL) over the test blocks (`perplexity`, from training.py:
-the causal loop validates with it too). Speed, all models interleaved in one process: generation tokens/s at
+the causal loop validates with it too), and bits per byte = the same NLL sum / (ln 2 × the UTF-8 bytes of the
+predicted tokens), which compares models over different tokenizers. Speed, all models interleaved in one process: generation tokens/s at
 batch 1 (greedy, SPEED_NEW_TOKENS new tokens after a SPEED_PROMPT_TOKENS-token prompt taken from the test blocks)
 and scoring tokens/s (one forward over `eval.throughput_batch_size` blocks). Params: all, and those in the
 transformer blocks alone (`block_parameters`: the embeddings are shared with the LM head and identical in size
@@ -212,10 +213,12 @@ def block_parameters(model) -> int:
     return sum(p.numel() for p in find_layer_list(model)[1].parameters())
 
 
-def evaluate_lm_model(model, test_blocks: LMBlocks, cfg: EvalConfig) -> dict:
-    """Quality and size of one causal LM on the test blocks: perplexity, NLL per token, predicted tokens, params."""
-    ppl = perplexity(model, test_blocks, batch_size=max(1, cfg.throughput_batch_size))
-    return {"perplexity": ppl["perplexity"], "nll_per_token": ppl["loss"], "n_test_tokens": ppl["tokens"],
+def evaluate_lm_model(model, test_blocks: LMBlocks, cfg: EvalConfig, byte_lengths: Tensor) -> dict:
+    """Quality and size of one causal LM on the test blocks: perplexity, NLL per token, bits per byte (over the
+    predicted tokens' bytes, `byte_lengths` per token id), predicted tokens and their bytes, params."""
+    ppl = perplexity(model, test_blocks, batch_size=max(1, cfg.throughput_batch_size), byte_lengths=byte_lengths)
+    return {"perplexity": ppl["perplexity"], "nll_per_token": ppl["loss"], "bits_per_byte": ppl["bits_per_byte"],
+            "n_test_tokens": ppl["tokens"], "n_test_bytes": ppl["bytes"],
             "params": count_parameters(model), "block_params": block_parameters(model)}
 
 

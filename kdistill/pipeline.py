@@ -86,6 +86,7 @@ from kdistill.student import (
 )
 from kdistill.teacher import finetune, load_causal_teacher, max_positions, train_teacher
 from kdistill.terms import TERMS, TermSpec, check_terms, layer_pairs
+from kdistill.tokenalign import token_byte_lengths
 from kdistill.tokenization import tokenizer_from_vocab
 from kdistill.training import is_main_process, process_state, world_size
 
@@ -710,8 +711,9 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
         return run_dir
 
     results = {}
+    byte_lengths = token_byte_lengths(tokenizer)  # one tokenizer for teacher and student here
     for name, model in models.items():
-        results[name] = evaluate_lm_model(model, blocks["test"], cfg.eval)
+        results[name] = evaluate_lm_model(model, blocks["test"], cfg.eval, byte_lengths)
         results[name]["size_mb"] = dir_size_mb(run_dir / name) if name != "teacher" else \
             results[name]["params"] * 4 / 2**20
         results[name]["train_wall_time_s"] = histories[name].wall_time_s if histories[name] else \
@@ -727,6 +729,7 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
         r["speedup_vs_teacher"] = r["generate_tokens_per_s"] / t["generate_tokens_per_s"]
         r["size_ratio_vs_teacher"] = t["params"] / r["params"]
         r["perplexity_ratio_vs_teacher"] = r["perplexity"] / t["perplexity"]
+        r["bits_per_byte_ratio_vs_teacher"] = r["bits_per_byte"] / t["bits_per_byte"]
 
     metrics = {
         "run": cfg.name,
@@ -742,7 +745,8 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
         "machine": {**machine_info(), "host": socket.gethostname(),
                     "eval_threads": cfg.eval.num_threads or torch.get_num_threads(),
                     "world_size": world_size()},
-        "units": {"perplexity": "exp(nats/token)", "nll_per_token": "nats", "generate_tokens_per_s": "tokens/s",
+        "units": {"perplexity": "exp(nats/token)", "nll_per_token": "nats",
+                  "bits_per_byte": "bits per UTF-8 byte of the predicted test tokens", "generate_tokens_per_s": "tokens/s",
                   "score_tokens_per_s": "tokens/s", "ms_per_token_batch1": "ms", "size_mb": "MiB",
                   "train_wall_time_s": "s"},
         "total_wall_time_s": time.perf_counter() - started,

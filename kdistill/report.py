@@ -45,6 +45,7 @@ COLUMNS = [
 
 LM_COLUMNS = [  # causal-lm runs (metrics.json "task": "causal-lm")
     ("perplexity", "test perplexity", "{:.2f}"),
+    ("bits_per_byte", "bits/byte", "{:.3f}"),
     ("params", "params", "{:,}"),
     ("block_params", "block params", "{:,}"),
     ("size_mb", "MB", "{:.1f}"),
@@ -338,8 +339,11 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
     first = runs[0]["metrics"]
     lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", "", summary_table(runs), ""]
     data, machine = first["data"], first.get("machine", {})
-    predicted = next(iter(first["models"].values())).get("n_test_tokens", data["tokens"]["test"])
-    lines += [f"Held-out perplexity on {predicted:,} predicted test tokens ({data['documents']['test']} "
+    some_model = next(iter(first["models"].values()))
+    predicted = some_model.get("n_test_tokens", data["tokens"]["test"])
+    in_bytes = f" ({some_model['n_test_bytes']:,} bytes: bits/byte = their NLL / (ln 2 x bytes))" \
+        if "n_test_bytes" in some_model else ""
+    lines += [f"Held-out perplexity on {predicted:,} predicted test tokens{in_bytes} ({data['documents']['test']} "
               f"documents of {data['source']}, split by document, blocks of {data['block_size']} tokens). "
               f"Generation: greedy, batch 1, {SPEED_NEW_TOKENS} new tokens; scoring: one forward over a batch of "
               f"blocks. CPU, {machine.get('eval_threads', '?')} threads, medians after warm-up, all models "

@@ -165,6 +165,30 @@ def token_bytes(token: str, scheme: str) -> bytes | None:
     raise ValueError(f"unknown tokenizer scheme {scheme!r}; use 'byte-level', 'sentencepiece' or 'plain'")
 
 
+def token_byte_lengths(tokenizer) -> Tensor:
+    """(V,) int64, V = the highest id + 1: how many bytes of text each id stands for (`token_bytes`); 0 for
+    special tokens and ids the scheme cannot read.
+
+    The denominator of bits per byte, NLL / (ln 2 × bytes of the predicted tokens): unlike per-token perplexity it
+    compares models whose tokenizers cut the same text into different numbers of tokens. A SentencePiece word's
+    '▁' counts as the space it stands for, including the one its normaliser adds before a text's first word.
+    `tokenizer`: a `tokenizers.Tokenizer` or a Hugging Face fast tokenizer of a causal LM (byte-level or
+    SentencePiece; WordPiece's '##' continuation marker is not read).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    scheme = tokenizer_scheme(backend)
+    added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+    vocab = backend.get_vocab(with_added_tokens=True)
+    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.long)
+    for token, i in vocab.items():
+        if i in added:
+            data = b"" if added[i].special else token.encode("utf-8")
+        else:
+            data = token_bytes(token, scheme) or b""
+        lengths[i] = len(data)
+    return lengths
+
+
 def _vocab_bytes(tokenizer) -> dict[bytes, int]:
     """{bytes: id} of a tokenizer's vocabulary, special tokens left out (what they mean differs between models).
 

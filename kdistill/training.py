@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, gather_object
@@ -471,13 +472,16 @@ def cosine_then_mse(metrics: dict[str, float]) -> tuple[float, ...]:
 
 
 @torch.no_grad()
-def perplexity(model, blocks: LMBlocks, batch_size: int = 8) -> dict:
+def perplexity(model, blocks: LMBlocks, batch_size: int = 8, byte_lengths: Tensor | None = None) -> dict:
     """A causal LM's held-out next-token NLL (nats/token, over the positions data.next_token_targets counts), its
-    exp (perplexity) and the number of predicted tokens: the causal loop's validation and the test metric."""
+    exp (perplexity) and the number of predicted tokens: the causal loop's validation and the test metric.
+
+    With `byte_lengths` ((V,) bytes per token id, tokenalign.token_byte_lengths) also the predicted tokens' bytes
+    and bits per byte = Σ NLL / (ln 2 × Σ bytes), the same sums over the same positions."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
     try:
         for start in range(0, len(blocks), batch_size):
             batch = blocks.batch(slice(start, start + batch_size))
@@ -486,10 +490,15 @@ def perplexity(model, blocks: LMBlocks, batch_size: int = 8) -> dict:
             s, c = losses.lm_ce_tokens(logits, labels.to(device), mask=valid.to(device))
             total += float(s)
             count += int(c)
+            if byte_lengths is not None:
+                nbytes += int(byte_lengths[labels[valid]].sum())
     finally:
         model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    if byte_lengths is not None:
+        out |= {"bytes": nbytes, "bits_per_byte": total / (math.log(2) * max(nbytes, 1))}
+    return out
 
 
 class EarlyStopping:

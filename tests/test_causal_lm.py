@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from kdistill.engine import backward_group
 from kdistill.evaluate import block_parameters, perplexity
 from kdistill.teacher import load_causal_teacher
 from kdistill.terms import TermSpec
+from kdistill.tokenalign import token_byte_lengths
 from kdistill.training import make_accelerator
 from tests.conftest import tiny_gpt2
 
@@ -63,6 +65,34 @@ def test_next_token_targets_count_only_real_next_tokens_after_the_prompt():
     assert valid.tolist() == [[True, True, True, False], [True, False, False, False]]
     _, valid = next_token_targets(ids, mask, prompt_length=2)  # only tokens 2.. are targets
     assert valid.tolist() == [[False, True, True, False], [False, False, False, False]]
+
+
+class _UniformLM(torch.nn.Module):
+    """Zero logits over `vocab` tokens: every next token costs exactly ln(vocab) nats."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # perplexity() reads the device from a parameter
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def test_bits_per_byte_divides_the_nll_by_the_bytes_of_the_predicted_text(bpe_tokenizer):
+    texts = ["the team won the cup", "naïve profits rose — again"]  # multi-byte characters too
+    blocks = pack_blocks(texts, bpe_tokenizer, block_size=64)  # one block: every token but the first is predicted
+    assert len(blocks) == 1
+    vocab = len(bpe_tokenizer)
+    out = perplexity(_UniformLM(vocab), blocks, batch_size=2, byte_lengths=token_byte_lengths(bpe_tokenizer))
+    first = bpe_tokenizer.decode(blocks.input_ids[0, :1].tolist())
+    assert out["tokens"] == blocks.tokens - 1
+    # counted from the texts, not from the table: all their bytes but the first token's (the EOS tokens add none)
+    assert out["bytes"] == sum(len(t.encode("utf-8")) for t in texts) - len(first.encode("utf-8"))
+    # float32 log-sum-exp of zeros: ln(vocab) to ~1e-7 relative, summed in float64
+    assert out["bits_per_byte"] == pytest.approx(out["tokens"] * math.log2(vocab) / out["bytes"], rel=1e-5)
+    assert out["perplexity"] == pytest.approx(vocab, rel=1e-5)
+    assert "bits_per_byte" not in perplexity(_UniformLM(vocab), blocks)  # no table, no bytes
 
 
 def test_corpus_is_split_by_document_seeded_and_without_leaks(tmp_path, docs):
@@ -229,13 +259,15 @@ eval: {{repeats: 2, warmup: 1, throughput_batch_size: 2}}
     assert set(metrics["models"]) == {"teacher", "student", "baseline"}
     for m in metrics["models"].values():
         assert m["perplexity"] > 1 and math.isfinite(m["perplexity"])
+        assert m["bits_per_byte"] > 0 and m["n_test_bytes"] > m["n_test_tokens"]  # BPE tokens average > 1 byte
         assert m["generate_tokens_per_s"] > 0 and m["score_tokens_per_s"] > 0
     shape = metrics["student_shape"]
     assert shape["student"]["layers"] == 2 and shape["block_param_ratio"] == pytest.approx(0.5)
     assert metrics["teacher_cache"]["status"] == "built" and metrics["teacher_cache"]["k"] == 16
     assert len(metrics["samples"]["student"]) == 3
     report = (out / "report.md").read_text()
-    assert "test perplexity" in report and "Sample generations" in report and "baseline" in report
+    assert "test perplexity" in report and "bits/byte" in report and "Sample generations" in report \
+        and "baseline" in report
     student_meta = json.loads((out / "student" / "kdistill.json").read_text())
     assert student_meta["task"] == "causal-lm"
     from kdistill.models import load_model_dir

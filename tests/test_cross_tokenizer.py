@@ -26,7 +26,8 @@ from kdistill.errors import UserError
 from kdistill.models import load_model_dir
 from kdistill.pipeline import make_student, preflight, run
 from kdistill.terms import TermSpec
-from kdistill.tokenalign import aligned_positions, aligned_positions_batch, shared_vocab, token_bytes, tokenizer_scheme
+from kdistill.tokenalign import (aligned_positions, aligned_positions_batch, shared_vocab, token_byte_lengths,
+                                token_bytes, tokenizer_scheme)
 from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 from tests.conftest import tiny_bert_config
 from tests.helpers import save_teacher_dir, tiny_train, toy_bundle, toy_run_config
@@ -468,3 +469,19 @@ def test_shared_vocab_of_one_tokenizer_is_the_identity_without_specials(bpe_toke
     teacher_ids, student_ids = shared_vocab(bpe_tokenizer, bpe_tokenizer)
     assert torch.equal(teacher_ids, student_ids)
     assert set(teacher_ids.tolist()) == set(range(len(bpe_tokenizer))) - {bpe_tokenizer.eos_token_id}
+
+
+def test_token_byte_lengths_count_the_text_each_id_decodes_to(bpe_tokenizer):
+    lengths = token_byte_lengths(bpe_tokenizer)
+    assert lengths.shape == (len(bpe_tokenizer),)
+    eos = bpe_tokenizer.eos_token_id
+    assert lengths[eos] == 0  # a special token stands for no text
+    checked = 0
+    for i in range(len(bpe_tokenizer)):
+        text = bpe_tokenizer.decode([i])
+        if i != eos and "\ufffd" not in text:  # a lone byte of a multi-byte character decodes to U+FFFD
+            assert lengths[i] == len(text.encode("utf-8")), bpe_tokenizer.convert_ids_to_tokens(i)
+            checked += 1
+    assert checked > 150  # the ASCII bytes and the merges
+    lone = bpe_tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3 alone
+    assert lengths[lone] == 1
