@@ -112,12 +112,14 @@ def test_student_line_for_a_classifier_and_for_a_causal_lm():
 def test_causal_lm_report_from_metrics(tmp_path):
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
-    model = {"perplexity": 12.5, "params": 1000, "block_params": 500, "size_mb": 0.1, "n_test_tokens": 1234,
+    model = {"perplexity": 12.5, "bits_per_byte": 1.25, "params": 1000, "block_params": 500, "size_mb": 0.1,
+             "n_test_tokens": 1234, "n_test_bytes": 5678,
              "generate_tokens_per_s": 100.0, "score_tokens_per_s": 900.0, "speedup_vs_teacher": 1.0,
              "size_ratio_vs_teacher": 1.0, "train_wall_time_s": 3.0}
     samples = {name: [{"prompt": "The coach said", "completion": f" {name}  wins\nagain"}] for name in ("teacher",
                                                                                                     "student")}
-    metrics = {"run": "lm", "task": "causal-lm", "models": {"teacher": model, "student": {**model, "perplexity": 20}},
+    metrics = {"run": "lm", "task": "causal-lm",
+               "models": {"teacher": model, "student": {**model, "perplexity": 20, "bits_per_byte": 1.5}},
                "data": {"source": "news.jsonl", "documents": {"test": 7}, "block_size": 32, "tokens": {"test": 99}},
                "student_shape": {**SHAPE, "student_block_params": 1000, "teacher_block_params": 4000,
                                  "block_param_ratio": 0.25},
@@ -127,8 +129,9 @@ def test_causal_lm_report_from_metrics(tmp_path):
                "evals": [], "wall_time_s": 3.0}
     (run / "logs" / "history_student.json").write_text(json.dumps(history), encoding="utf-8")
     text = write_report([run]).read_text()
-    assert "| student | 20.00 | 1,000 | 500 |" in text
-    assert "Held-out perplexity on 1,234 predicted test tokens (7 documents of news.jsonl" in text
+    assert "| student | 20.00 | 1.500 | 1,000 | 500 |" in text
+    assert "Held-out perplexity on 1,234 predicted test tokens (5,678 bytes: bits/byte = their NLL / (ln 2 x bytes)) " \
+           "(7 documents of news.jsonl" in text
     assert "Generation: greedy, batch 1, 32 new tokens" in text and "CPU, 2 threads" in text
     assert text.count("Student: ") == 1 and student_line(metrics["student_shape"]) in text
     assert "## Sample generations (lm; greedy, 30 new tokens)" in text
