@@ -175,18 +175,23 @@ def token_byte_lengths(tokenizer) -> Tensor:
     `tokenizer`: a `tokenizers.Tokenizer` or a Hugging Face fast tokenizer of a causal LM (byte-level or
     SentencePiece; WordPiece's '##' continuation marker is not read).
     """
+    entries = _entry_bytes(tokenizer)
+    lengths = torch.zeros(max(i for _, i, _ in entries) + 1, dtype=torch.long)
+    for _, i, data in entries:
+        lengths[i] = len(data or b"")
+    return lengths
+
+
+def _entry_bytes(tokenizer) -> list[tuple[str, int, bytes | None]]:
+    """(token, id, the bytes it stands for) of every vocabulary entry: None for special tokens (what they mean
+    differs between models) and for strings the scheme cannot read; added tokens that are not special stand for
+    their literal string, as they are matched on the raw text."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     scheme = tokenizer_scheme(backend)
     added = backend.get_added_tokens_decoder()  # {id: AddedToken}
-    vocab = backend.get_vocab(with_added_tokens=True)
-    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.long)
-    for token, i in vocab.items():
-        if i in added:
-            data = b"" if added[i].special else token.encode("utf-8")
-        else:
-            data = token_bytes(token, scheme) or b""
-        lengths[i] = len(data)
-    return lengths
+    return [(token, i, (None if added[i].special else token.encode("utf-8")) if i in added
+             else token_bytes(token, scheme))
+            for token, i in backend.get_vocab(with_added_tokens=True).items()]
 
 
 def _vocab_bytes(tokenizer) -> dict[bytes, int]:
@@ -196,20 +201,9 @@ def _vocab_bytes(tokenizer) -> dict[bytes, int]:
     two ids stand for the same bytes (SentencePiece's "A" and its byte-fallback piece <0x41>), the regular piece
     wins, as it is the one the tokenizer emits for that text; otherwise the lower id.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    scheme = tokenizer_scheme(backend)
-    added = backend.get_added_tokens_decoder()  # {id: AddedToken}
-    entries = []
-    for token, i in backend.get_vocab(with_added_tokens=True).items():
-        if i in added:
-            if added[i].special:
-                continue
-            data = token.encode("utf-8")
-        else:
-            data = token_bytes(token, scheme)
-        if data:
-            is_byte_piece = scheme == "sentencepiece" and bool(_SENTENCEPIECE_BYTE.fullmatch(token))
-            entries.append((is_byte_piece, i, data))
+    scheme = tokenizer_scheme(getattr(tokenizer, "backend_tokenizer", tokenizer))
+    entries = [(scheme == "sentencepiece" and bool(_SENTENCEPIECE_BYTE.fullmatch(token)), i, data)
+               for token, i, data in _entry_bytes(tokenizer) if data]
     table: dict[bytes, int] = {}
     for _, i, data in sorted(entries):
         table.setdefault(data, i)
