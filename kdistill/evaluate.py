@@ -7,8 +7,8 @@ runs with `eval.num_threads` torch threads (`torch_threads`).
 
 Causal LMs. Held-out perplexity = exp(mean next-token NLL) over the test blocks (`perplexity`, from training.py:
 the causal loop validates with it too), and bits per byte = the same NLL sum / (ln 2 × the UTF-8 bytes of the
-predicted tokens), which compares models over different tokenizers. Speed, all models interleaved in one process: generation tokens/s at
-batch 1 (greedy, SPEED_NEW_TOKENS new tokens after a SPEED_PROMPT_TOKENS-token prompt taken from the test blocks)
+predicted tokens), which compares models over different tokenizers. Speed, all models interleaved in one
+process: generation tokens/s at batch 1 (greedy, SPEED_NEW_TOKENS new tokens after a SPEED_PROMPT_TOKENS-token prompt taken from the test blocks)
 and scoring tokens/s (one forward over `eval.throughput_batch_size` blocks). Params: all, and those in the
 transformer blocks alone (`block_parameters`: the embeddings are shared with the LM head and identical in size
 for any depth). A few greedy generations from fixed prompts show what the perplexities mean.
