@@ -590,6 +590,40 @@ def check_finite(loss: torch.Tensor, step: int, terms: dict[str, float]) -> None
 
 # ------------------------------------------------------------------------------------------- learning models
 
+class FastDropout(torch.nn.Dropout):
+    """Dropout whose mask comes from 15-bit random integers instead of torch's CPU `bernoulli_`.
+
+    On a CPU without Intel's MKL fast paths (measured on a 2-core AMD EPYC, torch 2.13) `bernoulli_` costs more
+    than a 384 x 384 matmul over the same activations (~11 ms for 64 x 35 x 384 floats): the dropout layers of a
+    2-layer MiniLM student took 17% of its training step; 15-bit integers cut a step by ~10%.
+    Same semantics: each element is kept with probability 1 - p (p rounded to a multiple of 2^-15, e.g.
+    0.1 -> 0.100006) and scaled by 1 / (1 - p) so the expectation is unchanged; the mask draws from torch's
+    generator, so seeded runs repeat. Identity in eval mode, like nn.Dropout; the models it sits in save and
+    export as before (it has no weights).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        dropped = round(self.p * 32768)  # of the 15-bit values [0, 32767] each element draws
+        # one 63-bit draw gives four 15-bit values: 4x fewer calls to the generator than an int16 tensor's random_
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        values = draws.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF
+        return x * ((values >= dropped) * (32768 / (32768 - dropped)))
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Swap `model`'s nn.Dropout layers for FastDropout, in place (for CPU training); how many were swapped.
+    The attention-probability dropout inside scaled_dot_product_attention is not a layer and stays torch's."""
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, FastDropout(child.p, child.inplace))
+                swapped += 1
+    return swapped
+
+
 @dataclass
 class Learner:
     """One model that learns in a phase (engine.Engine), alone or with others (distill/mutual.py, alternating.py):
@@ -652,6 +686,8 @@ def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainC
     by `score` with `patience` (None: never stops early); `keep_best`: the best validation weights are left in the
     model at the end (else the final ones). `extra` (e.g. the learned projections of hidden terms) is optimised
     along with `model`. Model and optimiser are prepared by `accelerator`."""
+    if accelerator.device.type == "cpu":  # (CUDA's dropout is a fused kernel, faster than FastDropout's three)
+        use_fast_dropout(model)
     named = list(model.named_parameters())
     if extra is not None:
         named += list(extra.named_parameters(prefix="extra"))
