@@ -619,7 +619,7 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is torch.nn.Dropout:
-                setattr(module, name, FastDropout(child.p, child.inplace))
+                setattr(module, name, FastDropout(child.p, child.inplace).train(child.training))
                 swapped += 1
     return swapped
 

@@ -1,5 +1,6 @@
 """The shared training loop: how batches are split across processes and resumed mid-epoch, and how a run stops with
-an error a user can act on (a NaN loss names its step and term; a run dir that cannot be written names the path)."""
+an error a user can act on (a NaN loss names its step and term; a run dir that cannot be written names the path),
+and the CPU dropout it trains with (FastDropout)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import BertForSequenceClassification
 
 from kdistill.checkpoint import COMPLETE, Checkpoints
 from kdistill.config import DistillConfig
@@ -21,7 +23,16 @@ from kdistill.distill import explicit
 from kdistill.distill.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.pipeline import run
-from kdistill.training import GroupStream, LengthGroupedSampler, LossNotFinite, make_loader, make_loaders
+from kdistill.training import (
+    FastDropout,
+    GroupStream,
+    LengthGroupedSampler,
+    LossNotFinite,
+    make_loader,
+    make_loaders,
+    use_fast_dropout,
+)
+from tests.conftest import tiny_bert_config
 from tests.helpers import (
     save_teacher_dir,
     tiny_pair,
@@ -271,3 +282,50 @@ def test_a_run_with_few_labels_distils_on_the_unlabeled_rest(tmp_path, teacher_d
     for name in ("student", "baseline"):
         steps = json.loads((run_dir / "logs" / f"history_{name}.json").read_text(encoding="utf-8"))["steps"]
         assert steps and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+
+
+# ------------------------------------------------------------------------------------------- FastDropout
+
+def test_fast_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales_the_kept():
+    torch.manual_seed(0)
+    n, p = 1_000_003, 0.1  # an odd count: the last 63-bit draw is only partly used
+    y = FastDropout(p)(torch.ones(n))
+    kept = y != 0
+    # a binomial count: 5 standard deviations of the kept fraction, sqrt(p (1 - p) / n) ~ 3e-4
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    dropped = round(p * 32768)  # p in steps of 2^-15
+    assert torch.equal(y[kept], torch.full((int(kept.sum()),), 32768 / (32768 - dropped)))
+
+
+def test_fast_dropout_is_the_identity_in_eval_mode_and_at_p_0_and_repeats_under_a_seed():
+    x = torch.randn(3, 5, 7)
+    assert FastDropout(0.5).eval()(x) is x
+    assert FastDropout(0.0)(x) is x
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        masks.append(FastDropout(0.5)(torch.ones(3, 5, 7)))
+    assert torch.equal(*masks)
+    assert 0 < (masks[0] == 0).sum() < masks[0].numel()
+
+
+def test_fast_dropout_passes_the_gradient_through_the_kept_elements_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 33, requires_grad=True)
+    y = FastDropout(0.3)(x)
+    y.sum().backward()
+    scale = 32768 / (32768 - round(0.3 * 32768))
+    assert torch.equal(x.grad, (y != 0).float() * scale)
+
+
+def test_use_fast_dropout_swaps_every_dropout_layer_and_leaves_eval_outputs_unchanged(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(tiny_tokenizer)).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3]])
+    before = model(input_ids=ids).logits
+    layers = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    assert use_fast_dropout(model) == len(layers) > 0
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    # the attention module reads its dropout layer's p for scaled_dot_product_attention: it must survive the swap
+    assert {m.p for m in model.modules() if isinstance(m, FastDropout)} == {layer.p for layer in layers}
+    assert torch.equal(model(input_ids=ids).logits, before)
