@@ -32,7 +32,7 @@ def toy_recipe(tmp_path_factory):
     recipe = {
         "name": "toy",
         "data": {"train_file": str(data), "max_length": 16},
-        "teacher": {"model": None, "from_scratch": TINY_TEACHER, "epochs": 10, "lr": 1e-3, "batch_size": 8},
+        "teacher": {"model": None, "from_scratch": TINY_TEACHER, "epochs": 15, "lr": 1e-3, "batch_size": 8},
         "student": {"layers": 2},
         "distill": {"losses": {"kd": 1.0, "ce": 0.2, "hidden_mse": 1.0, "attention_kl": 0.5}},
         "train": {"epochs": 4, "batch_size": 8, "lr": 1e-3},

@@ -100,7 +100,7 @@ def test_the_confusion_plot_of_600_classes_is_quick_and_its_canvas_bounded(tmp_p
     run = report_run(tmp_path, n, cm)
     start = time.perf_counter()
     report = write_report([run])
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 30  # ~2 s alone; the pathological plot took minutes (shared CI: slack)
     assert "![confusion](plots/confusion_run.png)" in report.read_text()
     width, height = png_size(run / "plots" / "confusion_run.png")
     assert width * height <= 2000 * 2000  # the canvas (4 bytes a pixel) is what ran out of memory at 600 classes
