@@ -246,6 +246,11 @@ class TrainConfig(_Section):
     """Write a resumable checkpoint every N steps (always at epoch ends)."""
     num_threads: int | None = Field(None, ge=1)
     """torch CPU threads (default: torch's choice)."""
+    fsdp: bool = False
+    """Shard the student over the processes (FSDP2: torch's fully_shard per transformer block): each holds 1/N of
+    its parameters, gradients and AdamW moments during training. Causal-LM explicit runs; launch with torchrun or
+    `accelerate launch` (one process has nothing to shard). Not with checkpoint_every: sharded checkpoints are not
+    written yet."""
 
     @model_validator(mode="after")
     def _accum_divides_batch(self):
@@ -307,6 +312,21 @@ class RunConfig(_Section):
                              "data.unlabeled_file")
         if self.task == "causal-lm" and (self.data.unlabeled_file or self.data.augment):
             raise ValueError(f"data.unlabeled_file and data.augment work with the encoder tasks, not {self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_scope(self):
+        if not self.train.fsdp:
+            return self
+        if self.task != "causal-lm" or self.distill.strategy != "explicit":
+            raise ValueError(f"train.fsdp: shards causal-lm students of strategy explicit, not {self.task} / "
+                             f"{self.distill.strategy}")
+        if self.distill.on_policy_fraction or self.distill.seq_kd_fraction:
+            # every process would generate its own continuations, for as many steps as its own batch needs, while a
+            # sharded forward needs all of them at once
+            raise ValueError("train.fsdp: not with distill.on_policy_fraction / seq_kd_fraction (generation)")
+        if self.train.checkpoint_every:
+            raise ValueError("train.checkpoint_every: sharded (train.fsdp) runs write no checkpoints yet")
         return self
 
     @model_validator(mode="after")

@@ -5,7 +5,8 @@ training curves per loss term, accuracy against latency and against size for eve
 confusion matrix (its most confused classes, when there are many). With several run dirs (e.g. one per strategy)
 every model of every run is a row. A plot that fails is logged and left out: the report is still written.
 Causal-LM runs (`write_lm_report`) show perplexity and generation speed instead, the loss curves, perplexity
-against speed, and the sample generations.
+against speed, and the sample generations; several runs of different student sizes (e.g. `--set student.layers=`
+20, 15, 10, each over seeds) add the size trade-off: KD against no-KD per size, in a table and a plot.
 """
 
 from __future__ import annotations
@@ -360,6 +361,15 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
 
     if draw_or_skip(plot_lm_curves, runs, plots / "lm_curves_tradeoff.png"):
         lines += ["## Training loss and perplexity against speed", "", "![lm](plots/lm_curves_tradeoff.png)", ""]
+    sizes = lm_size_points(runs)
+    if len(runs) > 1 and sizes:
+        lines += ["## Trade-off: student size against perplexity and speed", "", lm_size_table(sizes), "",
+                  "One row per student size (its transformer-block parameters; the embeddings are shared by every "
+                  "size): mean over the runs of that size, the range in brackets. KD / teacher: the KD student's "
+                  "mean perplexity over the teacher's. Speed-up: batch-1 generation against the teacher measured "
+                  "in the same run.", ""]
+        if draw_or_skip(plot_lm_sizes, sizes, plots / "lm_size_tradeoff.png"):
+            lines += ["![sizes](plots/lm_size_tradeoff.png)", ""]
 
     for run in runs:
         samples = run["metrics"].get("samples") or {}
@@ -374,6 +384,79 @@ def write_lm_report(runs: list[dict], out: Path) -> Path:
                 lines.append(f"- *{name}*: {text}")
             lines.append("")
     return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def lm_size_points(runs: list[dict]) -> list[dict]:
+    """The runs' students grouped by size (transformer-block parameters), smallest first: per size the lists, one
+    entry per run, of the KD student's and the no-KD baseline's perplexity, bits/byte and generation speed, and
+    the teacher's. Runs without both a student and a baseline are left out: a point needs its control."""
+    by_size: dict[int, dict] = {}
+    for run in runs:
+        models = run["metrics"]["models"]
+        if not {"teacher", "student", "baseline"} <= set(models):
+            continue
+        point = by_size.setdefault(models["student"]["block_params"], {
+            "block_params": models["student"]["block_params"], "runs": [],
+            **{f"{name}_{key}": [] for name in ("teacher", "student", "baseline")
+               for key in ("perplexity", "bits_per_byte", "generate_tokens_per_s")}})
+        point["runs"].append(run["metrics"]["run"])
+        for key in ("perplexity", "bits_per_byte", "generate_tokens_per_s"):
+            for name in ("teacher", "student", "baseline"):
+                point[f"{name}_{key}"].append(models[name].get(key))
+    points = sorted(by_size.values(), key=lambda p: p["block_params"])
+    for p in points:
+        p["teacher_block_params"] = runs[0]["metrics"]["models"]["teacher"]["block_params"]
+    return points
+
+
+def _mean_range(values: list[float], pattern: str) -> str:
+    if len(values) == 1:
+        return pattern.format(values[0])
+    return f"{pattern.format(np.mean(values))} ({pattern.format(min(values))}–{pattern.format(max(values))})"
+
+
+def lm_size_table(points: list[dict]) -> str:
+    """Markdown: per student size, KD vs no-KD perplexity and bits/byte, the ratio to the teacher, the speed-up."""
+    lines = ["| block params | runs | KD perplexity | no-KD perplexity | KD / teacher | KD below no-KD | "
+             "bits/byte KD | bits/byte no-KD | generation speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        below = sum(s < b for s, b in zip(p["student_perplexity"], p["baseline_perplexity"]))
+        speedup = [s / t for s, t in zip(p["student_generate_tokens_per_s"], p["teacher_generate_tokens_per_s"])
+                   if s and t]
+        lines.append(
+            f"| {p['block_params'] / 1e6:.1f}M ({p['block_params'] / p['teacher_block_params']:.0%}) | "
+            f"{len(p['runs'])} | {_mean_range(p['student_perplexity'], '{:.2f}')} | "
+            f"{_mean_range(p['baseline_perplexity'], '{:.2f}')} | "
+            f"{np.mean(p['student_perplexity']) / np.mean(p['teacher_perplexity']):.2f}x | "
+            f"{below}/{len(p['runs'])} | {_mean_range(p['student_bits_per_byte'], '{:.3f}')} | "
+            f"{_mean_range(p['baseline_bits_per_byte'], '{:.3f}')} | "
+            f"{_fmt(np.mean(speedup) if speedup else None, '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def plot_lm_sizes(points: list[dict], path: Path) -> Path:
+    """Test perplexity of the KD student and the no-KD baseline (mean over runs, range as error bars) against the
+    students' block parameters and against their batch-1 generation speed, the teacher as a reference."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    teacher_ppl = np.mean([v for p in points for v in p["teacher_perplexity"]])
+    for ax, (x_key, x_label) in zip(axes, (("block_params", "transformer-block parameters (millions)"),
+                                           ("generate_tokens_per_s", "generation tokens/s, batch 1"))):
+        for name, label, style in (("student", "KD student", "o-"), ("baseline", "no-KD baseline", "s--")):
+            ys = [p[f"{name}_perplexity"] for p in points]
+            xs = ([p["block_params"] / 1e6 for p in points] if x_key == "block_params"
+                  else [np.mean([v for v in p[f"{name}_{x_key}"] if v]) for p in points])
+            mean = np.array([np.mean(y) for y in ys])
+            spread = np.array([[m - min(y), max(y) - m] for m, y in zip(mean, ys)]).T
+            ax.errorbar(xs, mean, yerr=spread, fmt=style, capsize=3, label=label)
+        teacher_x = (points[0]["teacher_block_params"] / 1e6 if x_key == "block_params"
+                     else np.mean([v for p in points for v in p["teacher_generate_tokens_per_s"] if v]))
+        ax.scatter([teacher_x], [teacher_ppl], marker="*", s=150, c="k", label="teacher", zorder=3)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path, "student size and speed against test perplexity (down is better)")
 
 
 def plot_lm_curves(runs: list[dict], path: Path) -> Path:
@@ -395,7 +478,8 @@ def plot_lm_curves(runs: list[dict], path: Path) -> Path:
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("training NLL on the data (nats/token)")
     ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
+    if ax1.lines:  # runs without training histories (e.g. loaded from metrics.json only) draw no curve
+        ax1.legend(fontsize=7)
     ax2.set_xlabel("generation tokens/s, batch 1")
     ax2.set_ylabel("test perplexity")
     ax2.set_yscale("log")

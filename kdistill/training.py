@@ -16,6 +16,7 @@ DDP's averaging) makes the step's gradient that of the whole global batch.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -29,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, gather_object
@@ -637,6 +641,8 @@ class Learner:
     stopper: EarlyStopping
     extra: torch.nn.Module | None = None
     """Trained along with `model` but outside DDP (e.g. learned projections): its gradients are averaged here."""
+    whole: torch.nn.Module | None = None
+    """FSDP: the unsharded model `model` is a sharded copy of; `finish` puts the trained weights back into it."""
 
     def step(self, step: int, logged: dict[str, float], weights: dict[str, float], accelerator: Accelerator,
              max_grad_norm: float, **extra: float) -> None:
@@ -659,6 +665,8 @@ class Learner:
         """Leave the best validation weights in the model (unless the stopper keeps the final ones); close and
         return the history."""
         self.stopper.restore_best(self.model)
+        if self.whole is not None:  # (every process: gathering the shards is collective)
+            self.whole.load_state_dict(full_state_dict(self.model))
         self.history.wall_time_s = wall_time_s
         self.history.close()
         return self.history
@@ -686,9 +694,14 @@ def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainC
     by `score` with `patience` (None: never stops early); `keep_best`: the best validation weights are left in the
     model at the end (else the final ones). `extra` (e.g. the learned projections of hidden terms) is optimised
     along with `model`. Model and optimiser are prepared by `accelerator`."""
+    whole = None
+    if train.fsdp and accelerator.num_processes > 1:
+        whole, model = model, shard_model(model, accelerator)
+    elif train.fsdp:
+        log.info("%s: train.fsdp: one process, nothing to shard (launch with torchrun or accelerate)", name)
     if accelerator.device.type == "cpu":  # (CUDA's dropout is a fused kernel, faster than FastDropout's three)
         use_fast_dropout(model)
-    named = list(model.named_parameters())
+    named = list(model.named_parameters())  # (sharded: the DTensor parameters that the optimizer steps)
     if extra is not None:
         named += list(extra.named_parameters(prefix="extra"))
         extra.to(accelerator.device)
@@ -697,8 +710,43 @@ def make_learner(model, name: str, *, lr: float, total_steps: int, train: TrainC
                 p.data.copy_(broadcast(p.data, from_process=0))
     optimizer, scheduler = make_optimizer(named, lr=lr, weight_decay=train.weight_decay, total_steps=total_steps,
                                           warmup_ratio=train.warmup_ratio)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if whole is None:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:  # already sharded: accelerate would wrap it in DDP as well
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     history = History(name)
     history.open_tensorboard(log_dir, accelerator)
     return Learner(model, [p for _, p in named if p.requires_grad], optimizer, scheduler, history,
-                   EarlyStopping(patience, score, keep_best=keep_best), extra)
+                   EarlyStopping(patience, score, keep_best=keep_best), extra, whole)
+
+
+def shard_model(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """FSDP2: a copy of `model` sharded over the processes, each transformer block (the classes Hugging Face lists
+    in `_no_split_modules`) and then the rest as one torch `fully_shard` unit: every process keeps 1/N of each
+    parameter, and of its gradient and AdamW moments; a forward gathers a block's weights just before the block
+    runs and frees them after. Gradients are reduce-scattered as means over the processes, as DDP all-reduces
+    them, so the step normalisation (terms.step_loss) is unchanged.
+
+    kdistill shards with torch itself: accelerate enables its FSDP plugin on GPUs only (on CPU it falls back to
+    DDP), and the same calls then serve gloo (CPU) and NCCL (GPU). `model` itself stays whole, for evaluation and
+    saving by the main process; its full copy is all the sharding does not save."""
+    sharded = copy.deepcopy(model).to(accelerator.device)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise UserError(f"train.fsdp: {type(model).__name__} names no transformer blocks (_no_split_modules) to "
+                        "shard")
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for module in sharded.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    if accelerator.is_main_process:
+        held = sum(p.to_local().numel() for p in sharded.parameters())
+        log.info("train.fsdp: student sharded over %d processes: this one holds %d of its %d parameters",
+                 accelerator.num_processes, held, sum(p.numel() for p in sharded.parameters()))
+    return sharded
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """`model`'s state dict with every sharded tensor (DTensor) gathered whole; every process must call it."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}

@@ -92,3 +92,17 @@ def test_unknown_keys_named_like_types_or_holding_line_breaks_are_named_on_one_l
     with pytest.raises(ConfigError) as err:
         validate_config(raw)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("default", ["train.fsdp=true"], "train.fsdp: shards causal-lm students of strategy explicit, not "
+                                     "classification / explicit"),
+    ("lm-depth", ["train.fsdp=true", "distill.on_policy_fraction=0.5"], "train.fsdp: not with "
+                                                                        "distill.on_policy_fraction"),
+    ("lm-depth", ["train.fsdp=true", "train.checkpoint_every=10"], "train.checkpoint_every: sharded (train.fsdp)"),
+])
+def test_fsdp_outside_what_it_shards_is_a_config_error(recipe, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert load_config("lm-depth", ["train.fsdp=true"]).train.fsdp

@@ -13,7 +13,7 @@ from kdistill.config import DataConfig, EvalConfig
 from kdistill.data import LMBlocks, load_lm_corpus
 from kdistill.errors import DataError
 from kdistill.evaluate import compare_lm_speed, compare_speed, torch_threads
-from kdistill.report import student_line, write_report
+from kdistill.report import lm_size_points, lm_size_table, student_line, write_report
 
 
 def write_jsonl(path, texts):
@@ -137,3 +137,36 @@ def test_causal_lm_report_from_metrics(tmp_path):
     assert "## Sample generations (lm; greedy, 30 new tokens)" in text
     assert "- *student*: student wins again" in text
     assert (run / "plots" / "lm_curves_tradeoff.png").is_file()
+
+
+def _lm_run(root, name: str, block_params: int, student_ppl: float, baseline_ppl: float, tokens_per_s: float):
+    """A finished causal-LM run dir with a teacher (perplexity 10, 90M block params, 10 tok/s), a KD student and
+    its no-KD baseline."""
+    run = root / name
+    (run / "logs").mkdir(parents=True)
+    def model(ppl, params, speed):
+        return {"perplexity": ppl, "bits_per_byte": ppl / 10, "params": params + 100, "block_params": params,
+                "generate_tokens_per_s": speed}
+    metrics = {"run": name, "task": "causal-lm",
+               "models": {"teacher": model(10.0, 90_000_000, 10.0), "student": model(student_ppl, block_params, tokens_per_s),
+                          "baseline": model(baseline_ppl, block_params, tokens_per_s)},
+               "data": {"source": "news", "documents": {"test": 2}, "block_size": 8, "tokens": {"test": 50}},
+               "machine": {"eval_threads": 1}}
+    (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    return run
+
+
+def test_lm_report_over_several_sizes_shows_the_trade_off_per_size(tmp_path):
+    runs = [_lm_run(tmp_path, "half-s1", 45_000_000, 20.0, 24.0, 20.0), _lm_run(tmp_path, "two-thirds", 60_000_000, 13.0, 12.0, 15.0),
+            _lm_run(tmp_path, "half-s2", 45_000_000, 22.0, 23.0, 22.0)]
+    points = lm_size_points([{"metrics": json.loads((r / "metrics.json").read_text())} for r in runs])
+    assert [p["block_params"] for p in points] == [45_000_000, 60_000_000] and points[0]["runs"] == ["half-s1", "half-s2"]
+    table = lm_size_table(points)
+    # half: KD 21 (20-22) / teacher 10 = 2.10x, below no-KD in both runs; speed-up (2 + 2.2) / 2 = 2.10x
+    assert "| 45.0M (50%) | 2 | 21.00 (20.00–22.00) | 23.50 (23.00–24.00) | 2.10x | 2/2 | 2.100 (2.000–2.200) | " \
+           "2.350 (2.300–2.400) | 2.10x |" in table
+    assert "| 60.0M (67%) | 1 | 13.00 | 12.00 | 1.30x | 0/1 |" in table
+    text = write_report(runs, tmp_path / "curve").read_text()
+    assert "## Trade-off: student size against perplexity and speed" in text and table in text
+    assert (tmp_path / "curve" / "plots" / "lm_size_tradeoff.png").is_file()
+    assert "## Trade-off" not in write_report(runs[:1]).read_text()  # one run: no curve to draw

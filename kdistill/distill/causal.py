@@ -184,6 +184,10 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
         eos_id = eos_id[0]
     pad_id = pad_id if pad_id is not None else (getattr(config, "pad_token_id", None) or eos_id or 0)
 
+    if train.fsdp and accelerator.num_processes > 1 and checkpoints is not None:
+        log.warning("%s: train.fsdp: no checkpoints (sharded checkpoints are not written yet); a resumed run "
+                    "trains this phase again", name)
+        checkpoints = None
     micro = train.batch_size // train.grad_accum
     loader = make_block_loader(train_blocks, micro, seed=train.seed, accelerator=accelerator)
     total_steps = plan_steps(len(loader), train.grad_accum, train.epochs, train.max_steps)
