@@ -1,21 +1,52 @@
-"""Teacher-output caches: a frozen teacher gives the same outputs every epoch, so it runs once and they are read back.
+"""Teacher outputs stored for reuse: a frozen teacher gives the same outputs every epoch, so it runs once and they are
+read back.
 
-Two stores, both fp16 and memory-mapped, so that one larger than memory is fine and a lookup reads one batch's rows:
-the causal-LM top-k cache (`build_topk_cache`, kept across runs) and a classifier teacher's hidden states
-(`FeatureStore`, built for one run by distill/explicit.py; see its docstring).
+Two stores: the causal-LM *teacher signal* (`build_topk_cache`; a Parquet dataset kept across runs, which another run
+or tool can read) and a classifier teacher's hidden states (`FeatureStore`, fp16 memory-mapped, built for one run by
+distill/explicit.py; see its docstring).
 
 Causal LMs: the frozen teacher's top-k next-token log-probabilities. A big teacher is the slowest part of LM
-distillation on a CPU, so it runs once per dataset: `build_topk_cache` writes, for every position of every packed
-training block, the teacher's K most likely next tokens and their log-probabilities at T = 1,
+distillation on a CPU, so it runs once per dataset: for every position of every packed training block (N blocks of
+L tokens) the signal holds the teacher's K most likely next tokens, most likely first, and their log-probabilities at
+T = 1, log p_T(v) = z_v − logsumexp(z) (the full-vocabulary log-softmax).
 
-    indices.npy   (N, L, K) int32     vocabulary ids, most likely first
-    logprobs.npy  (N, L, K) float16   log p_T(v) = z_v − logsumexp(z), the full-vocabulary log-softmax
-    meta.json     the key (below), shapes and dtypes
+The teacher-signal format (FORMAT_VERSION 2) is a directory of Parquet shards and a manifest:
 
-and `open_topk_cache` memory-maps them (`numpy.load(mmap_mode="r")`), so a cache larger than memory is fine and
-a lookup reads only the rows of one batch.
+    shard-00000.parquet, ...  shard s holds blocks [s·shard_blocks, (s+1)·shard_blocks) (the last one shorter), one
+                              row per block in block order, zstd-compressed:
+                                block     int64                           the global block index
+                                ids       fixed_size_list<int32>[L·K]     vocabulary ids, (L, K) row-major
+                                logprobs  fixed_size_list<float16>[L·K]   their log-probabilities, same layout
+                              Its schema metadata `kdistill.teacher_signal` repeats the key, first block and block
+                              count, so a shard says what it is without the manifest.
+    manifest.json             the key, num_blocks, shard_blocks and the shard list (file, first_block, num_blocks,
+                              rows); written last, so its presence means every shard is complete.
 
-How the loss uses it (renormalisation over the stored support). The cache keeps K of the V entries, so the
+Parquet keeps float16 as float16 (logical type Float16, pyarrow >= 15), so a block costs L·K·6 bytes before
+compression, as the former .npy cache did. Any Parquet reader opens a shard (`pyarrow.parquet.read_table(shard)`;
+`datasets.Dataset.from_parquet(dir + "/shard-*.parquet")`, whose features are `List(Value("float16"), length=L·K)`);
+reading the directory itself with a Parquet reader needs the shard files named, since manifest.json sits beside them.
+
+Key and staleness: a signal is keyed by the format version, the teacher (a fingerprint of its weights), the data (a
+hash of the packed token ids, so text, tokenizer, split, limit and packing all count), the block size and K. The run's
+automatic cache lives under `default_cache_root()` in a directory named by the key's hash (`key_dir`);
+`open_teacher_signal` re-checks the stored key and returns None for any other key, so a stale signal is never used.
+A signal built elsewhere (another machine, a bucket) is opened from its path or fsspec URL the same way.
+
+Building (`write_teacher_signal`, `build_topk_cache`): shard by shard, each shard written to a temp file beside its
+final name, fsynced and renamed, so a shard file is complete or absent. A directory with shards but no manifest is
+an unfinished build of its key: a rerun keeps every shard whose metadata names this key and range, computes only the
+others, and gives the same rows as an uninterrupted build (the batches inside a shard do not depend on what ran
+before). Several processes (torchrun / accelerate, `training.process_state()`) build one signal together: process r
+computes the shards s with s % world_size == r; after a barrier the main process removes leftovers of killed builds
+(temp files, shard files outside the layout) and writes the manifest; after a second barrier all open it. Two builds
+of one key running at the same time in the same directory are not supported (the leftover cleanup may remove the
+other's temp file, which then fails and is resumed by its rerun).
+
+Reading (`TopKCache`): a shard is read and decoded the first time a lookup needs one of its blocks, then kept (see
+`TopKCache` for the memory this costs).
+
+How the loss uses it (renormalisation over the stored support). The signal keeps K of the V entries, so the
 divergences are taken between the two distributions *conditioned on the support* S (the token's K ids):
 
     q_T(v) = softmax(log p_T(S) / T)(v),   q_S(v) = softmax(z_S(S) / T)(v),   v ∈ S
@@ -25,13 +56,6 @@ log-probability by T and renormalising equals softening the logits by T and rest
 divergence of `kdistill.losses` then applies unchanged to the (B, L, K) tensors; for the forward KL this is
 `losses.topk_forward_kl_tokens`. With K = V it is exactly the full-vocabulary loss. The mass outside S gets no
 KD signal; the `lm` term (the data's next token) covers it, which is why LM recipes keep a little of it.
-
-Staleness: a cache is keyed by the teacher (a fingerprint of its weights), the data (a hash of the packed token
-ids, so text, tokenizer, split, limit and packing all count), the block size and K. The directory name is the
-key's hash; `open_topk_cache` re-checks the stored key and returns None for any mismatch, so a stale cache is
-never used. Atomicity: everything is written into a temporary directory beside the final one, fsynced, and
-renamed into place in one `os.replace`; a crash leaves no directory under the final name (only a temp dir,
-removed on error and ignored by readers).
 """
 
 from __future__ import annotations
@@ -41,21 +65,29 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
 from kdistill.assets import cache_root
+from kdistill.io import atomic_file, atomic_write_json
+from kdistill.training import process_state
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_BLOCKS = 256
+"""Blocks per shard: the unit of resume, of the split between processes and of a lookup's read."""
+MANIFEST = "manifest.json"
+SHARD_METADATA = b"kdistill.teacher_signal"
 
 
 def default_cache_root() -> Path:
@@ -95,13 +127,27 @@ def fingerprint_tokens(input_ids: Tensor, attention_mask: Tensor | None = None) 
 
 
 def cache_key(*, teacher: str, data: str, block_size: int, k: int) -> dict:
-    """Everything a cache's contents depend on. Two caches with equal keys hold the same numbers."""
+    """Everything a signal's contents depend on. Two signals with equal keys hold the same numbers."""
     return {"format": FORMAT_VERSION, "teacher": teacher, "data": data, "block_size": int(block_size), "k": int(k)}
 
 
 def key_dir(root: str | Path, key: dict) -> Path:
+    """The automatic cache's directory of `key` under `root`."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(root) / f"topk-k{key['k']}-L{key['block_size']}-{digest}"
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}.parquet"
+
+
+def shard_ranges(num_blocks: int, shard_blocks: int) -> list[tuple[int, int]]:
+    """[start, stop) of every shard: `shard_blocks` each, the last one shorter."""
+    return [(a, min(num_blocks, a + shard_blocks)) for a in range(0, num_blocks, shard_blocks)]
+
+
+def _shard_metadata(key: dict, start: int, stop: int) -> dict:
+    return {"key": key, "first_block": start, "num_blocks": stop - start}
 
 
 # ------------------------------------------------------------------------------------------------------ read
@@ -109,125 +155,224 @@ def key_dir(root: str | Path, key: dict) -> Path:
 
 @dataclass
 class TopKCache:
-    """A memory-mapped top-k cache. `lookup(rows)` returns tensors for those packed blocks."""
+    """A teacher signal opened for reading. `lookup(rows)` returns tensors for those packed blocks.
 
-    path: Path
+    Memory: a shard is read and decoded the first time a lookup needs one of its blocks and kept in `loaded`, so
+    after one epoch the whole signal is in this process's memory, decoded: N·L·K·6 bytes (float16 log-probs and
+    int32 ids), e.g. 400 MB for 1,000 blocks of 1,024 tokens at K = 64, in every process of a multi-process run
+    (each one's batches touch every shard over an epoch). The files on disk are smaller (zstd).
+    """
+
+    path: str
+    """Where the signal is: a local directory or an fsspec URL, as given."""
     key: dict
-    logprobs: np.ndarray
-    """(N, L, K) float16 memmap: teacher log-probabilities, full-vocabulary normalised, at T = 1."""
-    indices: np.ndarray
-    """(N, L, K) int32 memmap: the vocabulary ids of those entries."""
+    shards: list[dict]
+    """The manifest's shard list: file, first_block, num_blocks, rows."""
+    shard_blocks: int
+    fs: fsspec.AbstractFileSystem = field(repr=False)
+    root: str = field(repr=False)
+    """The directory within `fs`."""
     reused: bool = False
-    """True when `build_topk_cache` found it already written (the teacher did not run)."""
+    """True when `write_teacher_signal` found it already written (the teacher did not run)."""
+    loaded: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    """Decoded shards: s -> (log-probs (n, L, K) float16, ids (n, L, K) int32)."""
 
     def __len__(self) -> int:
-        return self.logprobs.shape[0]
+        return sum(s["num_blocks"] for s in self.shards)
 
     @property
     def k(self) -> int:
-        return self.logprobs.shape[-1]
+        return self.key["k"]
 
     def lookup(self, rows: Tensor | list[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """(log-probs float32 (B, L, K), indices int64 (B, L, K)) of the given block rows."""
         idx = np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")  # sorted reads are sequential on disk
-        values = np.empty((len(idx), *self.logprobs.shape[1:]), dtype=np.float32)
-        ids = np.empty((len(idx), *self.indices.shape[1:]), dtype=np.int64)
-        values[order] = self.logprobs[idx[order]]
-        ids[order] = self.indices[idx[order]]
+        outside = idx[(idx < 0) | (idx >= len(self))]
+        if outside.size:  # (a negative row would otherwise count from the end)
+            raise IndexError(f"teacher signal {self.path}: block {int(outside[0])} outside 0..{len(self) - 1}")
+        shape = (len(idx), self.key["block_size"], self.k)
+        values, ids = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.int64)
+        shard_of = idx // self.shard_blocks
+        for s in np.unique(shard_of):
+            at = shard_of == s
+            logprobs, indices = self._shard(int(s))
+            local = idx[at] - int(s) * self.shard_blocks
+            values[at] = logprobs[local]
+            ids[at] = indices[local]
         return torch.from_numpy(values).to(device), torch.from_numpy(ids).to(device)
 
+    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        if s not in self.loaded:
+            self.loaded[s] = self._read_shard(self.shards[s])
+        return self.loaded[s]
 
-def open_topk_cache(root: str | Path, key: dict) -> TopKCache | None:
-    """The cache stored under `root` for exactly `key`, memory-mapped; None when absent, stale or unreadable."""
-    path = key_dir(root, key)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        return None
+    def _read_shard(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+        where = f"{self.path.rstrip('/')}/{entry['file']}"
+        with self.fs.open(f"{self.root}/{entry['file']}", "rb") as f:
+            table = pq.read_table(f)
+        start, n = entry["first_block"], entry["num_blocks"]
+        length, k = self.key["block_size"], self.k
+        stored = json.loads((table.schema.metadata or {}).get(SHARD_METADATA, b"null"))
+        if stored != _shard_metadata(self.key, start, start + n):
+            raise ValueError(f"teacher signal {where}: its metadata {stored} disagrees with the manifest "
+                             f"(key {self.key}, blocks {start}..{start + n - 1})")
+
+        def column(name: str, dtype) -> np.ndarray:
+            t = table.schema.field(name).type
+            if not (pa.types.is_fixed_size_list(t) and t.list_size == length * k and t.value_type == dtype):
+                raise ValueError(f"teacher signal {where}: column {name} is {t}, expected "
+                                 f"fixed_size_list<{dtype}>[{length * k}]")
+            return table[name].combine_chunks().flatten().to_numpy().reshape(n, length, k)
+
+        blocks = table["block"].to_numpy()
+        if not np.array_equal(blocks, np.arange(start, start + n)):
+            raise ValueError(f"teacher signal {where}: rows hold blocks {blocks[:3].tolist()}..., expected "
+                             f"{start}..{start + n - 1}")
+        return column("logprobs", pa.float16()), column("ids", pa.int32())
+
+
+def _manifest_problem(manifest: dict, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """Why a manifest does not describe a complete signal in the standard layout, or None."""
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if meta.get("key") != key:
-            log.warning("teacher cache %s: stored key %s differs from %s; not using it", path, meta.get("key"), key)
-            return None
-        logprobs = np.load(path / "logprobs.npy", mmap_mode="r")
-        indices = np.load(path / "indices.npy", mmap_mode="r")
+        shard_blocks, shards = int(manifest["shard_blocks"]), manifest["shards"]
+        ranges = shard_ranges(int(manifest["num_blocks"]), shard_blocks)
+        listed = [(s["first_block"], s["first_block"] + s["num_blocks"]) for s in shards]
+        rows_ok = all(s["rows"] == s["num_blocks"] for s in shards)
+        files = [s["file"] for s in shards]
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed manifest ({type(e).__name__}: {e})"
+    if listed != ranges or not rows_ok:
+        return f"its shards {listed[:4]}... do not cover {manifest['num_blocks']} blocks in shards of {shard_blocks}"
+    present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    missing = [f for f in files if f not in present]
+    return f"shard files missing: {missing[:3]}" if missing else None
+
+
+def open_teacher_signal(path: str | Path, key: dict | None = None) -> TopKCache | None:
+    """The teacher signal in the directory or fsspec URL `path` (`memory://...`, `file://...`, `s3://...` where its
+    fsspec package is installed); None when absent, unfinished, unreadable, or holding another key than `key`
+    (key None: any key of this FORMAT_VERSION). Reads only the manifest and a listing; shards load on lookup."""
+    location = str(path)
+    fs, root = fsspec.core.url_to_fs(location)
+    root = root.rstrip("/")
+    try:
+        with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as e:
-        log.warning("teacher cache %s unreadable (%s); it will be rebuilt", path, e)
+        log.warning("teacher signal %s: manifest unreadable (%s); not using it", location, e)
         return None
-    shape = tuple(meta.get("shape", ()))
-    if logprobs.shape != shape or indices.shape != shape or shape[-1:] != (key["k"],) or shape[1] != key["block_size"]:
-        log.warning("teacher cache %s: arrays %s / %s do not match %s; not using it", path, logprobs.shape,
-                    indices.shape, shape)
+    stored = manifest.get("key") if isinstance(manifest, dict) else None
+    if key is not None and stored != key:
+        log.warning("teacher signal %s: stored key %s differs from %s; not using it", location, stored, key)
         return None
-    return TopKCache(path, key, logprobs, indices)
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT_VERSION:
+        log.warning("teacher signal %s: key %s is not of format %d; not using it", location, stored, FORMAT_VERSION)
+        return None
+    problem = _manifest_problem(manifest, fs, root)
+    if problem:
+        log.warning("teacher signal %s: %s; not using it", location, problem)
+        return None
+    return TopKCache(location, stored, manifest["shards"], int(manifest["shard_blocks"]), fs, root)
 
 
 # ----------------------------------------------------------------------------------------------------- write
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _fsync_dir(path: Path) -> None:
+    """Make the renames into `path` durable (where the platform allows fsync on a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def write_topk_cache(root: str | Path, key: dict, shape: tuple[int, int],
-                     fill: Callable[[int, int], tuple[Tensor, Tensor]], *, batch_size: int = 8,
-                     progress: Callable[[int], None] | None = None) -> TopKCache:
-    """Write a cache of `shape` = (N blocks, L) atomically and return it memory-mapped.
+def _shard_is_complete(file: Path, key: dict, start: int, stop: int) -> bool:
+    """Whether `file` is a finished shard of `key` holding blocks [start, stop) (reads its footer only)."""
+    try:
+        metadata = pq.read_schema(file).metadata or {}
+        return json.loads(metadata.get(SHARD_METADATA, b"null")) == _shard_metadata(key, start, stop)
+    except (OSError, ValueError):  # absent, or not Parquet (pyarrow's errors are OSError / ValueError subclasses)
+        return False
 
-    fill(start, stop) returns (log-probs (stop−start, L, K), indices (stop−start, L, K)) for those blocks. The
-    arrays are filled in a temp dir beside the final one, fsynced, and renamed into place, so a reader sees
-    either no cache or a complete one. If another process finished the same key first, its copy is kept.
+
+def _write_shard(file: Path, key: dict, start: int, stop: int, fill: Callable[[int, int], tuple[Tensor, Tensor]],
+                 batch_size: int, progress: Callable[[int], None] | None) -> None:
+    length, k = key["block_size"], key["k"]
+    logprobs = np.empty((stop - start, length, k), dtype=np.float16)
+    ids = np.empty((stop - start, length, k), dtype=np.int32)
+    for a in range(start, stop, batch_size):  # batches restart at each shard: a resumed shard sees the same ones
+        b = min(stop, a + batch_size)
+        values, top = fill(a, b)
+        if tuple(values.shape) != (b - a, length, k) or tuple(top.shape) != tuple(values.shape):
+            raise ValueError(f"write_teacher_signal: fill({a}, {b}) returned {tuple(values.shape)} / "
+                             f"{tuple(top.shape)}, expected {(b - a, length, k)}")
+        logprobs[a - start: b - start] = values.detach().float().cpu().numpy()
+        ids[a - start: b - start] = top.detach().cpu().numpy()
+        if progress:
+            progress(b - a)
+    table = pa.table({"block": pa.array(np.arange(start, stop), pa.int64()),
+                      "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), length * k),
+                      "logprobs": pa.FixedSizeListArray.from_arrays(pa.array(logprobs.reshape(-1)), length * k)})
+    table = table.replace_schema_metadata({SHARD_METADATA: json.dumps(_shard_metadata(key, start, stop)).encode()})
+    with atomic_file(file) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+_LEFTOVER = re.compile(r"(shard-\d+\.parquet|\.shard-\d+\.parquet\.[0-9a-f]+\.tmp|\.manifest\.json\.[0-9a-f]+\.tmp)")
+
+
+def _remove_leftovers(path: Path, keep: set[str]) -> None:
+    """Temp files of killed builds and shard files outside this layout (an earlier shard_blocks); nothing else."""
+    for f in path.iterdir():
+        if f.name not in keep and _LEFTOVER.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+
+
+def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
+                         fill: Callable[[int, int], tuple[Tensor, Tensor]], *, shard_blocks: int = SHARD_BLOCKS,
+                         batch_size: int = 8, progress: Callable[[int], None] | None = None) -> TopKCache:
+    """The signal of `key` in the local directory `path`: opened if complete, else its missing shards are computed
+    and written, then its manifest, and it is opened.
+
+    shape: (N blocks, L). fill(start, stop) returns (log-probs (stop−start, L, K), indices (stop−start, L, K)) for
+    those blocks; it is called in batches of `batch_size` blocks inside each shard. Every process of the run must
+    call this (it waits for the others twice); each computes its share of the shards (module docstring).
     """
     n, length = shape
-    k = key["k"]
     if length != key["block_size"]:
-        raise ValueError(f"write_topk_cache: blocks of {length} tokens, key says block_size {key['block_size']}")
-    final = key_dir(root, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float16, shape=(n, length, k))
-        indices = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=np.int32, shape=(n, length, k))
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            values, ids = fill(start, stop)
-            if tuple(values.shape) != (stop - start, length, k) or tuple(ids.shape) != tuple(values.shape):
-                raise ValueError(f"write_topk_cache: fill({start}, {stop}) returned {tuple(values.shape)} / "
-                                 f"{tuple(ids.shape)}, expected {(stop - start, length, k)}")
-            logprobs[start:stop] = values.detach().float().cpu().numpy().astype(np.float16)
-            indices[start:stop] = ids.detach().cpu().numpy().astype(np.int32)
-            if progress:
-                progress(stop - start)
-        logprobs.flush()
-        indices.flush()
-        del logprobs, indices  # close the maps before the rename
-        meta = {"key": key, "shape": [n, length, k], "dtypes": {"logprobs": "float16", "indices": "int32"},
-                "stores": "teacher log-softmax at T=1, top-k per position, most likely first"}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in ("logprobs.npy", "indices.npy", "meta.json"):
-            _fsync_file(tmp / name)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # a non-empty final dir that is not a cache: replace it
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            else:  # a concurrent writer of the same key won; identical contents by construction
-                shutil.rmtree(tmp, ignore_errors=True)
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    cache = open_topk_cache(root, key)
-    if cache is None:
-        raise RuntimeError(f"teacher cache {final} was written but cannot be read back")
-    return cache
+        raise ValueError(f"write_teacher_signal: blocks of {length} tokens, key says block_size {key['block_size']}")
+    path = Path(path)
+    state = process_state()
+    existing = open_teacher_signal(path, key)
+    if existing is not None and len(existing) != n:
+        raise ValueError(f"teacher signal {path}: holds {len(existing)} blocks of key {key}, asked for {n}")
+    ranges = shard_ranges(n, shard_blocks)
+    if existing is None:
+        path.mkdir(parents=True, exist_ok=True)
+        for s in range(state.process_index, len(ranges), state.num_processes):
+            if not _shard_is_complete(path / shard_name(s), key, *ranges[s]):
+                _write_shard(path / shard_name(s), key, *ranges[s], fill, batch_size, progress)
+        _fsync_dir(path)
+    state.wait_for_everyone()  # every shard is written
+    if existing is None and state.is_main_process:
+        _remove_leftovers(path, {shard_name(s) for s in range(len(ranges))})
+        shards = [{"file": shard_name(s), "first_block": a, "num_blocks": b - a, "rows": b - a}
+                  for s, (a, b) in enumerate(ranges)]
+        atomic_write_json(path / MANIFEST, {
+            "key": key, "num_blocks": n, "shard_blocks": shard_blocks, "shards": shards,
+            "stores": "teacher log-softmax at T=1, top-k per position, most likely first; per row (block): ids "
+                      "int32 and logprobs float16, each L*K values, (L, K) row-major"})
+        _fsync_dir(path)
+    state.wait_for_everyone()  # the manifest is written
+    signal = open_teacher_signal(path, key)
+    if signal is None:
+        raise RuntimeError(f"teacher signal {path} was written but cannot be read back")
+    signal.reused = existing is not None
+    return signal
 
 
 @torch.no_grad()
@@ -242,38 +387,40 @@ def teacher_topk(teacher, input_ids: Tensor, attention_mask: Tensor, k: int,
     return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
 
 
-def build_topk_cache(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, root: str | Path,
-                     teacher_id: str | None = None, batch_size: int = 8,
-                     autocast_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None
-                     ) -> TopKCache:
-    """Open the cache of (teacher, blocks, k) or, when missing or stale, run the teacher once and write it.
-
-    input_ids, attention_mask: (N, L) packed blocks, in the row order `lookup` will be called with.
-    teacher_id: a fingerprint of the teacher (default: `fingerprint_model(teacher)`).
-    K is capped at the vocabulary size.
-    """
+def topk_key(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, teacher_id: str | None = None) -> dict:
+    """The key of the teacher's top-k signal over the (N, L) blocks, K capped at the vocabulary size.
+    teacher_id: a fingerprint of the teacher (default: `fingerprint_model(teacher)`)."""
     vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
         else teacher.config.vocab_size
-    k = min(int(k), int(vocab))
-    key = cache_key(teacher=teacher_id or fingerprint_model(teacher),
-                    data=fingerprint_tokens(input_ids, attention_mask), block_size=input_ids.shape[1], k=k)
-    cache = open_topk_cache(root, key)
-    if cache is not None:
-        log.info("teacher cache: reusing %s (%d blocks, k=%d)", cache.path, len(cache), k)
-        cache.reused = True
-        return cache
+    return cache_key(teacher=teacher_id or fingerprint_model(teacher),
+                     data=fingerprint_tokens(input_ids, attention_mask), block_size=input_ids.shape[1],
+                     k=min(int(k), int(vocab)))
+
+
+def build_topk_cache(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, root: str | Path,
+                     teacher_id: str | None = None, batch_size: int = 8,
+                     autocast_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None,
+                     shard_blocks: int = SHARD_BLOCKS) -> TopKCache:
+    """Open the teacher signal of (teacher, blocks, k) under `root` (in `key_dir(root, key)`) or, when missing,
+    stale or unfinished, run the teacher on the shards it lacks and write them.
+
+    input_ids, attention_mask: (N, L) packed blocks, in the row order `lookup` will be called with.
+    k, teacher_id: as `topk_key`. Every process of the run calls it and computes its share of the shards.
+    """
+    key = topk_key(teacher, input_ids, attention_mask, k=k, teacher_id=teacher_id)
     was_training = teacher.training
     teacher.eval()
     try:
-        cache = write_topk_cache(
-            root, key, tuple(input_ids.shape),
-            lambda a, b: teacher_topk(teacher, input_ids[a:b], attention_mask[a:b], k, autocast_dtype),
-            batch_size=batch_size, progress=progress)
+        signal = write_teacher_signal(
+            key_dir(root, key), key, tuple(input_ids.shape),
+            lambda a, b: teacher_topk(teacher, input_ids[a:b], attention_mask[a:b], key["k"], autocast_dtype),
+            shard_blocks=shard_blocks, batch_size=batch_size, progress=progress)
     finally:
         teacher.train(was_training)
-    log.info("teacher cache: wrote %s (%d blocks x %d tokens, k=%d)", cache.path, input_ids.shape[0],
-             input_ids.shape[1], k)
-    return cache
+    log.info("teacher signal: %s %s (%d blocks x %d tokens, k=%d, %d shards)",
+             "reusing" if signal.reused else "wrote", signal.path, len(signal), input_ids.shape[1], signal.k,
+             len(signal.shards))
+    return signal
 
 
 # ------------------------------------------------------------------------------------------ teacher features

@@ -196,6 +196,12 @@ class DistillConfig(_Section):
     attention_*/minilm_* term is an error; `off`: run the teacher every step. causal-lm: top-k logits only."""
     cache_top_k: int = Field(64, ge=1)
     """causal-lm: logits stored per token in the teacher cache."""
+    teacher_signal: str | None = Field(None, min_length=1)
+    """causal-lm: a teacher signal built before (kdistill/cache.py: Parquet shards + manifest.json, e.g. another
+    run's `teacher_cache.path`), read instead of running the teacher over the training blocks: a directory or an
+    fsspec URL (file://, memory://, s3:// with its fsspec package). It must hold this run's key (the same teacher
+    weights, packed data, block_size and cache_top_k), else the run stops naming what differs. The teacher still
+    loads: the student is initialised from it and it is evaluated."""
 
     @field_validator("losses")
     @classmethod
@@ -217,6 +223,8 @@ class DistillConfig(_Section):
         if self.cache_teacher == "on" and self.strategy == "explicit" and uncached:
             raise ValueError(f"cache_teacher: on, but {uncached} need the teacher's attention maps or Q/K/V, which "
                              "are never cached (too large); use auto (caches nothing then) or off")
+        if self.teacher_signal and self.cache_teacher == "off":
+            raise ValueError("teacher_signal is read as the teacher cache, but cache_teacher is off; use auto or on")
         return self
 
 
@@ -327,6 +335,13 @@ class RunConfig(_Section):
             raise ValueError("train.fsdp: not with distill.on_policy_fraction / seq_kd_fraction (generation)")
         if self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every: sharded (train.fsdp) runs write no checkpoints yet")
+        return self
+
+    @model_validator(mode="after")
+    def _signal_is_causal_lm(self):
+        if self.distill.teacher_signal and self.task != "causal-lm":
+            raise ValueError(f"distill.teacher_signal: task causal-lm only (the stored top-k next-token "
+                             f"log-probabilities), not {self.task}")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 T = TypeVar("T")
 
@@ -31,15 +31,17 @@ def _create_beside(path: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
             continue
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename over `path` (whose mode it keeps)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file opened beside `path`; on success it is fsynced and renamed over `path` (whose mode it
+    keeps), on error removed, so `path` is either absent, its old content, or the whole new content."""
     path = Path(path)
     tmp, fd = _create_beside(path, lambda t: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") as f:
             with contextlib.suppress(FileNotFoundError):  # replacing a file keeps its mode, as a plain write does
                 os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,7 +49,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -20,7 +20,14 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, BertConfig
 
 from kdistill.augment import with_transfer
-from kdistill.cache import build_topk_cache, default_cache_root
+from kdistill.cache import (
+    FORMAT_VERSION,
+    TopKCache,
+    build_topk_cache,
+    default_cache_root,
+    open_teacher_signal,
+    topk_key,
+)
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import DataConfig, EvalConfig, RunConfig, StudentConfig, parse_override, validate_config
 from kdistill.data import (
@@ -88,7 +95,7 @@ from kdistill.teacher import finetune, load_causal_teacher, max_positions, train
 from kdistill.terms import TERMS, TermSpec, check_terms, layer_pairs
 from kdistill.tokenalign import token_byte_lengths
 from kdistill.tokenization import tokenizer_from_vocab
-from kdistill.training import is_main_process, process_state, world_size
+from kdistill.training import is_main_process, world_size
 
 log = logging.getLogger(__name__)
 
@@ -649,6 +656,21 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None, *, resume: bool
                              started, resume=resume, fingerprint=fingerprint)
 
 
+def open_prebuilt_signal(where: str, key: dict) -> TopKCache:
+    """distill.teacher_signal: the signal at `where` (path or fsspec URL), which must hold exactly this run's key."""
+    signal = open_teacher_signal(where, key)
+    if signal is not None:
+        return signal
+    found = open_teacher_signal(where)  # whatever it holds, to say what differs
+    if found is None:
+        raise UserError(f"distill.teacher_signal: {where} is not a complete teacher signal of format {FORMAT_VERSION} "
+                        "(no readable manifest.json listing every shard; see the warning above, if any)")
+    differ = "; ".join(f"{field} {found.key.get(field)!r}, this run {value!r}" for field, value in key.items()
+                       if found.key.get(field) != value)
+    raise UserError(f"distill.teacher_signal: {where} was built for another teacher, data or k ({differ}); "
+                    "unset it to build this run's own")
+
+
 def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[str, LMBlocks], teacher, tokenizer,
                   teacher_name: str, teacher_file_mb: float | None, started: float, *, resume: bool,
                   fingerprint: dict) -> Path:
@@ -666,23 +688,28 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
     spec = term_spec(cfg, teacher, student, init_layers)
 
     cache, cache_info = None, None
-    use_cache = cfg.distill.cache_teacher == "on" or (cfg.distill.cache_teacher == "auto"
-                                                      and not spec.needs_teacher_features)
+    prebuilt = cfg.distill.teacher_signal
+    use_cache = cfg.distill.cache_teacher == "on" or bool(prebuilt) or (cfg.distill.cache_teacher == "auto"
+                                                                         and not spec.needs_teacher_features)
     kd_terms = set(spec.active) - {"lm"}
     if use_cache and spec.needs_teacher_features:
-        raise UserError("distill.cache_teacher: on stores top-k logits only, but the loss terms "
+        raise UserError(f"{'distill.teacher_signal' if prebuilt else 'distill.cache_teacher: on'} stores top-k "
+                        "logits only, but the loss terms "
                         f"{sorted(set(spec.active) & {'hidden_mse', 'hidden_cosine', 'embedding_mse'})} need the "
-                        "teacher's hidden states; use auto or off")
+                        "teacher's hidden states; " + ("drop them or the signal" if prebuilt else "use auto or off"))
     if use_cache and kd_terms:
         with_bf16 = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
         t0 = time.perf_counter()
-        root = default_cache_root()
-        with process_state().main_process_first():  # the main process builds it, the others read it
-            cache = build_topk_cache(teacher, blocks["train"].input_ids, blocks["train"].attention_mask,
-                                     k=cfg.distill.cache_top_k, root=root, batch_size=max(1, cfg.train.batch_size),
+        train_ids, train_mask = blocks["train"].input_ids, blocks["train"].attention_mask
+        if prebuilt:
+            cache = open_prebuilt_signal(prebuilt, topk_key(teacher, train_ids, train_mask,
+                                                            k=cfg.distill.cache_top_k))
+        else:  # every process computes its share of the shards, then all read the whole signal
+            cache = build_topk_cache(teacher, train_ids, train_mask, k=cfg.distill.cache_top_k,
+                                     root=default_cache_root(), batch_size=max(1, cfg.train.batch_size),
                                      autocast_dtype=with_bf16)
         cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,
-                      "status": "reused" if cache.reused else "built", "key": cache.key}
+                      "status": "prebuilt" if prebuilt else "reused" if cache.reused else "built", "key": cache.key}
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     meta = {"task": "causal-lm", "max_length": cfg.data.block_size, "strategy": cfg.distill.strategy,

@@ -79,9 +79,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_tokenizer):
 
 
 def test_two_processes_train_the_causal_lm_one_process_trains(tmp_path, bpe_tokenizer, docs):
-    """A causal-LM run (top-k teacher cache built by the main process and read by the other, KD and no-KD phases)
-    in 2 processes: the same steps, validation perplexities and weights as in one. Each process holds half of every
-    micro-batch; the loss is normalised by the step's next-token targets over both (terms.step_loss)."""
+    """A causal-LM run (top-k teacher signal: each process writes its shards, both read all of it; KD and no-KD
+    phases) in 2 processes: the same steps, validation perplexities and weights as in one. Each process holds half of
+    every micro-batch; the loss is normalised by the step's next-token targets over both (terms.step_loss)."""
     two = run_causal_twice(tmp_path, tiny_gpt2(bpe_tokenizer), bpe_tokenizer, docs, {})
     assert "world size 2 (DistributedType.MULTI_CPU)" in two.stderr
 
