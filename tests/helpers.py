@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,23 @@ def write_vocab(path, tokenizer):
 def write_recipe(path, recipe: dict):
     path.write_text("# kdistill run " + path.name + "\n" + yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+def write_lm_recipe(tmp_path: Path, teacher, tokenizer, docs: list[str], *, name: str, block_size: int,
+                    **sections) -> Path:
+    """A tiny causal-LM run's recipe at tmp_path/lm.yaml: `teacher` and `tokenizer` saved to tmp_path/teacher,
+    `docs` as the JSON-lines corpus tmp_path/news.jsonl (20% test, 10% validation), and the other `sections`
+    (student, distill, train, eval) as given."""
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    return write_recipe(tmp_path / "lm.yaml", {
+        "name": name, "task": "causal-lm",
+        "data": {"train_file": str(corpus), "block_size": block_size, "test_fraction": 0.2,
+                 "validation_fraction": 0.1},
+        "teacher": {"model": str(teacher_dir)}, **sections})
 
 
 # ------------------------------------------------------------------------------------------------ run output

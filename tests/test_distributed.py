@@ -28,6 +28,7 @@ from tests.helpers import (
     history,
     save_teacher_dir,
     start_kdistill,
+    write_lm_recipe,
     write_recipe,
     write_toy_csv,
 )
@@ -107,20 +108,14 @@ def run_causal_twice(tmp_path, teacher, tokenizer, docs, train: dict):
     """The same tiny causal-LM recipe (KD student and no-KD baseline, 2-layer student from `teacher`, `train` keys
     added) run by 2 torchrun processes and by 1 plain one; asserts that both phases took the same steps and
     validations and saved the same weights, and returns the 2-process run's completed process."""
-    teacher_dir = tmp_path / "teacher"
-    teacher.save_pretrained(teacher_dir)  # (no dropout: the processes would draw their own masks)
-    tokenizer.save_pretrained(teacher_dir)
-    corpus = tmp_path / "news.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
-    recipe = write_recipe(tmp_path / "lm.yaml", {
-        "name": "tiny-lm-ddp", "task": "causal-lm",
-        "data": {"train_file": str(corpus), "block_size": 16, "test_fraction": 0.2, "validation_fraction": 0.1},
-        "teacher": {"model": str(teacher_dir)},
-        "student": {"layers": 2},
-        "distill": {"temperature": 2.0, "losses": {"forward_kl": 1.0, "lm": 0.5}, "cache_top_k": 16},
-        "train": {"max_steps": 4, "batch_size": 8, "grad_accum": 2, "lr": 1e-3, "warmup_ratio": 0.0},
-        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
-    })
+    # (no dropout in the teacher: the processes would draw their own masks)
+    recipe = write_lm_recipe(
+        tmp_path, teacher, tokenizer, docs, name="tiny-lm-ddp", block_size=16,
+        student={"layers": 2},
+        distill={"temperature": 2.0, "losses": {"forward_kl": 1.0, "lm": 0.5}, "cache_top_k": 16},
+        train={"max_steps": 4, "batch_size": 8, "grad_accum": 2, "lr": 1e-3, "warmup_ratio": 0.0},
+        eval={"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    )
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
     sets = [arg for key, value in train.items() for arg in ("--set", f"train.{key}={json.dumps(value)}")]

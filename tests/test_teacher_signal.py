@@ -13,7 +13,7 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
 from tests.conftest import tiny_gpt2
-from tests.helpers import assert_same_steps, history, write_recipe
+from tests.helpers import assert_same_steps, history, write_lm_recipe
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -31,21 +31,14 @@ def test_settings_that_cannot_use_a_signal_are_one_line_errors(overrides, messag
 
 def test_a_run_reads_a_signal_built_elsewhere_and_refuses_one_of_another_key(tmp_path, monkeypatch, bpe_tokenizer,
                                                                             docs, capsys):
-    teacher_dir = tmp_path / "teacher"
-    tiny_gpt2(bpe_tokenizer).save_pretrained(teacher_dir)
-    bpe_tokenizer.save_pretrained(teacher_dir)
-    corpus = tmp_path / "news.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
-    recipe = write_recipe(tmp_path / "lm.yaml", {
-        "name": "tiny-lm", "task": "causal-lm",
-        "data": {"train_file": str(corpus), "block_size": 32, "test_fraction": 0.2, "validation_fraction": 0.1},
-        "teacher": {"model": str(teacher_dir)},
-        "student": {"layers": 2},
-        "distill": {"temperature": 2.0, "losses": {"forward_kl": 1.0, "lm": 0.5}, "cache_top_k": 16,
-                    "baseline": False},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-3},
-        "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
-    })
+    recipe = write_lm_recipe(
+        tmp_path, tiny_gpt2(bpe_tokenizer), bpe_tokenizer, docs, name="tiny-lm", block_size=32,
+        student={"layers": 2},
+        distill={"temperature": 2.0, "losses": {"forward_kl": 1.0, "lm": 0.5}, "cache_top_k": 16,
+                 "baseline": False},
+        train={"max_steps": 3, "batch_size": 4, "lr": 1.0e-3},
+        eval={"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
+    )
     monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache-a"))
     main(["run", str(recipe), "--out", str(tmp_path / "built")])
     built = json.loads((tmp_path / "built" / "metrics.json").read_text())["teacher_cache"]
