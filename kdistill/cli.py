@@ -67,6 +67,21 @@ def train_teacher(recipe: str, set: SetOpt = None, out: OutOpt = None, overwrite
     return teacher_dir
 
 
+@app.command("teacher-signal")
+def teacher_signal(recipe: str, set: SetOpt = None,
+                   out: Annotated[Optional[Path], typer.Option(
+                       "--out", help="Dir to write the signal into (new or empty; default: the automatic cache, "
+                                     "where `kdistill run` finds it)")] = None) -> Path:
+    """Run a causal-LM recipe's teacher once over its training text and store its top-k next-token log-probs (and,
+    for a student with another tokenizer, its tokens' byte ends) as Parquet shards + manifest.json. A run reads it
+    with --set distill.teacher_signal=<dir or fsspec URL>. Resumable; shards split over torchrun processes."""
+    from kdistill.pipeline import signal_run
+
+    path = signal_run(_config(recipe, set), out)
+    print(path)
+    return path
+
+
 @app.command("distill")
 def distill(recipe: str, teacher: Annotated[Path, typer.Option(help="Trained teacher model dir")],
             set: SetOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = False) -> Path:

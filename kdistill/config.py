@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdistill.errors import ConfigError, decode_utf8
-from kdistill.terms import TERMS, terms_for, uncacheable_terms
+from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, terms_for, uncacheable_terms
 
 
 class _Section(BaseModel):
@@ -145,7 +145,9 @@ class StudentConfig(_Section):
     model: str | None = None
     """A pretrained student instead of one derived from the teacher: an encoder dir or a built-in alias
     (`minilm-l6`), with a new head for the data's labels. With another vocabulary than the teacher's, each model
-    reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on)."""
+    reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on). causal-lm:
+    a causal LM (built-in alias such as `smollm2-135m`, GGUF file or model dir); with layers / widths set here it
+    is pruned as a teacher-derived student would be; across tokenizers the terms are uld or aligned_kd."""
 
 
 class DistillConfig(_Section):
@@ -159,7 +161,8 @@ class DistillConfig(_Section):
     losses: dict[str, float] = Field(default_factory=lambda: {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0})
     """Loss term -> weight (the terms are the rows of kdistill/terms.py). Terms: kd, ce, hidden_mse, embedding_mse,
     hidden_cosine, attention_kl, attention_mse, minilm_qq, minilm_kk, minilm_vv, cls_pkd (causal-lm: forward_kl,
-    reverse_kl, jsd, skew_kl, skew_reverse_kl, lm, hidden_mse, hidden_cosine, embedding_mse)."""
+    reverse_kl, jsd, skew_kl, skew_reverse_kl, lm, hidden_mse, hidden_cosine, embedding_mse; and, for a student.model
+    with another tokenizer than the teacher's, uld or aligned_kd)."""
     layer_mapping: Literal["uniform", "last", "init"] | list[list[int]] = "init"
     """Student layer -> teacher layer for hidden/attention terms: `init` (the layers the student was copied from),
     `uniform` (TinyBERT), `last`, or explicit [[student, teacher], ...] pairs (0-based)."""
@@ -202,6 +205,12 @@ class DistillConfig(_Section):
     fsspec URL (file://, memory://, s3:// with its fsspec package). It must hold this run's key (the same teacher
     weights, packed data, block_size and cache_top_k), else the run stops naming what differs. The teacher still
     loads: the student is initialised from it and it is evaluated."""
+
+    @field_validator("cache_teacher", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        # YAML 1.1 reads a bare on/off as a bool (`--set distill.cache_teacher=off`); they mean the switch's names
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("losses")
     @classmethod
@@ -342,6 +351,27 @@ class RunConfig(_Section):
         if self.distill.teacher_signal and self.task != "causal-lm":
             raise ValueError(f"distill.teacher_signal: task causal-lm only (the stored top-k next-token "
                              f"log-probabilities), not {self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_scope(self):
+        active = {t for t, w in self.distill.losses.items() if w > 0}
+        cross = sorted(active & CROSS_TOKENIZER_TERMS)
+        if not cross:
+            return self
+        positional = sorted(t for t in active - CROSS_TOKENIZER_TERMS if TERMS[t].positional)
+        if positional:
+            raise ValueError(f"distill.losses: {', '.join(cross)} compare(s) a teacher over another tokenizer, "
+                             f"{', '.join(positional)} compare(s) the two models position by position; use one kind")
+        if not self.student.model:
+            raise ValueError(f"distill.losses.{cross[0]}: set student.model, the pretrained student whose own "
+                             "tokenizer reads the text")
+        if self.distill.on_policy_fraction or self.distill.seq_kd_fraction:
+            raise ValueError(f"distill.losses.{cross[0]}: not with distill.on_policy_fraction / seq_kd_fraction "
+                             "(a generated text is not in the teacher signal)")
+        if self.distill.cache_teacher == "off":
+            raise ValueError(f"distill.cache_teacher: off: {cross[0]} reads the teacher signal (top-k and byte ends "
+                             "of the teacher's tokens); use auto")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from torch import Tensor
 from kdistill.assets import CONLL2003, NEWSGROUPS, fetch
 from kdistill.config import DataConfig
 from kdistill.errors import DataError, decode_utf8, encode_utf8
+from kdistill.tokenalign import byte_ends
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # its bars (loading from disk, relabelling a split) take a second and only add noise
@@ -636,10 +637,15 @@ class LMCorpus:
 
 @dataclass
 class LMBlocks:
-    """Packed token blocks of one split: input_ids and attention_mask, both (N, L) int64."""
+    """Token blocks of one split: input_ids and attention_mask, both (N, L) int64. Packed documents
+    (`pack_blocks`), or, for two models with different tokenizers, pieces of documents that each model tokenises
+    on its own (`text_blocks`, `encode_blocks`): then `texts` holds each block's text and `ends` (N, L) int32 the
+    byte where each token ends in it when it is an alignment boundary, else -1 (`tokenalign.byte_ends`)."""
 
     input_ids: Tensor
     attention_mask: Tensor
+    texts: list[str] | None = None
+    ends: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -730,6 +736,46 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int) -> LMBlocks:
     mask = torch.zeros(n * block_size, dtype=torch.long)
     mask[: len(ids)] = 1
     return LMBlocks(flat.view(n, block_size), mask.view(n, block_size))
+
+
+def text_blocks(texts: list[str], tokenizer, block_size: int) -> list[str]:
+    """Each document cut into pieces of `block_size` of `tokenizer`'s tokens: the text of every piece, from its
+    first token's first character to its last token's last one, without the spaces at either end (a space between
+    two pieces belongs to neither; a piece may start inside a word).
+    Two models with different tokenizers read the same pieces (`encode_blocks`), so their outputs over a piece can
+    be compared where their tokens end together; a piece never spans two documents, unlike `pack_blocks`."""
+    pieces = []
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    for doc, offsets in zip(texts, encoded["offset_mapping"]):
+        for a in range(0, len(offsets), block_size):
+            span = offsets[a: a + block_size]
+            piece = doc[span[0][0]: span[-1][1]].strip()  # (a Metaspace token may hold the space after a word)
+            if piece and len(span) > 1:  # a piece of one token predicts nothing
+                pieces.append(piece)
+    if not pieces:
+        raise DataError("no tokens to cut into blocks: the documents tokenise to nothing")
+    return pieces
+
+
+def encode_blocks(pieces: list[str], tokenizer, block_size: int | None = None) -> LMBlocks:
+    """Tokenise each text piece (`text_blocks`) on its own, special tokens as the tokenizer adds them (a BOS where
+    the model expects one), truncated to `block_size` and padded to the longest; with the token byte ends.
+
+    A piece re-tokenised alone may give a token or two more than it had inside its document: those past
+    `block_size` are cut (the cut end is never an alignment boundary, see `tokenalign.byte_ends`).
+    """
+    encoded = tokenizer(pieces, return_offsets_mapping=True, truncation=block_size is not None,
+                        max_length=block_size, verbose=False)
+    length = max(len(ids) for ids in encoded["input_ids"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(pieces), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(pieces), length), dtype=torch.long)
+    ends = torch.full((len(pieces), length), -1, dtype=torch.int32)
+    for b, (piece, row, offsets) in enumerate(zip(pieces, encoded["input_ids"], encoded["offset_mapping"])):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = 1
+        ends[b, : len(row)] = torch.tensor(byte_ends(piece, offsets), dtype=torch.int32)
+    return LMBlocks(ids, mask, list(pieces), ends)
 
 
 def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length: int = 0) -> tuple[Tensor, Tensor]:

@@ -229,47 +229,50 @@ def _generate(model, input_ids: Tensor, new_tokens: int, pad_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def compare_lm_speed(models: dict, blocks: LMBlocks, cfg: EvalConfig, pad_id: int) -> dict[str, dict]:
-    """Generation tokens/s (batch 1, greedy) and scoring tokens/s (a batch of blocks), models interleaved."""
+def compare_lm_speed(models: dict, blocks: LMBlocks | dict[str, LMBlocks], cfg: EvalConfig,
+                     pad_id: int | dict[str, int]) -> dict[str, dict]:
+    """Generation tokens/s (batch 1, greedy) and scoring tokens/s (a batch of blocks), models interleaved.
+    blocks, pad_id: one for all models, or per model name where their tokenizers differ (each reads the same text
+    pieces in its own tokens, `data.encode_blocks`; its tokens/s are then in its own tokens)."""
+    blocks_of = blocks if isinstance(blocks, dict) else dict.fromkeys(models, blocks)
+    pad_of = pad_id if isinstance(pad_id, dict) else dict.fromkeys(models, pad_id)
     with torch_threads(cfg.num_threads) as threads_before:
-        return _compare_lm_speed(models, blocks, cfg, pad_id, cfg.num_threads or threads_before)
+        return _compare_lm_speed(models, blocks_of, cfg, pad_of, cfg.num_threads or threads_before)
 
 
 @torch.no_grad()
-def _compare_lm_speed(models: dict, blocks: LMBlocks, cfg: EvalConfig, pad_id: int, threads: int) -> dict:
-    n = len(blocks)
-    prompt_len = min(SPEED_PROMPT_TOKENS, blocks.input_ids.shape[1])
-    times = {name: {"gen": [], "score": []} for name in models}
+def _compare_lm_speed(models: dict, blocks_of: dict[str, LMBlocks], cfg: EvalConfig, pad_of: dict[str, int],
+                      threads: int) -> dict:
+    times = {name: {"gen": [], "score": [], "scored": []} for name in models}
     bs = cfg.throughput_batch_size
     n_batches = max(1, cfg.repeats // 4)
     for m in models.values():
         m.eval()
     for i in range(cfg.warmup + cfg.repeats):
-        prompt = blocks.input_ids[i % n, :prompt_len][None]
         for name, m in models.items():
+            blocks = blocks_of[name]
+            prompt = blocks.input_ids[i % len(blocks), :min(SPEED_PROMPT_TOKENS, blocks.input_ids.shape[1])][None]
             start = time.perf_counter()
-            _generate(m, prompt.to(next(m.parameters()).device), SPEED_NEW_TOKENS, pad_id)
+            _generate(m, prompt.to(next(m.parameters()).device), SPEED_NEW_TOKENS, pad_of[name])
             if i >= cfg.warmup:
                 times[name]["gen"].append(time.perf_counter() - start)
-    scored = []
     for j in range(n_batches + 1):
-        rows = [(j * bs + r) % n for r in range(bs)]
-        batch = blocks.batch(rows)
-        scored.append(int(batch["attention_mask"].sum()))
         for name, m in models.items():
+            blocks = blocks_of[name]
+            batch = blocks.batch([(j * bs + r) % len(blocks) for r in range(bs)])
             device = next(m.parameters()).device
             start = time.perf_counter()
             m(**{k: v.to(device) for k, v in batch.items()})
             if j >= 1:  # the first batch warms up
                 times[name]["score"].append(time.perf_counter() - start)
-    tokens_per_batch = statistics.median(scored[1:])
+                times[name]["scored"].append(int(batch["attention_mask"].sum()))
     out = {}
     for name, t in times.items():
         gen = statistics.median(t["gen"])
         out[name] = {
             "generate_tokens_per_s": SPEED_NEW_TOKENS / gen,
             "ms_per_token_batch1": 1000 * gen / SPEED_NEW_TOKENS,
-            "score_tokens_per_s": tokens_per_batch / statistics.median(t["score"]),
+            "score_tokens_per_s": statistics.median(t["scored"]) / statistics.median(t["score"]),
             "score_batch_size": bs,
             "threads": threads,
         }

@@ -730,7 +730,8 @@ def aligned_kd_loss(
     if teacher_logits is not None:
         vocab_t = log_p_t.shape[-1]
     else:  # the teacher's vocabulary size is not given: the table only needs to reach every id it is asked for
-        vocab_t = max(int(topk_ids.max()), int(teacher_ids.max()) if teacher_ids.numel() else 0) + 1
+        vocab_t = max(int(topk_ids.max()) if topk_ids.numel() else 0,  # (no position: a batch of 1-token pieces)
+                      int(teacher_ids.max()) if teacher_ids.numel() else 0) + 1
     if teacher_ids.numel() and (int(teacher_ids.max()) >= vocab_t or int(student_ids.max()) >= vocab_s):
         raise ValueError(f"aligned_kd_loss: shared ids reach past the vocabularies (teacher {vocab_t}, student "
                          f"{vocab_s}); build them from these two models' tokenizers")

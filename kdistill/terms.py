@@ -45,19 +45,38 @@ ENCODER_TOKENS = CLASSIFICATION | TOKEN_CLASSIFICATION
 BOTH = frozenset(TASKS) - EMBEDDING
 """Tasks the hidden-state terms apply to: all but embedding (a sentence encoder learns its pooled output)."""
 
-UNITS = ("rows", "labeled", "scored", "tokens", "token_pairs", "targets")
+UNITS = ("rows", "labeled", "scored", "tokens", "token_pairs", "targets", "aligned")
 """What a term's count can count, per batch (`training.batch_units` counts each): examples ("rows"), examples or
 tokens with a label ("labeled", label >= 0: unlabeled transfer rows carry none), scored tokens of token
 classification ("scored", label != -100: the labeled ones and the TRANSFER words of transfer sentences), real
 tokens ("tokens", the attention mask), (query, key)
-pairs of real tokens within an example ("token_pairs", Σ_b n_b²: an attention map's elements) and the next-token
-targets of a causal LM ("targets", the batch's `valid` mask)."""
+pairs of real tokens within an example ("token_pairs", Σ_b n_b²: an attention map's elements), the next-token
+targets of a causal LM ("targets", the batch's `valid` mask) and the targets where a teacher with another tokenizer
+has ended a token at the same byte ("aligned", the batch's `aligned` pairs: the cross-tokenizer terms)."""
 
 HIDDEN_READS = frozenset({"embeddings", "hidden_states", "cls"})
 """`reads` of a term that reads hidden states: the embeddings output (hidden_states[0]), the hidden states of the
 mapped teacher layers, or only position 0 ([CLS]) of those."""
 POSITIONAL_READS = HIDDEN_READS - {"cls"} | {"attentions", "qkv", "token_logits"}
 """`reads` compared position by position between the two models: they need one tokenization for both."""
+CROSS_TOKENIZER_TERMS = frozenset({"uld", "aligned_kd"})
+"""The causal-LM terms that compare a teacher over another vocabulary, at aligned positions."""
+
+
+@dataclass(frozen=True)
+class CrossTeacher:
+    """A causal-LM teacher over another vocabulary, at the P positions where its tokens and the student's end at
+    the same byte of the text (`tokenalign.pairs_of_ends`): its stored top-k there, and where that is in the
+    student's batch."""
+
+    rows: Tensor
+    """(P,) the student batch row of each pair."""
+    positions: Tensor
+    """(P,) the student position of each pair (its logits predict the same continuation as the teacher's)."""
+    logprobs: Tensor
+    """(P, K) the teacher's top-k log-probabilities at T = 1 at its position of the pair."""
+    ids: Tensor
+    """(P, K) their ids in the teacher's vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,10 @@ class TermInputs:
     """(B, C): a teacher distribution already softened at T (several or cached teachers), instead of teacher logits."""
     teacher_topk: tuple[Tensor, Tensor] | None = None
     """causal-lm cache: the teacher's top-k (log-probs (B, L, K), ids (B, L, K)) instead of its full logits."""
+    cross: CrossTeacher | None = None
+    """causal-lm with a teacher over another vocabulary: its signal at the aligned positions (`uld`, `aligned_kd`)."""
+    shared_vocab: tuple[Tensor, Tensor] | None = None
+    """(teacher ids (M,), student ids (M,)) of the tokens both vocabularies hold (`aligned_kd`)."""
     relation_heads: int = 12
     gjsd_beta: float = 0.5
     skew_alpha: float = 0.1
@@ -242,6 +265,33 @@ def _skew_reverse_kl(x: TermInputs) -> Pair:
     return losses.skew_reverse_kl_tokens(s, t, alpha=x.skew_alpha, temperature=x.temperature, mask=x.mask)
 
 
+def _cross_sides(x: TermInputs, term: str) -> tuple[CrossTeacher, Tensor, Tensor]:
+    """(the teacher's pairs, the student's logits there (P, V_S), the pairs that count (P,): next-token targets)."""
+    if x.cross is None:
+        raise ValueError(f"loss term '{term}' compares a teacher over another vocabulary: it needs the teacher "
+                         "signal with the teacher tokens' byte ends (kdistill/cache.py)")
+    c = x.cross
+    return c, x.student.logits[c.rows, c.positions].float(), x.mask[c.rows, c.positions]
+
+
+def _uld(x: TermInputs) -> Pair:
+    """ULD (Boizard et al. 2024): Σ_j |sort↓(p_S)_j − sort↓(p_T)_j| at each aligned target, no vocabulary mapping
+    (`losses.uld_loss`, on the teacher's stored top-k)."""
+    c, student, mask = _cross_sides(x, "uld")
+    return losses.uld_loss(student, teacher_topk_logprobs=c.logprobs, temperature=x.temperature, mask=mask)
+
+
+def _aligned_kd(x: TermInputs) -> Pair:
+    """T² · KL over the shared vocabulary, token to token, + ULD over the rest, at each aligned target
+    (`losses.aligned_kd_loss`; GOLD's split, Hugging Face TRL 2025)."""
+    c, student, mask = _cross_sides(x, "aligned_kd")
+    if x.shared_vocab is None:
+        raise ValueError("loss term 'aligned_kd' needs the shared vocabulary of the two tokenizers "
+                         "(tokenalign.shared_vocab)")
+    return losses.aligned_kd_loss(student, shared=x.shared_vocab, teacher_topk=(c.logprobs, c.ids),
+                                  temperature=x.temperature, mask=mask)
+
+
 # ------------------------------------------------------------------------ sentence embeddings (task: embedding)
 
 CONTRASTIVE_TEMPERATURE = 0.05
@@ -308,7 +358,8 @@ class Term:
     unit: str | Mapping[str, str]
     """What `count` is a fixed multiple of (one of UNITS), or task -> unit where it depends on the task."""
     reads: frozenset[str]
-    """What it reads from the teacher: logits, token_logits (causal LM), embeddings, hidden_states, cls,
+    """What it reads from the teacher: logits, token_logits (causal LM), cross_token_logits (a causal LM over
+    another vocabulary, at aligned positions), embeddings, hidden_states, cls,
     attentions, qkv, pooled (sentence embeddings); nothing for a supervised term (ce, lm)."""
     cacheable: bool
     """Whether a teacher cache can hold what it reads (kdistill/cache.py: classification logits and hidden states,
@@ -345,6 +396,8 @@ TERMS: dict[str, Term] = dict([
     _row("skew_kl", _skew_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
     _row("skew_reverse_kl", _skew_reverse_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
     _row("lm", _lm, "targets", tasks=CAUSAL_LM),
+    _row("uld", _uld, "aligned", {"cross_token_logits"}, tasks=CAUSAL_LM),
+    _row("aligned_kd", _aligned_kd, "aligned", {"cross_token_logits"}, tasks=CAUSAL_LM),
     _row("hidden_mse", _hidden_mse, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
     _row("embedding_mse", _embedding_mse, _HIDDEN_UNIT, {"embeddings"}, tasks=BOTH),
     _row("hidden_cosine", _hidden_cosine, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
@@ -435,6 +488,8 @@ class TermSpec:
     """β of the `jsd` term (distill.gjsd_beta)."""
     skew_alpha: float = 0.1
     """α of the skew KL terms (distill.skew_alpha)."""
+    shared_vocab: tuple[Tensor, Tensor] | None = None
+    """The tokens a teacher and a student over another vocabulary share (`aligned_kd`; tokenalign.shared_vocab)."""
 
     @property
     def active(self) -> dict[str, float]:
@@ -463,6 +518,11 @@ class TermSpec:
         return "pooled" in self.reads
 
     @property
+    def cross_tokenizer(self) -> bool:
+        """The terms compare a teacher over another vocabulary at aligned positions (`uld`, `aligned_kd`)."""
+        return "cross_token_logits" in self.reads
+
+    @property
     def needs_teacher_features(self) -> bool:
         """False when only logits/labels matter: then the teacher's logits can be cached."""
         return self.needs_hidden or self.needs_attentions or self.needs_qkv
@@ -485,12 +545,13 @@ class TermSpec:
 def compute_terms(spec: TermSpec, student: Features, teacher: Features | None, labels: Tensor | None, *,
                   temperature: float, task: str = "classification", valid: Tensor | None = None,
                   teacher_log_probs: Tensor | None = None, teacher_topk: tuple[Tensor, Tensor] | None = None,
-                  skip: Iterable[str] = ()) -> dict[str, Pair]:
+                  cross: CrossTeacher | None = None, skip: Iterable[str] = ()) -> dict[str, Pair]:
     """(sum, count) of every active term of `spec` (but those in `skip`), each from its row of `TERMS`.
 
     student, teacher: `features.Features`; teacher may be None when what the terms read comes otherwise:
     `teacher_log_probs` (B, C) for `kd` (cached or several teachers), `teacher_topk` (log-probs, ids), each
-    (B, L, K), for the causal-LM divergences (the top-k cache), or nothing for `ce` / `lm`.
+    (B, L, K), for the causal-LM divergences (the top-k cache), `cross` for the cross-tokenizer terms, or nothing
+    for `ce` / `lm`.
     labels: (B,) classes (classification) or (B, L) next tokens (causal-lm). valid: (B, L) the next-token targets
     (causal-lm: the mask of its token-level terms; classification uses the student's attention mask).
     """
@@ -500,7 +561,8 @@ def compute_terms(spec: TermSpec, student: Features, teacher: Features | None, l
         student=student, teacher=teacher, labels=labels,
         mask=valid if valid is not None else student.attention_mask, temperature=temperature, pairs=spec.pairs,
         projection=spec.projections["hidden"] if "hidden" in spec.projections else None,
-        teacher_log_probs=teacher_log_probs, teacher_topk=teacher_topk, relation_heads=spec.relation_heads,
+        teacher_log_probs=teacher_log_probs, teacher_topk=teacher_topk, cross=cross,
+        shared_vocab=spec.shared_vocab, relation_heads=spec.relation_heads,
         gjsd_beta=spec.gjsd_beta, skew_alpha=spec.skew_alpha)
     skip = set(skip)
     out = {}
@@ -557,6 +619,6 @@ def step_loss(terms: dict[str, Pair], weights: dict[str, float], batch_units: di
 
 
 __all__ = [
-    "TASKS", "UNITS", "Term", "TermInputs", "TERMS", "TermSpec", "check_terms", "compute_terms", "known_terms",
+    "CROSS_TOKENIZER_TERMS", "TASKS", "UNITS", "CrossTeacher", "Term", "TermInputs", "TERMS", "TermSpec", "check_terms", "compute_terms", "known_terms",
     "layer_pairs", "normalise", "step_loss", "step_temperature", "terms_for", "uncacheable_terms",
 ]

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["aligned_positions", "aligned_positions_batch", "shared_vocab", "token_bytes", "tokenizer_scheme"]
+__all__ = ["aligned_positions", "aligned_positions_batch", "byte_ends", "pairs_of_ends", "shared_vocab", "token_bytes",
+           "tokenizer_scheme"]
 
 Offsets = Sequence[Sequence[int]] | Tensor  # (L, 2) character spans [start, end)
 
@@ -104,6 +105,44 @@ def aligned_positions_batch(texts: Sequence[str], teacher_offsets: Sequence[Offs
         s_pos.append(s)
     empty = torch.zeros(0, dtype=torch.long)
     return tuple(torch.cat(parts) if parts else empty for parts in (rows, t_pos, s_pos))
+
+
+def byte_ends(text: str, offsets: Offsets) -> list[int]:
+    """Per token of one tokenization of `text`: the UTF-8 byte offset where it ends when it is a boundary after
+    which `text` has been read completely (`_boundaries`), else -1.
+
+    The form stored in a cross-tokenizer teacher signal (kdistill/cache.py): bytes, not characters, so that any
+    reader, in any language, finds the same boundaries; `pairs_of_ends` pairs two such rows. offsets: (L, 2)
+    character spans as `aligned_positions` takes them. Returns L ints.
+    """
+    prefix = [0]  # prefix[c]: the byte offset of character c
+    for ch in text:
+        prefix.append(prefix[-1] + len(ch.encode("utf-8")))
+    ends = [-1] * len(offsets)
+    for end, position in _boundaries(offsets, len(text)).items():
+        ends[position] = prefix[end]
+    return ends
+
+
+def pairs_of_ends(teacher_ends: Tensor, student_ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, teacher position, student position), three (P,) int64 tensors: the tokens of row b of the two
+    batches that end at the same byte of that row's text, i.e. `aligned_positions_batch` on stored `byte_ends`.
+
+    teacher_ends: (B, Lt), student_ends: (B, Ls) integer, -1 = not a boundary (padding, special tokens, a token
+    inside a character). Within a row the boundaries of one tokenization increase strictly, so each one matches at
+    most one of the other side. Pairs come in (row, text) order.
+    """
+    if teacher_ends.shape[0] != student_ends.shape[0]:
+        raise ValueError(f"pairs_of_ends: {teacher_ends.shape[0]} teacher rows, {student_ends.shape[0]} student rows")
+    t_row, t_pos = (teacher_ends >= 0).nonzero(as_tuple=True)
+    s_row, s_pos = (student_ends >= 0).nonzero(as_tuple=True)
+    stride = int(max(teacher_ends.max(), student_ends.max(), 0)) + 1 if teacher_ends.numel() and \
+        student_ends.numel() else 1
+    t_key = t_row * stride + teacher_ends[t_row, t_pos].long()  # increasing: row-major, ends increase in a row
+    s_key = s_row * stride + student_ends[s_row, s_pos].long()
+    at = torch.searchsorted(t_key, s_key).clamp_max(max(len(t_key) - 1, 0))
+    hit = t_key[at] == s_key if len(t_key) else torch.zeros_like(s_key, dtype=torch.bool)
+    return s_row[hit], t_pos[at[hit]], s_pos[hit]
 
 
 # ------------------------------------------------------------------------------------------------- vocabulary

@@ -254,7 +254,8 @@ class GroupStream:
 def batch_units(batch: dict) -> dict[str, torch.Tensor]:
     """The units a loss term can count (terms.UNITS): examples (rows), labeled examples (tokens: labels >= 0),
     scored tokens (labels != UNLABELED: the labeled ones and a transfer sentence's TRANSFER ones), real, unpadded
-    tokens, pairs of real tokens in one example, and, for a causal-LM batch (one with `valid`), its next-token targets.
+    tokens, pairs of real tokens in one example, and, for a causal-LM batch (one with `valid`), its next-token targets
+    (and its targets aligned with a teacher over another vocabulary, where it has `aligned`).
 
     Call it before the labels are popped: without them every row counts as labeled."""
     mask = batch["attention_mask"]
@@ -267,6 +268,8 @@ def batch_units(batch: dict) -> dict[str, torch.Tensor]:
              "token_pairs": (mask.sum(1).float() ** 2).sum()}
     if "valid" in batch:
         units["targets"] = batch["valid"].sum().float()
+    if "aligned" in batch:  # (3, P): row, teacher and student position of the aligned targets
+        units["aligned"] = torch.tensor(float(batch["aligned"].shape[1]))
     return units
 
 

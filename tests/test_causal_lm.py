@@ -15,24 +15,14 @@ from kdistill.cache import build_topk_cache
 from kdistill.cli import main
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.data import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks
-from kdistill.distill.causal import distill_causal, generate_continuations, lm_terms, with_targets
-from kdistill.engine import backward_group
+from kdistill.distill.causal import distill_causal, generate_continuations, with_targets
 from kdistill.evaluate import block_parameters, perplexity
 from kdistill.teacher import load_causal_teacher
 from kdistill.terms import TermSpec
 from kdistill.tokenalign import token_byte_lengths
 from kdistill.training import make_accelerator
 from tests.conftest import tiny_gpt2
-
-def accumulate_step(student, teacher, group, *, spec, temperature, accelerator, cache=None):
-    """One optimizer step's forwards and backwards through the engine (no optimizer step); each term's step mean."""
-    logged = dict.fromkeys(spec.active, 0.0)
-    backward_group(accelerator, group, lambda batch: [(lm_terms(student, teacher, batch, spec=spec,
-                                                                temperature=temperature, accelerator=accelerator,
-                                                                cache=cache), spec.active)],
-                   [logged], task="causal-lm")
-    return logged
-
+from tests.helpers import accumulate_step, assert_halves_match_one_batch
 
 @pytest.fixture(scope="module")
 def tiny_teacher_dir(tmp_path_factory, bpe_tokenizer):
@@ -193,18 +183,8 @@ def test_grad_accumulation_matches_one_big_batch(term, bpe_tokenizer, docs):
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
     assert halves[0]["valid"].sum() != halves[1]["valid"].sum()
     spec = TermSpec({term: 1.0, "lm": 0.3}, [], gjsd_beta=0.4)
-    accelerator = make_accelerator(TrainConfig())
-    results = []
-    for group in ([big], halves):
-        student = tiny_gpt2(bpe_tokenizer, layers=2, seed=2).double().train()
-        logged = accumulate_step(student, teacher, group, spec=spec, temperature=2.0, accelerator=accelerator)
-        results.append((logged, [p.grad.clone() for p in student.parameters()]))
-    (one, g_one), (two, g_two) = results
-    rel = int(big["valid"].sum()) * torch.finfo(torch.float32).eps
-    for k in one:
-        assert two[k] == pytest.approx(one[k], rel=rel)
-    for a, b in zip(g_one, g_two):
-        torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
+    assert_halves_match_one_batch(lambda: tiny_gpt2(bpe_tokenizer, layers=2, seed=2).double().train(), teacher,
+                                  big, halves, spec=spec)
 
 
 def test_generated_continuations_keep_the_prompt_and_count_only_new_tokens(bpe_tokenizer, docs):

@@ -106,3 +106,15 @@ def test_fsdp_outside_what_it_shards_is_a_config_error(recipe, overrides, messag
         load_config(recipe, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert load_config("lm-depth", ["train.fsdp=true"]).train.fsdp
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.losses={aligned_kd: 1, forward_kl: 1}"], "compare(s) the two models position by position"),
+    (["distill.losses={uld: 1, lm: 1}", "student.model=null"], "distill.losses.uld: set student.model"),
+    (["distill.on_policy_fraction=0.2"], "a generated text is not in the teacher signal"),
+    (["distill.cache_teacher=off"], "distill.cache_teacher: off: aligned_kd reads the teacher signal"),
+])
+def test_cross_tokenizer_terms_are_refused_where_they_cannot_run(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("lm-cross", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -485,3 +485,16 @@ def test_token_byte_lengths_count_the_text_each_id_decodes_to(bpe_tokenizer):
     assert checked > 150  # the ASCII bytes and the merges
     lone = bpe_tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3 alone
     assert lengths[lone] == 1
+
+
+@pytest.mark.parametrize("loss", ["uld", "aligned"])
+def test_cross_vocabulary_losses_of_no_position_are_zero(loss):
+    """A micro-batch may hold no aligned target (its pieces are one token long): (0, 0), and a gradient of 0."""
+    student = torch.zeros(0, 7, requires_grad=True)
+    topk = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long))
+    if loss == "uld":
+        total, count = losses.uld_loss(student, teacher_topk_logprobs=topk[0])
+    else:
+        total, count = losses.aligned_kd_loss(student, shared=(torch.arange(4), torch.arange(4)), teacher_topk=topk)
+    total.backward()
+    assert float(total) == 0 and int(count) == 0 and student.grad.shape == (0, 7)

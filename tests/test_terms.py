@@ -19,7 +19,8 @@ from tests.helpers import tiny_pair, tiny_train, toy_encoded
 
 B, L, D, C, V, HEADS = 3, 6, 8, 4, 11, 2
 PAIRS = [(1, 2), (2, 4)]  # student layer -> teacher layer, 1-based hidden_states indices
-READS = {"logits", "token_logits", "embeddings", "hidden_states", "cls", "attentions", "qkv", "pooled"}
+READS = {"logits", "token_logits", "cross_token_logits", "embeddings", "hidden_states", "cls", "attentions", "qkv",
+         "pooled"}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -66,13 +67,21 @@ def batch(task: str, padding: list[int], seed: int = 0) -> dict:
     valid = torch.zeros_like(mask, dtype=torch.bool)
     valid[:, :-1] = mask[:, 1:].bool()
     labels = torch.where(valid, ids.roll(-1, 1), torch.full_like(ids, -100))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": valid}
+    # a teacher over another vocabulary whose tokens end with the student's at every other target position
+    rows, positions = (valid & (torch.arange(L) % 2 == 0)).nonzero(as_tuple=True)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": valid,
+            "aligned": torch.stack([rows, positions, positions])}
 
 
 def run_term(name: str, task: str, data: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     student = features(2, task, data["attention_mask"], seed=1)
     teacher = features(4, task, data["attention_mask"], seed=2)
-    spec = T.TermSpec({name: 1.0}, PAIRS, relation_heads=2, gjsd_beta=0.3, skew_alpha=0.2)
+    spec = T.TermSpec({name: 1.0}, PAIRS, relation_heads=2, gjsd_beta=0.3, skew_alpha=0.2,
+                      shared_vocab=(torch.arange(7), torch.arange(7).flip(0)))
+    if name in T.CROSS_TOKENIZER_TERMS:  # the teacher's top-4 at its positions of the aligned pairs
+        rows, t_pos, s_pos = data["aligned"]
+        logprobs, ids = teacher.logits.log_softmax(-1).topk(4, dim=-1)
+        kw["cross"] = T.CrossTeacher(rows, s_pos, logprobs[rows, t_pos], ids[rows, t_pos])
     out = T.compute_terms(spec, student, teacher, data["labels"], temperature=2.0, task=task,
                           valid=data.get("valid"), **kw)
     assert list(out) == [name]
@@ -86,7 +95,7 @@ def test_every_row_is_consistent():
     assert set(T.TERMS) == {
         "kd", "ce", "cls_pkd", "hidden_mse", "embedding_mse", "hidden_cosine", "attention_kl", "attention_mse",
         "minilm_qq", "minilm_kk", "minilm_vv", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "lm",
-        "pooled_mse", "pooled_cosine", "pooled_contrastive"}
+        "uld", "aligned_kd", "pooled_mse", "pooled_cosine", "pooled_contrastive"}
     for name, term in T.TERMS.items():
         assert term.name == name and callable(term.fn) and term.fn.__doc__, name  # each function says its formula
         assert term.tasks and term.tasks <= set(T.TASKS), name
@@ -95,7 +104,7 @@ def test_every_row_is_consistent():
         for task in term.tasks:
             assert term.unit_for(task) in batch_units(batch(task, [0, 2]))  # a unit the loops count
     assert set(T.terms_for("causal-lm")) == {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "lm",
-                                             "hidden_mse", "hidden_cosine", "embedding_mse"}
+                                             "hidden_mse", "hidden_cosine", "embedding_mse", "uld", "aligned_kd"}
     assert T.TERMS["hidden_mse"].unit_for("classification") == "tokens"
     assert T.TERMS["hidden_mse"].unit_for("causal-lm") == "targets"
 

@@ -30,6 +30,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kdistill.checkpoint import Checkpoints
@@ -37,7 +38,8 @@ from kdistill.config import DistillConfig, TrainConfig
 from kdistill.data import LMBlocks, next_token_targets
 from kdistill.engine import Engine
 from kdistill.features import capture
-from kdistill.terms import TERMS, TermSpec, check_terms, compute_terms, step_temperature
+from kdistill.terms import TERMS, CrossTeacher, TermSpec, check_terms, compute_terms, step_temperature
+from kdistill.tokenalign import pairs_of_ends
 from kdistill.training import (
     GroupStream,
     History,
@@ -61,32 +63,51 @@ def lm_only_spec() -> TermSpec:
 
 
 class _Blocks(Dataset):
-    def __init__(self, blocks: LMBlocks):
+    def __init__(self, blocks: LMBlocks, teacher_ends: Tensor | None = None):
         self.blocks = blocks
+        self.teacher_ends = teacher_ends
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks.input_ids[i], "attention_mask": self.blocks.attention_mask[i],
-                "idx": torch.tensor(i)}
+        row = {"input_ids": self.blocks.input_ids[i], "attention_mask": self.blocks.attention_mask[i],
+               "idx": torch.tensor(i)}
+        if self.teacher_ends is not None:  # a teacher over another vocabulary: where both models' tokens end
+            row.update(ends=self.blocks.ends[i], teacher_ends=self.teacher_ends[i])
+        return row
 
 
 def make_block_loader(blocks: LMBlocks, batch_size: int, *, seed: int, shuffle: bool = True,
-                      accelerator=None) -> DataLoader:
+                      accelerator=None, teacher_ends: Tensor | None = None) -> DataLoader:
     """Batches of whole blocks in a seeded order that changes every epoch (`set_loader_epoch`). `batch_size` counts
     the rows over all processes; with an `accelerator` of several processes each loads its share
-    (training.LengthGroupedSampler)."""
+    (training.LengthGroupedSampler). teacher_ends: (N, Lt) the byte ends of a teacher over another vocabulary
+    (its signal's), for `with_alignment`; the blocks then carry their own (`LMBlocks.ends`)."""
+    if teacher_ends is not None and (blocks.ends is None or teacher_ends.shape[0] != len(blocks)):
+        raise ValueError(f"make_block_loader: teacher byte ends for {teacher_ends.shape[0]} blocks, student blocks "
+                         f"{len(blocks)} {'without' if blocks.ends is None else 'with'} byte ends")
     lengths = [int(m) for m in blocks.attention_mask.sum(1)]
     shards = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index) if accelerator else {}
     sampler = LengthGroupedSampler(lengths, batch_size, seed=seed, shuffle=shuffle, **shards)
-    return DataLoader(_Blocks(blocks), batch_sampler=sampler)
+    return DataLoader(_Blocks(blocks, teacher_ends), batch_sampler=sampler)
 
 
 def with_targets(batch: dict, prompt_length: int = 0) -> dict:
     """Add labels (B, L) and the target mask valid (B, L) (see data.next_token_targets)."""
     labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"], prompt_length)
     return {**batch, "labels": labels, "valid": valid}
+
+
+def with_alignment(batch: dict) -> dict:
+    """Add aligned (3, P): (row, teacher position, student position) of the next-token targets where the teacher
+    (over another vocabulary) and the student end a token at the same byte (`tokenalign.pairs_of_ends`); a batch
+    without teacher ends is returned as it is."""
+    if "teacher_ends" not in batch:
+        return batch
+    rows, t_pos, s_pos = pairs_of_ends(batch["teacher_ends"], batch["ends"])
+    keep = batch["valid"][rows, s_pos]  # the student's last token predicts nothing in this block
+    return {**batch, "aligned": torch.stack([rows[keep], t_pos[keep], s_pos[keep]])}
 
 
 @torch.no_grad()
@@ -132,19 +153,24 @@ def generate_continuations(model, batch: dict, *, pad_id: int, eos_id: int | Non
 def lm_terms(student, teacher, batch: dict, *, spec: TermSpec, temperature: float, accelerator, cache=None,
              skip: tuple[str, ...] = ()):
     """(sum, count) of the active terms (but `skip`) on one micro-batch: input_ids, attention_mask, labels, valid
-    (B, L), and idx (B,) for rows of the top-k cache. The teacher side comes from the cache where it holds what the
-    terms read (then the teacher does not run), else from the frozen teacher's forward."""
+    (B, L), and idx (B,) for rows of the top-k cache (and aligned (3, P) with a teacher over another vocabulary,
+    `with_alignment`). The teacher side comes from the cache where it holds what the terms read (then the teacher
+    does not run), else from the frozen teacher's forward."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     needs_teacher = any(TERMS[t].reads for t in spec.active if t not in skip)
-    teacher_topk = teacher_feats = None
-    if needs_teacher and cache is not None and "idx" in batch and not spec.needs_teacher_features:
+    teacher_topk = teacher_feats = cross = None
+    if needs_teacher and spec.cross_tokenizer:  # the signal at the teacher's positions of the aligned pairs
+        rows, t_pos, s_pos = batch["aligned"]
+        logprobs, ids = cache.lookup(batch["idx"], accelerator.device)  # (B, Lt, K) each
+        cross = CrossTeacher(rows, s_pos, logprobs[rows, t_pos], ids[rows, t_pos])
+    elif needs_teacher and cache is not None and "idx" in batch and not spec.needs_teacher_features:
         teacher_topk = cache.lookup(batch["idx"], accelerator.device)
     elif needs_teacher:
         with torch.no_grad(), accelerator.autocast():  # the frozen teacher
             teacher_feats = capture(teacher, inputs, hidden_states=spec.needs_hidden)
     student_feats = capture(student, inputs, hidden_states=spec.needs_hidden)
     return compute_terms(spec, student_feats, teacher_feats, batch["labels"], temperature=temperature,
-                         task="causal-lm", valid=batch["valid"], teacher_topk=teacher_topk, skip=skip)
+                         task="causal-lm", valid=batch["valid"], teacher_topk=teacher_topk, cross=cross, skip=skip)
 
 
 def step_kind(seed: int, step: int, fractions: tuple[float, float]) -> str:
@@ -176,6 +202,9 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
     if kd and teacher is None:
         raise ValueError(f"loss terms {sorted(spec.active)} need a teacher")
     fractions = (distill.on_policy_fraction, distill.seq_kd_fraction) if kd else (0.0, 0.0)
+    if spec.cross_tokenizer and (cache is None or not cache.has_ends or any(fractions)):
+        raise ValueError("cross-tokenizer terms read the teacher signal with byte ends, on the dataset's blocks "
+                         "only (no generated steps)")
     if teacher is not None:
         teacher.eval().requires_grad_(False)  # the teacher never learns
     config = getattr(student, "config", None)
@@ -189,7 +218,9 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
                     "trains this phase again", name)
         checkpoints = None
     micro = train.batch_size // train.grad_accum
-    loader = make_block_loader(train_blocks, micro, seed=train.seed, accelerator=accelerator)
+    teacher_ends = cache.ends(range(len(cache))) if spec.cross_tokenizer else None  # (N, Lt), small: all at once
+    loader = make_block_loader(train_blocks, micro, seed=train.seed, accelerator=accelerator,
+                               teacher_ends=teacher_ends)
     total_steps = plan_steps(len(loader), train.grad_accum, train.epochs, train.max_steps)
     evals_at = eval_points(total_steps, max(1, len(loader) // train.grad_accum), train.eval_every)
     # validation perplexity decides (lower is better); the final weights stay unless early stopping is on
@@ -212,7 +243,7 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
         temperature = step_temperature(distill, step, total_steps)
         kind = step_kind(train.seed, step, fractions)
         if kind == "data":
-            group = [with_targets(b) for b in group]
+            group = [with_alignment(with_targets(b)) for b in group]
         else:  # generated continuations, scored by the live teacher
             generator = accelerator.unwrap_model(student) if kind == "student" else teacher
             group = [generate_continuations(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
