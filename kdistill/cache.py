@@ -83,6 +83,7 @@ import torch
 from torch import Tensor
 
 from kdistill.assets import cache_root
+from kdistill.errors import UserError
 from kdistill.io import atomic_file, atomic_write_json
 from kdistill.training import process_state
 
@@ -359,16 +360,16 @@ _LEFTOVER = re.compile(r"(shard-\d+\.parquet|\.shard-\d+\.parquet\.[0-9a-f]+\.tm
 
 
 def check_signal_dir(path: str | Path) -> None:
-    """Refuse (ValueError) a dir to write a signal into that holds anything else than a signal's files: a build
+    """Refuse (UserError) a dir to write a signal into that holds anything else than a signal's files: a build
     there removes stray shard files and rewrites shards, so it must not be a user's other dir."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file, not a dir for a teacher signal")
+        raise UserError(f"{path} is a file, not a dir for a teacher signal")
     other = sorted(f.name for f in path.iterdir() if f.name != MANIFEST and not _LEFTOVER.fullmatch(f.name)) \
         if path.is_dir() else []
     if other:
-        raise ValueError(f"{path} holds other files than a teacher signal's ({', '.join(other[:3])}); choose a new "
-                         "or empty dir")
+        raise UserError(f"{path} holds other files than a teacher signal's ({', '.join(other[:3])}); choose a new "
+                        "or empty dir")
 
 
 def _remove_leftovers(path: Path, keep: set[str]) -> None:
@@ -387,7 +388,8 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
 
     shape: (N blocks, L). fill(start, stop) returns (log-probs (stop−start, L, K), indices (stop−start, L, K)) for
     those blocks; it is called in batches of `batch_size` blocks inside each shard. ends: (N, L) the teacher tokens'
-    byte ends, stored beside them; given exactly when the key has "ends". Every process of the run must
+    byte ends, stored beside them; given exactly when the key has "ends". A dir holding the complete signal of
+    another key is refused (UserError), not overwritten. Every process of the run must
     call this (it waits for the others twice); each computes its share of the shards (module docstring).
     """
     n, length = shape
@@ -399,6 +401,9 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
     path = Path(path)
     state = process_state()
     existing = open_teacher_signal(path, key)
+    if existing is None and (other := open_teacher_signal(path)) is not None:  # its shards would be overwritten
+        raise UserError(f"teacher signal {path}: holds the complete signal of another teacher, data or k "
+                        f"({other.key}); choose a new dir")
     if existing is not None and len(existing) != n:
         raise ValueError(f"teacher signal {path}: holds {len(existing)} blocks of key {key}, asked for {n}")
     ranges = shard_ranges(n, shard_blocks)

@@ -710,22 +710,12 @@ def signal_run(cfg: RunConfig, out: str | Path | None = None) -> Path:
         raise UserError(f"task: the teacher signal is for causal-lm recipes, not {cfg.task}")
     check_causal_lm(cfg)
     if out is not None:
-        try:
-            check_signal_dir(out)
-        except ValueError as e:
-            raise UserError(f"--out: {e}") from None
+        check_signal_dir(out)
     corpus = load_lm_corpus(cfg.data)
     teacher, tokenizer, _, _ = load_causal_teacher(cfg)
     data = lm_data(cfg, corpus, teacher, tokenizer)
     t0 = time.perf_counter()
-    found = open_teacher_signal(out) if out is not None else None
-    if found is not None:
-        train = data.teacher_blocks["train"]
-        key = topk_key(teacher, train.input_ids, train.attention_mask, k=cfg.distill.cache_top_k,
-                       ends=train.ends if data.cross else None)
-        if found.key != key:
-            raise UserError(f"--out: {out} holds the teacher signal of another teacher, data or k; choose a new dir")
-    signal = build_teacher_signal(cfg, teacher, data, out)
+    signal = build_teacher_signal(cfg, teacher, data, out)  # refuses an --out holding another key's signal
     log.info("teacher signal %s: %d blocks, k=%d, %s in %.0f s", signal.path, len(signal), signal.k,
              "already complete" if signal.reused else "written", time.perf_counter() - t0)
     return Path(signal.path)
@@ -824,9 +814,8 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
         cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,
                       "status": "prebuilt" if prebuilt else "reused" if cache.reused else "built", "key": cache.key}
 
-    pad_ids = {name: tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-               for name, tok in (("teacher", tokenizer), ("student", student_tokenizer))}
-    pad_id = pad_ids["student"]
+    pad_id = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else \
+        student_tokenizer.eos_token_id
     meta = {"task": "causal-lm", "max_length": cfg.data.block_size, "strategy": cfg.distill.strategy,
             "losses": cfg.distill.losses, "teacher": teacher_name, "student_init": shapes["init"]}
     phases = {"student": (student, spec, teacher, cache, {"role": "student", **meta})}
@@ -855,11 +844,12 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
 
     results = {}
     # each model reads the test pieces in its own tokens; bits per byte compares them across tokenizers
-    test_of = {name: (data.teacher_blocks if name == "teacher" else blocks)["test"] for name in models}
-    byte_lengths = {"teacher": token_byte_lengths(tokenizer), "student": token_byte_lengths(student_tokenizer)}
+    teacher_bytes = token_byte_lengths(tokenizer)
+    student_bytes = teacher_bytes if student_tokenizer is tokenizer else token_byte_lengths(student_tokenizer)
+    reads = {name: (data.teacher_blocks["test"], teacher_bytes, tokenizer) if name == "teacher" else
+             (blocks["test"], student_bytes, student_tokenizer) for name in models}  # blocks, byte lengths, tokenizer
     for name, model in models.items():
-        results[name] = evaluate_lm_model(model, test_of[name], cfg.eval,
-                                          byte_lengths["teacher" if name == "teacher" else "student"])
+        results[name] = evaluate_lm_model(model, reads[name][0], cfg.eval, reads[name][1])
         results[name]["size_mb"] = dir_size_mb(run_dir / name) if name != "teacher" else \
             results[name]["params"] * 4 / 2**20
         results[name]["train_wall_time_s"] = histories[name].wall_time_s if histories[name] else \
@@ -868,8 +858,9 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
             results[name]["source_file_mb"] = teacher_file_mb
         if histories[name] and histories[name].evals:
             results[name]["validation_perplexity"] = histories[name].evals[-1]["perplexity"]
-    speed_pads = {name: pad_ids["teacher" if name == "teacher" else "student"] for name in models}
-    for name, numbers in compare_lm_speed(models, test_of, cfg.eval, speed_pads).items():
+    pads = {name: tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            for name, (_, _, tok) in reads.items()}
+    for name, numbers in compare_lm_speed(models, {n: r[0] for n, r in reads.items()}, cfg.eval, pads).items():
         results[name].update(numbers)
     t = results["teacher"]
     for r in results.values():

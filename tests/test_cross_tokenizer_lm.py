@@ -161,6 +161,9 @@ def test_the_teacher_signal_verb_builds_once_and_a_later_run_reads_it(tmp_path, 
     signal = open_teacher_signal(where)
     assert where == tmp_path / "signal" and signal.has_ends and len(signal) > 0
     assert cli.teacher_signal(str(recipe), out=where) == where  # complete: opened again, nothing recomputed
+    with pytest.raises(UserError, match="holds the complete signal of another teacher, data or k"):
+        cli.teacher_signal(str(recipe), set=["distill.cache_top_k=4"], out=where)
+    assert open_teacher_signal(where).key == signal.key  # untouched
     cfg = load_config(recipe, [f"distill.teacher_signal={where}", "distill.baseline=false"])
     metrics = json.loads((run(cfg, tmp_path / "run") / "metrics.json").read_text())
     assert metrics["teacher_cache"]["status"] == "prebuilt" and metrics["teacher_cache"]["key"] == signal.key
