@@ -66,6 +66,10 @@ class Checkpoints:
                  fingerprint: dict | None = None):
         self.directory, self.every, self.resume, self.fingerprint = Path(directory), every, resume, fingerprint
 
+    def stage(self, name: str) -> "Checkpoints":
+        """The checkpoints of a stage within this phase, in a subdirectory: `clear` removes them with the phase's."""
+        return Checkpoints(self.directory / name, every=self.every, resume=self.resume, fingerprint=self.fingerprint)
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
         if not self.directory.is_dir():

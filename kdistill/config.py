@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdistill.errors import ConfigError, decode_utf8
-from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, terms_for, uncacheable_terms
+from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, split_stages, terms_for, uncacheable_terms
 
 
 class _Section(BaseModel):
@@ -197,6 +197,11 @@ class DistillConfig(_Section):
     dir, only the mapped layers; not above 4 GiB, else the teacher runs every step, logged); never attention maps
     or Q/K/V (too large). `auto`: cache when every teacher output the terms need can be; `on`: the same, but an
     attention_*/minilm_* term is an error; `off`: run the teacher every step. causal-lm: top-k logits only."""
+    intermediate_epochs: float | None = Field(None, gt=0)
+    """Two-stage distillation (TinyBERT, Jiao et al. 2020, Sec. 3.2): first this many epochs on the intermediate
+    terms of `losses` alone (hidden_*, embedding_mse, cls_pkd, attention_*, minilm_*; the final weights are kept),
+    then `train.epochs` on its prediction terms (kd, ce). Strategy explicit, classification and
+    token-classification; None: one stage, every term together."""
     cache_top_k: int = Field(64, ge=1)
     """causal-lm: logits stored per token in the teacher cache."""
     teacher_signal: str | None = Field(None, min_length=1)
@@ -372,6 +377,21 @@ class RunConfig(_Section):
         if self.distill.cache_teacher == "off":
             raise ValueError(f"distill.cache_teacher: off: {cross[0]} reads the teacher signal (top-k and byte ends "
                              "of the teacher's tokens); use auto")
+        return self
+
+    @model_validator(mode="after")
+    def _two_stage_scope(self):
+        if self.distill.intermediate_epochs is None:
+            return self
+        if self.distill.strategy != "explicit" or self.task not in ("classification", "token-classification"):
+            raise ValueError(f"distill.intermediate_epochs: two-stage distillation works with strategy explicit and "
+                             f"task classification or token-classification, not {self.distill.strategy} / "
+                             f"{self.task}")
+        intermediate, prediction = split_stages(self.distill.losses)
+        if not intermediate or not prediction:
+            raise ValueError("distill.intermediate_epochs: two-stage distillation needs an intermediate term (e.g. "
+                             "hidden_mse, attention_kl) and a prediction term (kd, ce) in distill.losses; got "
+                             f"{', '.join(t for t, w in self.distill.losses.items() if w > 0)}")
         return self
 
     @model_validator(mode="after")

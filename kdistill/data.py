@@ -438,6 +438,14 @@ def _remove_leaks(train: list, held: list, drop: bool, key=text_key) -> tuple[li
     return held, leaked
 
 
+def _sample(rows: list[dict], limit: int | None, seed: int, source: str, split: str) -> list[dict]:
+    """`limit` rows of a given held-out split (data.limit): a seeded stratified draw (each class keeps its share),
+    not the first rows, which in a file sorted by label, as 20newsgroups' test split is, hold a few classes only."""
+    if not limit or len(rows) <= limit:
+        return rows
+    return _stratified_split(rows, limit / len(rows), seed, source, split)[1]
+
+
 def _capped(items: list, limit: int | None, source: str, split: str, empty: str = "is empty") -> list:
     """A split's first `limit` items (data.limit; all without one); DataError when none are left."""
     if limit:
@@ -520,8 +528,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
     if test_rows is None:
         train_rows, test_rows = _stratified_split(train_rows, cfg.test_fraction, cfg.seed, source, "test")
+    else:
+        test_rows = _sample(test_rows, cfg.limit, cfg.seed, source, "test")
     if val_rows is None:
         train_rows, val_rows = _stratified_split(train_rows, cfg.validation_fraction, cfg.seed, source, "validation")
+    else:
+        val_rows = _sample(val_rows, cfg.limit, cfg.seed, source, "validation")
 
     test_rows, test_leaks = _remove_leaks(train_rows, test_rows, cfg.drop_test_duplicates)
     val_rows, val_leaks = _remove_leaks(train_rows, val_rows, cfg.drop_test_duplicates)

@@ -11,8 +11,10 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -97,10 +99,10 @@ from kdistill.student import (
     select_layers,
 )
 from kdistill.teacher import finetune, load_causal_teacher, max_positions, train_teacher
-from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, TermSpec, check_terms, layer_pairs
+from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, TermSpec, check_terms, layer_pairs, split_stages
 from kdistill.tokenalign import shared_vocab, token_byte_lengths
 from kdistill.tokenization import tokenizer_from_vocab
-from kdistill.training import is_main_process, world_size
+from kdistill.training import History, is_main_process, world_size
 
 log = logging.getLogger(__name__)
 
@@ -438,14 +440,39 @@ def distill_student(cfg: RunConfig, teacher, tokenizer, encoded: DatasetDict, ru
     strategy = cfg.distill.strategy
     if strategy == "explicit":
         # work_dir: the teacher hidden-state cache goes on the run dir's disk, not in a possibly small $TMPDIR
-        return distill_explicit(student, [teacher, *extra], tokenizer, encoded, name="student", work_dir=run_dir,
-                                teacher_tokenizer=teacher_tokenizer, teacher_train=teacher_train, pooling=pooling,
-                                **common), None
+        explicit = partial(distill_explicit, student, [teacher, *extra], tokenizer, encoded, work_dir=run_dir,
+                           teacher_tokenizer=teacher_tokenizer, teacher_train=teacher_train, pooling=pooling)
+        if cfg.distill.intermediate_epochs is None:
+            return explicit(name="student", **common), None
+        return distill_two_stages(cfg, explicit, run_dir, **common), None
     if extra:
         raise UserError(f"distill.extra_teachers works with strategy explicit, not {strategy}")
     if strategy == "mutual":
         return distill_mutual(student, teacher, tokenizer, encoded, **common)
     return distill_alternating(student, teacher, tokenizer, encoded, **common)
+
+
+def distill_two_stages(cfg: RunConfig, explicit: Callable[..., History], run_dir: Path, *, spec: TermSpec,
+                       checkpoints: Checkpoints | None, **common) -> History:
+    """TinyBERT's two stages (distill.intermediate_epochs): the intermediate terms alone, keeping the final weights,
+    then the prediction terms for train.epochs. `explicit`: distill_explicit with its models and data bound.
+    Returns the second stage's history, with the training time of both."""
+    intermediate, prediction = split_stages(spec.weights)
+    if checkpoints is not None and checkpoints.resume and checkpoints.latest() is not None:
+        log.info("student: the intermediate stage ended before the run was resumed; the prediction stage continues")
+        first_seconds = 0.0  # (its time is not in the second stage's checkpoint)
+    else:
+        first_train = cfg.train.model_copy(update=dict(epochs=cfg.distill.intermediate_epochs, max_steps=None,
+                                                       early_stopping_patience=None))
+        first = explicit(name="student-intermediate", spec=replace(spec, weights=intermediate), train=first_train,
+                         checkpoints=checkpoints.stage("intermediate") if checkpoints else None, keep_best=False,
+                         **{k: v for k, v in common.items() if k != "train"})
+        if is_main_process():
+            save_history(run_dir, first)
+        first_seconds = first.wall_time_s
+    history = explicit(name="student", spec=replace(spec, weights=prediction), checkpoints=checkpoints, **common)
+    history.wall_time_s += first_seconds  # the student's training time: both stages
+    return history
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:

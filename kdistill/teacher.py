@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import DatasetDict
 
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
-from kdistill.data import DataBundle, Encodings
+from kdistill.data import UNLABELED, DataBundle, Encodings
 from kdistill.distill.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.models import (
@@ -83,8 +83,11 @@ def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_di
     train = cfg.train.model_copy(update={"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                          "batch_size": cfg.teacher.batch_size, "max_steps": None,
                                          "grad_accum": 1})
-    history = finetune(model, tokenizer, encodings(data, tokenizer), train, name="teacher", log_dir=log_dir,
-                       checkpoints=checkpoints)
+    encoded = encodings(data, tokenizer)
+    if cfg.data.labeled_limit:  # it learns from labels alone: an unlabeled row would cost a forward and teach nothing
+        encoded = DatasetDict({**encoded, "train": encoded["train"].filter(lambda y: y != UNLABELED,
+                                                                           input_columns="labels")})
+    history = finetune(model, tokenizer, encoded, train, name="teacher", log_dir=log_dir, checkpoints=checkpoints)
     if is_main_process():
         save_model(model, tokenizer, out_dir, {"task": cfg.task, "max_length": cfg.data.max_length,
                                                "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})

@@ -427,6 +427,19 @@ def check_terms(weights: Mapping[str, float], task: str) -> None:
         raise ValueError(f"term(s) {', '.join(bad)} do not apply to {task}; use {', '.join(terms_for(task))}")
 
 
+INTERMEDIATE_READS = HIDDEN_READS | {"attentions", "qkv"}
+"""`reads` of an intermediate-layer term: the first stage of two-stage distillation trains these alone."""
+
+
+def split_stages(weights: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Two-stage distillation (TinyBERT, Jiao et al. 2020, Sec. 3.2): (the weighted intermediate-layer terms, those
+    reading the teacher's embeddings, hidden states, attentions or Q/K/V; the weighted prediction-layer terms, the
+    rest: kd, ce)."""
+    active = {t: w for t, w in weights.items() if w > 0}
+    intermediate = {t: w for t, w in active.items() if _term(t).reads & INTERMEDIATE_READS}
+    return intermediate, {t: w for t, w in active.items() if t not in intermediate}
+
+
 def uncacheable_terms(terms: Iterable[str]) -> list[str]:
     """Those of `terms` that read what no teacher cache holds (attention maps, Q/K/V: too large)."""
     return sorted(t for t in set(terms) if t in TERMS and not TERMS[t].cacheable)

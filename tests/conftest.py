@@ -139,3 +139,12 @@ def tiny_gpt2(tokenizer, layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def own_teacher_logits_store(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty store of teacher logits (cache.logits_cache_root): logits one test stored
+    never stand in for a teacher whose calls another test counts."""
+    root = tmp_path_factory.mktemp("teacher-logits")
+    monkeypatch.setattr("kdistill.distill.explicit.logits_cache_root", lambda: root)
+    return root

@@ -263,3 +263,17 @@ def test_bad_vocab_files_are_config_errors(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=message):
         tokenizer_from_vocab(path)
+
+
+def test_a_given_test_split_sorted_by_label_is_capped_by_a_seeded_draw_not_its_head(tmp_path):
+    labels = ["a", "b", "c", "d"]
+    write_csv(tmp_path / "train.csv", [{"text": f"train {label} {i}", "label": label}
+                                       for i in range(10) for label in labels])
+    # the test file sorted by label, as 20newsgroups' is: its first 8 rows are all class a
+    write_csv(tmp_path / "test.csv", [{"text": f"test {label} {i}", "label": label}
+                                      for label in labels for i in range(10)])
+    cfg = DataConfig(train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"), limit=8)
+    test = load_data(cfg).splits["test"]
+    assert len(test) == 8 and sorted(test["label"]) == [0, 0, 1, 1, 2, 2, 3, 3]  # stratified: 2 of each class
+    assert load_data(cfg).splits["test"]["text"] == test["text"]  # the same seed, the same rows
+    assert load_data(cfg.model_copy(update={"seed": 7})).splits["test"]["text"] != test["text"]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdistill.cache import FeatureStore
+from kdistill.cache import FeatureStore, logits_key, read_teacher_logits, write_teacher_logits
 from kdistill.config import DistillConfig
 from kdistill.data import tokenize_splits
 from kdistill.distill import explicit
@@ -215,3 +215,56 @@ def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokeniz
     with pytest.raises(UserError, match="distill.cache_teacher: on, but the loss terms"):
         distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
                          distill=DistillConfig(cache_teacher="on"), train=tiny_train())
+
+
+# ------------------------------------------------------------------------------- logits stored across runs
+
+
+def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_the_same_rows(
+        own_teacher_logits_store, caplog, tiny_tokenizer):
+    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    logits_only = {"hidden_mse": 0.0}
+    first, first_student, first_calls = train_run(tiny_tokenizer, "auto", logits_only, max_steps=3)
+    again, again_student, again_calls = train_run(tiny_tokenizer, "auto", logits_only, max_steps=3)
+    assert first_calls[0] == "teacher" and again_calls.count("teacher") == 0
+    assert f"the logits of 1 read from {own_teacher_logits_store}" in caplog.text
+    assert again.steps == first.steps  # the very floats the first run's teacher computed
+    for a, b in zip(first_student.parameters(), again_student.parameters()):
+        assert torch.equal(a, b)
+    # another row set (one text less) or other teacher weights: the teacher runs again
+    caplog.clear()
+    teacher, student, spec = tiny_pair(tiny_tokenizer)
+    spec.weights.update(logits_only)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append("teacher"))
+    encoded = tokenize_splits(ragged_bundle(), tiny_tokenizer, 16)
+    encoded["train"] = encoded["train"].select(range(len(encoded["train"]) - 1))
+    distill_explicit(student, [teacher], tiny_tokenizer, encoded, spec=spec, distill=DistillConfig(),
+                     train=tiny_train(max_steps=1))
+    assert calls and "read from" not in caplog.text
+    teacher, student, spec = tiny_pair(tiny_tokenizer)
+    spec.weights.update(logits_only)
+    with torch.no_grad():
+        teacher.classifier.bias.add_(1e-3)
+    calls.clear()
+    teacher.register_forward_hook(lambda *_: calls.append("teacher"))
+    distill_explicit(student, [teacher], tiny_tokenizer, tokenize_splits(ragged_bundle(), tiny_tokenizer, 16),
+                     spec=spec, distill=DistillConfig(), train=tiny_train(max_steps=1))
+    assert calls and "read from" not in caplog.text
+
+
+def test_hidden_terms_store_no_logits_and_an_unreadable_store_is_computed_again(own_teacher_logits_store, caplog,
+                                                                                tmp_path, tiny_tokenizer):
+    train_run(tiny_tokenizer, "auto", max_steps=1)  # kd + ce + hidden_mse: the teacher's hidden states are read
+    assert not list(own_teacher_logits_store.iterdir())
+    teacher, _, _ = tiny_pair(tiny_tokenizer)
+    encoded = tokenize_splits(ragged_bundle(), tiny_tokenizer, 16)["train"]
+    key = logits_key(teacher, encoded, autocast="no")
+    write_teacher_logits(tmp_path, key, torch.arange(6.0).reshape(3, 2))
+    torch.testing.assert_close(read_teacher_logits(tmp_path, key), torch.arange(6.0).reshape(3, 2), rtol=0, atol=0)
+    assert read_teacher_logits(tmp_path, {**key, "autocast": "bf16"}) is None
+    stored = next(tmp_path.glob("logits-*.safetensors"))
+    stored.write_bytes(b"not safetensors")
+    caplog.set_level(logging.WARNING, logger="kdistill.cache")
+    assert read_teacher_logits(tmp_path, key) is None
+    assert "unreadable" in caplog.text and stored.name in caplog.text

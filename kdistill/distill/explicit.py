@@ -4,7 +4,10 @@ The teacher never learns here: it is in eval mode, its parameters do not require
 `torch.no_grad()`. So its outputs are the same every epoch, and with `distill.cache_teacher: auto` (the default)
 they are computed once before training and read back at each step instead of running the teacher:
 
-- logits (terms kd/ce; every teacher of a multi-teacher run): in memory, (N, C) float32;
+- logits (terms kd/ce; every teacher of a multi-teacher run): in memory, (N, C) float32; a teacher that gives
+  logits alone is also stored for later runs (`cache.logits_cache_root()`, keyed by its weights and the rows'
+  tokens): other seeds and recipes over the same rows read them instead of running it (a big teacher labels a
+  transfer set once);
   a token classifier's per-token logits (N, L_max, C) float32, each example at its positions (right
   padding), cut to each batch's length;
 - hidden states (hidden_mse, hidden_cosine, embedding_mse, cls_pkd): only the main teacher's layers the terms
@@ -46,7 +49,7 @@ from datasets import DatasetDict
 from tqdm.auto import tqdm
 
 from kdistill import losses
-from kdistill.cache import FeatureStore
+from kdistill.cache import FeatureStore, logits_cache_root, logits_key, read_teacher_logits, write_teacher_logits
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import DistillConfig, TrainConfig
 from kdistill.engine import Engine
@@ -154,13 +157,18 @@ def plan_cache(spec: TermSpec, mode: str, tokenizer, teacher, lengths: list[int]
 
 @torch.no_grad()
 def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, spec: TermSpec,
-                          store_dir: Path | None = None, pooling: Pooling | None = None) -> TeacherCache:
+                          store_dir: Path | None = None, pooling: Pooling | None = None,
+                          logits_root: Path | None = None) -> TeacherCache:
     """Run each frozen teacher once over every training example (every process: all rows) and keep its outputs.
 
     Logits of every teacher, in memory. With hidden terms active, the main teacher's hidden states of the layers
     they read, written atomically as a FeatureStore at `store_dir` (which must not exist yet) and memory-mapped.
     `encoded_train` carries the `idx` column (`with_index`): rows land at their index, whatever the batch order.
     `pooling` (task: embedding): the main teacher's pooled sentence embeddings instead of logits.
+    `logits_root` (cache.logits_cache_root()): where a teacher's logits are stored for later runs (seeds, the
+    transfer set a big teacher labels once) and read back from, keyed by its weights and the rows' tokens
+    (cache.logits_key); only for a teacher that gives logits alone here (its hidden states or pooled embeddings
+    are not stored). None: computed, not stored.
     """
     layers, first_only = spec.teacher_hidden_layers
     if layers and store_dir is None:
@@ -177,14 +185,21 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
         if layers:
             lengths = [len(ids) for ids in encoded_train["input_ids"]]
             store = FeatureStore.create(tmp, lengths, layers, teachers[0].config.hidden_size, first_only=first_only)
-        for teacher in teachers:
-            teacher.to(device)
-        for batch in tqdm(loader, desc="caching teacher outputs", leave=False,
+        # a teacher whose logits are all it gives here reads them from an earlier run's store, if one has them
+        keys = {k: logits_key(t, encoded_train, autocast=accelerator.mixed_precision) for k, t in enumerate(teachers)
+                if k > 0 or (store is None and pooling is None)} if logits_root is not None else {}
+        for k, key in keys.items():
+            logits[k] = read_teacher_logits(logits_root, key)
+        to_run = [k for k in range(len(teachers)) if logits[k] is None]
+        for k in to_run:
+            teachers[k].to(device)
+        for batch in tqdm(loader if to_run else [], desc="caching teacher outputs", leave=False,
                           disable=None if accelerator.is_main_process else True):
             batch.pop("labels")
             rows = batch.pop("idx")
             batch = {k: v.to(device) for k, v in batch.items()}
-            for k, teacher in enumerate(teachers):
+            for k in to_run:
+                teacher = teachers[k]
                 if k == 0 and pooling is not None:  # a sentence encoder: its pooled embedding is the target
                     out = capture(teacher, batch, hidden_states=False, pooling=pooling).pooled
                     if pooled is None:
@@ -209,10 +224,15 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
         if store is not None:
             store.flush()
             del store  # closes the write maps before the directory is renamed into place
+    for k in to_run:
+        if k in keys and accelerator.is_main_process:
+            write_teacher_logits(logits_root, keys[k], logits[k])
     features = FeatureStore.open(store_dir) if layers else None
     if accelerator.is_main_process:
-        log.info("teacher cache: %d examples through %d teacher(s) in %.1f s%s", n, len(teachers),
-                 time.perf_counter() - start, f"; hidden states in {store_dir}" if layers else "")
+        stored = len(teachers) - len(to_run)
+        log.info("teacher cache: %d examples through %d teacher(s) in %.1f s%s%s", n, len(to_run),
+                 time.perf_counter() - start, f"; hidden states in {store_dir}" if layers else "",
+                 f"; the logits of {stored} read from {logits_root}" if stored else "")
     return TeacherCache([c for c in logits if c is not None], features, num_hidden_states, pooled)
 
 
@@ -220,7 +240,7 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
                      distill: DistillConfig, train: TrainConfig, name: str = "student",
                      log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
                      work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None,
-                     pooling: Pooling | None = None, task: str | None = None) -> History:
+                     pooling: Pooling | None = None, task: str | None = None, keep_best: bool = True) -> History:
     """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
 
     `encoded`: the student's tokenization of the splits (train, validation; data.tokenize_splits).
@@ -234,6 +254,7 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
     (`training.embedding_validation_metrics`).
     `task`: which unit each term counts (terms.TERMS); None: "token-classification" when the examples carry one
     label per token (their teacher cache then holds per-token logits, (N, L_max, C)), else "classification".
+    `keep_best`: False leaves the final weights (a first stage whose validation score says nothing yet).
     """
     set_seed(train.seed)
     # `task` selects each term's unit; None: token classification when the examples carry one label per token
@@ -272,7 +293,7 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
                 store_dir = Path(tmp) / "features"
             with torch.random.fork_rng(devices=[]):  # (its loader draws a seed): the same run with or without it
                 cached = cache_teacher_outputs(teachers, teacher_train, teachers_read, accelerator, spec=spec,
-                                               store_dir=store_dir, pooling=pooling)
+                                               store_dir=store_dir, pooling=pooling, logits_root=logits_cache_root())
         elif needs_teacher and teacher_tokenizer is not None:  # the teachers cannot read the student's batches
             raise UserError("the student reads another vocabulary than the teacher, so the teacher's outputs must be "
                             "cached, and they are not (distill.cache_teacher, and the log line above, say why)")
@@ -282,7 +303,7 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
         learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train,
                                accelerator=accelerator, log_dir=log_dir, patience=train.early_stopping_patience,
                                extra=spec.projections,
-                               score=accuracy_then_loss if pooling is None else cosine_then_mse)
+                               score=accuracy_then_loss if pooling is None else cosine_then_mse, keep_best=keep_best)
         student = learner.model  # (wrapped for DDP when several processes run)
         if cached is None or pooling is not None:  # (embedding: validation runs the teacher)
             teachers = [t.to(accelerator.device) for t in teachers]
