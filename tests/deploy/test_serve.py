@@ -216,9 +216,10 @@ def _wait_until(condition, timeout_s: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def _spy_predict(app, *, delay_s: float = 0.0, poison: str | None = None) -> list[str]:
-    """Wrap the predictor the batcher calls: record every text it computes, optionally sleep, and raise on
-    `poison` (a failure that no up-front check catches). Returns the record."""
+def _spy_predict(app, *, delay_s: float = 0.0, poison: str | None = None,
+                 hold: threading.Event | None = None) -> list[str]:
+    """Wrap the predictor the batcher calls: record every text it computes, optionally sleep (or wait until `hold`
+    is set), and raise on `poison` (a failure that no up-front check catches). Returns the record."""
     predictor = app.state.predictor
     real = predictor.predict_counted
     seen: list[str] = []
@@ -226,6 +227,8 @@ def _spy_predict(app, *, delay_s: float = 0.0, poison: str | None = None) -> lis
     def spy(texts, batch_size=32):
         seen.extend(texts)
         time.sleep(delay_s)
+        if hold is not None:
+            hold.wait(timeout=60)
         if poison in texts:
             raise RuntimeError("simulated model failure")
         return real(texts, batch_size=batch_size)
@@ -322,12 +325,17 @@ def test_a_request_whose_client_hung_up_is_not_computed(tiny_bert_dir):
 def test_queue_is_bounded_in_bytes(tiny_bert_dir):
     app = create_app(tiny_bert_dir, max_body_bytes=2000, max_queue_bytes=2000, max_text_chars=2000,
                      batch_wait_ms=0)  # fmt: skip
-    seen = _spy_predict(app, delay_s=0.5)
+    # the model works on the first request until the second is answered (a fixed delay ran out on a loaded machine)
+    release = threading.Event()
+    seen = _spy_predict(app, hold=release)
     body = {"text": "goal " * 300}  # 1500 bytes of text
     with _Server(app) as url, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(lambda: httpx.post(f"{url}/predict", json=body, timeout=30))
+        first = pool.submit(lambda: httpx.post(f"{url}/predict", json=body, timeout=90))
         _wait_until(lambda: seen)  # the first one holds its bytes while the model works
-        second = httpx.post(f"{url}/predict", json=body, timeout=30)
+        try:
+            second = httpx.post(f"{url}/predict", json=body, timeout=30)
+        finally:
+            release.set()
         first = first.result()
     assert first.status_code == 200
     assert second.status_code == 503 and "max_queue_bytes=2000" in second.json()["detail"]
