@@ -143,10 +143,14 @@ def cache_key(*, teacher: str, data: str, block_size: int, k: int, ends: bool = 
     return {**key, "ends": True} if ends else key
 
 
+def key_digest(key: dict) -> str:
+    """A short hash of a cache key: what names its entry in an automatic cache."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def key_dir(root: str | Path, key: dict) -> Path:
     """The automatic cache's directory of `key` under `root`."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(root) / f"topk-k{key['k']}-L{key['block_size']}-{digest}"
+    return Path(root) / f"topk-k{key['k']}-L{key['block_size']}-{key_digest(key)}"
 
 
 def shard_name(s: int) -> str:
@@ -514,8 +518,7 @@ def logits_key(teacher: torch.nn.Module, encoded, *, autocast: str) -> dict:
 
 
 def _logits_file(root: str | Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(root) / f"logits-n{key['rows']}-{digest}.safetensors"
+    return Path(root) / f"logits-n{key['rows']}-{key_digest(key)}.safetensors"
 
 
 def read_teacher_logits(root: str | Path, key: dict) -> Tensor | None:
