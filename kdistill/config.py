@@ -145,9 +145,10 @@ class StudentConfig(_Section):
     model: str | None = None
     """A pretrained student instead of one derived from the teacher: an encoder dir or a built-in alias
     (`minilm-l6`), with a new head for the data's labels. With another vocabulary than the teacher's, each model
-    reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on). causal-lm:
-    a causal LM (built-in alias such as `smollm2-135m`, GGUF file or model dir); with layers / widths set here it
-    is pruned as a teacher-derived student would be; across tokenizers the terms are uld or aligned_kd."""
+    reads its own tokenization; then only kd, ce and cls_pkd work (explicit strategy, teacher cache on). With
+    layers / widths / init set here it is pruned as a teacher-derived student would be (e.g. `layers: 2`: two layers
+    of a general-purpose encoder that never saw the task). causal-lm: a causal LM (built-in alias such as
+    `smollm2-135m`, GGUF file or model dir); across tokenizers the terms are uld or aligned_kd."""
 
 
 class DistillConfig(_Section):

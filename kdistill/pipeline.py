@@ -363,18 +363,25 @@ def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
 
 def student_reads(cfg: RunConfig, data: DataBundle, encodings: Encodings, tokenizer):
     """(the student's tokenizer, whether it differs from the teacher's `tokenizer`, the calibration batch of a
-    student built from the teacher or None): a given student.model reads its own tokenizer, maybe another."""
+    student pruned from the teacher or a classification student.model, else None): a given student.model reads its
+    own tokenizer, maybe another."""
     if cfg.student.model:
         student_tokenizer = load_tokenizer(cfg.student.model)
-        return student_tokenizer, check_tokenizers(cfg, tokenizer, student_tokenizer), None
+        cross = check_tokenizers(cfg, tokenizer, student_tokenizer)
+        if cfg.task != "classification" or not cfg.student.model_fields_set & SHAPE_KEYS:
+            return student_tokenizer, cross, None
+        return student_tokenizer, cross, calibration_batch(
+            encodings(data, student_tokenizer, ("train",))["train"], student_tokenizer)
     return tokenizer, False, calibration_batch(encodings(data, tokenizer, ("train",))["train"], tokenizer)
 
 
 def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     """The student the recipe describes, and the teacher layers it was copied from. A given student.model
-    (classification) gets a head for the teacher's labels unless it has one for them already; a causal-lm
-    student.model with student.layers (or a width) is pruned like a teacher (`calibration`: its own tokens)."""
+    (classification) gets a head for the teacher's labels unless it has one for them already; a classification or
+    causal-lm student.model with student.layers (or a width) is pruned like a teacher (`calibration`: its own
+    tokens), e.g. 2 layers of a general-purpose pretrained encoder that never saw the task."""
     s = cfg.student
+    source = teacher
     if s.model and cfg.task == "classification":
         labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
         given = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
@@ -384,17 +391,15 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
             raise UserError(f"student.model: {s.model} was trained on labels {names}, the data has {labels}; give an "
                             "encoder without a classification head (it gets one for the data's labels)")
         with seeded(cfg.train.seed):  # a head new to the encoder
-            student = load_classifier(s.model, labels)
-        return student.train(), None
-    source = teacher
-    if s.model and cfg.task == "causal-lm":  # a built-in alias, a GGUF file or a model dir
+            source = load_classifier(s.model, labels)
+    elif s.model and cfg.task == "causal-lm":  # a built-in alias, a GGUF file or a model dir
         source = load_causal_lm(s.model)
-        if not s.model_fields_set & SHAPE_KEYS:
-            return source.train(), None
-        # student.layers & co. with a student.model: that model is pruned, as a teacher-derived student would be
     elif s.model:
         student, _, _ = load_model_dir(s.model, task="embedding" if cfg.task == "embedding" else None)
         return student.train(), None
+    if source is not teacher and not s.model_fields_set & SHAPE_KEYS:
+        return source.train(), None
+    # student.layers & co. with a student.model: that model is pruned, as a teacher-derived student would be
     student_layers(s, num_layers_of(source.config))  # a bad number or index fails here, naming student.layers
     depth = {"layers": s.layers} if isinstance(s.layers, list) else {"num_layers": s.layers, "layer_map": s.layer_map}
     try:
@@ -404,13 +409,17 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
                                 init=s.init, calibration_inputs=calibration, seed=cfg.train.seed)
     except (ValueError, NotImplementedError) as e:
         raise UserError(f"student: {e}") from None
+    if source is not teacher:  # its "teacher_layers" are this model's, not the teacher's
+        student.kdistill_init["source"] = s.model
+        log.info("student: cut from student.model %s", s.model)
     copied = student.kdistill_init["teacher_layers"] if s.init != "random" and source is teacher else None
     return student.train(), copied
 
 
 SHAPE_KEYS = frozenset({"layers", "layer_map", "hidden_size", "num_attention_heads", "num_key_value_heads",
                         "intermediate_size", "init"})
-"""student keys that shape a student derived from a model (the teacher, or a causal-lm student.model)."""
+"""student keys that shape a student derived from a model (the teacher, or a classification or causal-lm
+student.model)."""
 
 
 def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:

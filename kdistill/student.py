@@ -612,7 +612,10 @@ def build_student(
     student.train(teacher.training)
     student.kdistill_init = info
     width = "".join(f", {key} {value}" for key, value in widths.items()) if narrower else ""
-    log.info("student: %s from teacher layers %s%s", init, layers, width)
+    if init == "random":
+        log.info("student: random init, %d layers%s", len(layers), width)
+    else:
+        log.info("student: %s from layers %s%s", init, layers, width)
     return student
 
 

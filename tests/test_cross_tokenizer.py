@@ -146,6 +146,27 @@ def test_a_student_over_the_same_vocabulary_is_not_refused(tmp_path, tiny_tokeni
     preflight(cfg, tmp_path / "run")
 
 
+def test_a_pretrained_student_with_student_layers_is_pruned_from_its_own_weights(tmp_path, tiny_tokenizer,
+                                                                                  student_dir):
+    """student.model with student.layers: layers of that model (not the teacher's), a new head for the labels."""
+    teacher_dir = save_teacher_dir(tmp_path / "teacher", tiny_tokenizer)
+    teacher = load_model_dir(teacher_dir)[0]
+    cfg = cross_config(tmp_path, teacher_dir, student_dir, losses={"kd": 1.0})
+    whole, copied = make_student(cfg, teacher, None)
+    assert whole.config.num_hidden_layers == 2 and copied is None  # no shape key: the model as it is
+
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"layers": [1]})})
+    cfg.student.model_fields_set.add("layers")
+    sliced, copied = make_student(cfg, teacher, None)
+    pretrained = BertModel.from_pretrained(student_dir)
+    assert sliced.config.num_hidden_layers == 1 and copied is None  # not the teacher's layers: no `init` pairs
+    assert sliced.kdistill_init["source"] == str(student_dir)  # the report names the model it was cut from
+    assert sliced.config.id2label == teacher.config.id2label
+    for name, value in pretrained.encoder.layer[1].state_dict().items():
+        assert torch.equal(sliced.bert.encoder.layer[0].state_dict()[name], value), name
+    assert torch.equal(sliced.bert.embeddings.word_embeddings.weight, pretrained.embeddings.word_embeddings.weight)
+
+
 def test_a_student_head_for_other_labels_is_refused(tmp_path, tiny_bert_dir, teacher_dir):
     cfg = cross_config(tmp_path, teacher_dir, tiny_bert_dir, losses={"kd": 1.0})
     with pytest.raises(UserError, match=r"student.model: .* was trained on labels \['sport', 'tech', 'politics'\], "
