@@ -223,18 +223,20 @@ def check_shapes(cfg: RunConfig, *, distilling: bool = True) -> None:
     except NotImplementedError:
         return  # an architecture without num_hidden_layers: make_student says so
     s = cfg.student
+    source = config  # what the student is cut from: the teacher, or a student.model pruned by the shape keys
     if s.model:
-        student_config = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
-        s_layers, s_hidden, init_layers = num_layers_of(student_config), student_config.hidden_size, None
+        source = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
+    if s.model and not s.model_fields_set & SHAPE_KEYS:
+        s_layers, s_hidden, init_layers = num_layers_of(source), source.hidden_size, None
     else:
-        layers = student_layers(s, t_layers)
+        layers = student_layers(s, num_layers_of(source))
         try:
-            s_hidden = resolve_widths(config, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+            s_hidden = resolve_widths(source, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
                                       num_key_value_heads=s.num_key_value_heads,
-                                      intermediate_size=s.intermediate_size).get("hidden_size", config.hidden_size)
+                                      intermediate_size=s.intermediate_size).get("hidden_size", source.hidden_size)
         except ValueError as e:
             raise UserError(f"student.{e}") from None
-        s_layers, init_layers = len(layers), (layers if s.init != "random" else None)
+        s_layers, init_layers = len(layers), (layers if s.init != "random" and not s.model else None)
     try:
         pairs = layer_pairs(cfg.distill.layer_mapping, student_layers=s_layers, teacher_layers=t_layers,
                             init_layers=init_layers)

@@ -249,7 +249,7 @@ def test_the_fingerprint_follows_what_is_trained_only():
     base = run_fingerprint(load_config("default"), {"train": ["a text", 1]})
     untrained = ["name=other", "eval.repeats=1", "export.formats=[hf]", "train.checkpoint_every=5", "train.num_threads=1"]
     assert run_fingerprint(load_config("default", untrained), {"train": ["a text", 1]}) == base
-    for key in ("train.lr=0.1", "teacher.epochs=1", "data.max_length=64", "distill.temperature=2"):
+    for key in ("train.lr=0.1", "teacher.epochs=1", "data.max_length=64", "distill.temperature=3"):
         assert run_fingerprint(load_config("default", [key]), {"train": ["a text", 1]})["config"] != base["config"]
     other_data = run_fingerprint(load_config("default"), {"train": ["a text", 0]})
     assert other_data["config"] == base["config"] and other_data["data"] != base["data"]
