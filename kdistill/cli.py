@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from kdistill.errors import UserError
@@ -253,12 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"kdistill: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors: unknown option, missing argument
+    except typer.TyperException as e:  # usage errors (typer's own copy of click's): unknown option, missing argument
         e.show()
         sys.exit(2)
-    except click.Abort:
+    except typer.Abort:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1, traceback on request
         if os.environ.get("KDISTILL_DEBUG"):

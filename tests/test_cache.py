@@ -271,7 +271,9 @@ BUILD_SCRIPT = textwrap.dedent("""
     rank = process_state().process_index
     lp, ix = signal.lookup(torch.arange(N))
     np.savez(f"{out}-rank{rank}.npz", logprobs=lp.numpy(), ids=ix.numpy())
-    print(json.dumps({"rank": rank, "scored": scored, "path": str(signal.path), "reused": signal.reused}))
+    # a file per rank: two processes printing to one pipe can interleave their lines
+    with open(f"{out}-rank{rank}.json", "w") as f:
+        json.dump({"scored": scored, "path": str(signal.path), "reused": signal.reused}, f)
 """)
 
 
@@ -289,8 +291,8 @@ def test_two_processes_write_the_rows_one_process_writes(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert one.returncode == 0, one.stderr[-3000:]
-    reports = {r["rank"]: r for r in map(json.loads, two.stdout.split("\n")[:-1])}
-    (solo,) = map(json.loads, one.stdout.split("\n")[:-1])
+    reports = {rank: json.loads((tmp_path / f"two-rank{rank}.json").read_text()) for rank in (0, 1)}
+    solo = json.loads((tmp_path / "one-rank0.json").read_text())
     # 4 shards of 3, 3, 3, 1 blocks: rank 0 scores shards 0 and 2, rank 1 shards 1 and 3; one process all of them
     assert sorted(reports[0]["scored"]) == [0, 1, 2, 6, 7, 8]
     assert sorted(reports[1]["scored"]) == [3, 4, 5, 9]

@@ -123,6 +123,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["run", "--bogus"], "No such option: --bogus"),
+    (["train-teacher"], "Missing argument 'recipe'"),
+])
+def test_usage_errors_exit_2_with_the_usage_not_as_internal_errors(args, message):
+    result = kdistill(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Usage: " in result.stderr and "internal error" not in result.stderr
+
+
 def test_listing_verbs():
     result = kdistill("recipes")
     assert result.returncode == 0 and "default" in result.stdout
