@@ -226,7 +226,7 @@ def check_shapes(cfg: RunConfig, *, distilling: bool = True) -> None:
     source = config  # what the student is cut from: the teacher, or a student.model pruned by the shape keys
     if s.model:
         source = AutoConfig.from_pretrained(resolve_model_source(s.model)[0], trust_remote_code=False)
-    if s.model and not s.model_fields_set & SHAPE_KEYS:
+    if s.model and not is_shaped(s):
         s_layers, s_hidden, init_layers = num_layers_of(source), source.hidden_size, None
     else:
         layers = student_layers(s, num_layers_of(source))
@@ -370,7 +370,7 @@ def student_reads(cfg: RunConfig, data: DataBundle, encodings: Encodings, tokeni
     if cfg.student.model:
         student_tokenizer = load_tokenizer(cfg.student.model)
         cross = check_tokenizers(cfg, tokenizer, student_tokenizer)
-        if cfg.task != "classification" or not cfg.student.model_fields_set & SHAPE_KEYS:
+        if cfg.task != "classification" or not is_shaped(cfg.student):
             return student_tokenizer, cross, None
         return student_tokenizer, cross, calibration_batch(
             encodings(data, student_tokenizer, ("train",))["train"], student_tokenizer)
@@ -399,7 +399,7 @@ def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     elif s.model:
         student, _, _ = load_model_dir(s.model, task="embedding" if cfg.task == "embedding" else None)
         return student.train(), None
-    if source is not teacher and not s.model_fields_set & SHAPE_KEYS:
+    if source is not teacher and not is_shaped(s):
         return source.train(), None
     # student.layers & co. with a student.model: that model is pruned, as a teacher-derived student would be
     student_layers(s, num_layers_of(source.config))  # a bad number or index fails here, naming student.layers
@@ -422,6 +422,11 @@ SHAPE_KEYS = frozenset({"layers", "layer_map", "hidden_size", "num_attention_hea
                         "intermediate_size", "init"})
 """student keys that shape a student derived from a model (the teacher, or a classification or causal-lm
 student.model)."""
+
+
+def is_shaped(student_cfg) -> bool:
+    """Whether the recipe sets a student shape key: then a student.model is pruned by them, else taken whole."""
+    return bool(student_cfg.model_fields_set & SHAPE_KEYS)
 
 
 def term_spec(cfg: RunConfig, teacher, student, init_layers) -> TermSpec:
