@@ -730,6 +730,14 @@ def load_lm_corpus(cfg: DataConfig) -> LMCorpus:
     return LMCorpus(splits, str(source), leakage)
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the pad token, else EOS (GPT-style tokenizers ship none: padded positions are
+    masked, so any id serves), else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def pack_blocks(texts: list[str], tokenizer, block_size: int) -> LMBlocks:
     """Tokenise documents, join them with EOS, cut into blocks of `block_size`; the last block is padded."""
     ids: list[int] = []
@@ -779,8 +787,7 @@ def encode_blocks(pieces: list[str], tokenizer, block_size: int | None = None) -
     encoded = tokenizer(pieces, return_offsets_mapping=True, truncation=block_size is not None,
                         max_length=block_size, verbose=False)
     length = max(len(ids) for ids in encoded["input_ids"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(pieces), length), pad, dtype=torch.long)
+    ids = torch.full((len(pieces), length), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(pieces), length), dtype=torch.long)
     ends = torch.full((len(pieces), length), -1, dtype=torch.int32)
     for b, (piece, row, offsets) in enumerate(zip(pieces, encoded["input_ids"], encoded["offset_mapping"])):

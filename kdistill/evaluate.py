@@ -36,7 +36,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from torch import Tensor
 
 from kdistill.config import EvalConfig
-from kdistill.data import LMBlocks
+from kdistill.data import LMBlocks, pad_id
 from kdistill.features import Pooling, capture
 from kdistill.models import dir_size_mb
 from kdistill.student import count_parameters, find_layer_list
@@ -290,7 +290,7 @@ def sample_generations(models: dict, tokenizer, prompts=SAMPLE_PROMPTS, new_toke
 @torch.no_grad()
 def _sample_generations(models: dict, tokenizer, prompts, new_tokens: int) -> dict:
     out = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     for name, model in models.items():
         model.eval()
         device = next(model.parameters()).device

@@ -49,6 +49,7 @@ from kdistill.data import (
     load_token_data,
     encode_blocks,
     pack_blocks,
+    pad_id,
     text_blocks,
     tokenize_splits,
 )
@@ -857,8 +858,6 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
         cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,
                       "status": "prebuilt" if prebuilt else "reused" if cache.reused else "built", "key": cache.key}
 
-    pad_id = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else \
-        student_tokenizer.eos_token_id
     meta = {"task": "causal-lm", "max_length": cfg.data.block_size, "strategy": cfg.distill.strategy,
             "losses": cfg.distill.losses, "teacher": teacher_name, "student_init": shapes["init"]}
     phases = {"student": (student, spec, teacher, cache, {"role": "student", **meta})}
@@ -874,8 +873,8 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         history = distill_causal(model, phase_teacher, blocks["train"], blocks["validation"], spec=phase_spec,
                                  distill=cfg.distill, train=cfg.train, cache=phase_cache, name=name,
-                                 log_dir=run_dir / "logs", pad_id=pad_id, eos_id=student_tokenizer.eos_token_id,
-                                 checkpoints=checkpoints)
+                                 log_dir=run_dir / "logs", pad_id=pad_id(student_tokenizer),
+                                 eos_id=student_tokenizer.eos_token_id, checkpoints=checkpoints)
         if main:
             save_history(run_dir, history)
             save_model(model, student_tokenizer, run_dir / name,
@@ -901,8 +900,7 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
             results[name]["source_file_mb"] = teacher_file_mb
         if histories[name] and histories[name].evals:
             results[name]["validation_perplexity"] = histories[name].evals[-1]["perplexity"]
-    pads = {name: tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            for name, (_, _, tok) in reads.items()}
+    pads = {name: pad_id(tok) for name, (_, _, tok) in reads.items()}
     for name, numbers in compare_lm_speed(models, {n: r[0] for n, r in reads.items()}, cfg.eval, pads).items():
         results[name].update(numbers)
     t = results["teacher"]
