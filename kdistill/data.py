@@ -730,7 +730,7 @@ def load_lm_corpus(cfg: DataConfig) -> LMCorpus:
     return LMCorpus(splits, str(source), leakage)
 
 
-def pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     """The id that pads a batch: the pad token, else EOS (GPT-style tokenizers ship none: padded positions are
     masked, so any id serves), else 0."""
     if tokenizer.pad_token_id is not None:
@@ -750,8 +750,7 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int) -> LMBlocks:
     if not ids:
         raise DataError("no tokens to pack: the documents tokenise to nothing")
     n = math.ceil(len(ids) / block_size)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep or 0)
-    flat = torch.full((n * block_size,), pad, dtype=torch.long)
+    flat = torch.full((n * block_size,), pad_id_of(tokenizer), dtype=torch.long)
     flat[: len(ids)] = torch.tensor(ids, dtype=torch.long)
     mask = torch.zeros(n * block_size, dtype=torch.long)
     mask[: len(ids)] = 1
@@ -787,7 +786,7 @@ def encode_blocks(pieces: list[str], tokenizer, block_size: int | None = None) -
     encoded = tokenizer(pieces, return_offsets_mapping=True, truncation=block_size is not None,
                         max_length=block_size, verbose=False)
     length = max(len(ids) for ids in encoded["input_ids"])
-    ids = torch.full((len(pieces), length), pad_id(tokenizer), dtype=torch.long)
+    ids = torch.full((len(pieces), length), pad_id_of(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(pieces), length), dtype=torch.long)
     ends = torch.full((len(pieces), length), -1, dtype=torch.int32)
     for b, (piece, row, offsets) in enumerate(zip(pieces, encoded["input_ids"], encoded["offset_mapping"])):

@@ -36,7 +36,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from torch import Tensor
 
 from kdistill.config import EvalConfig
-from kdistill.data import LMBlocks, pad_id
+from kdistill.data import LMBlocks, pad_id_of
 from kdistill.features import Pooling, capture
 from kdistill.models import dir_size_mb
 from kdistill.student import count_parameters, find_layer_list
@@ -290,7 +290,7 @@ def sample_generations(models: dict, tokenizer, prompts=SAMPLE_PROMPTS, new_toke
 @torch.no_grad()
 def _sample_generations(models: dict, tokenizer, prompts, new_tokens: int) -> dict:
     out = {}
-    pad = pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     for name, model in models.items():
         model.eval()
         device = next(model.parameters()).device

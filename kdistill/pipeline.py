@@ -49,7 +49,7 @@ from kdistill.data import (
     load_token_data,
     encode_blocks,
     pack_blocks,
-    pad_id,
+    pad_id_of,
     text_blocks,
     tokenize_splits,
 )
@@ -873,7 +873,7 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         history = distill_causal(model, phase_teacher, blocks["train"], blocks["validation"], spec=phase_spec,
                                  distill=cfg.distill, train=cfg.train, cache=phase_cache, name=name,
-                                 log_dir=run_dir / "logs", pad_id=pad_id(student_tokenizer),
+                                 log_dir=run_dir / "logs", pad_id=pad_id_of(student_tokenizer),
                                  eos_id=student_tokenizer.eos_token_id, checkpoints=checkpoints)
         if main:
             save_history(run_dir, history)
@@ -900,7 +900,7 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
             results[name]["source_file_mb"] = teacher_file_mb
         if histories[name] and histories[name].evals:
             results[name]["validation_perplexity"] = histories[name].evals[-1]["perplexity"]
-    pads = {name: pad_id(tok) for name, (_, _, tok) in reads.items()}
+    pads = {name: pad_id_of(tok) for name, (_, _, tok) in reads.items()}
     for name, numbers in compare_lm_speed(models, {n: r[0] for n, r in reads.items()}, cfg.eval, pads).items():
         results[name].update(numbers)
     t = results["teacher"]

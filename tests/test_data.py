@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from kdistill.config import DataConfig
-from kdistill.data import UNLABELED, load_data, pad_id, tokenize_splits
+from kdistill.data import UNLABELED, load_data, pad_id_of, tokenize_splits
 from kdistill.errors import DataError
 from tests.helpers import write_csv
 
@@ -281,7 +281,7 @@ def test_a_given_test_split_sorted_by_label_is_capped_by_a_seeded_draw_not_its_h
 
 
 @pytest.mark.parametrize(("pad", "eos", "expected"), [(0, 2, 0), (None, 50256, 50256), (None, None, 0), (7, None, 7)])
-def test_pad_id_is_the_pad_token_else_eos_else_0(pad, eos, expected):
+def test_pad_id_of_is_the_pad_token_else_eos_else_0(pad, eos, expected):
     # GPT-2-style tokenizers have no pad token; a pad id of 0 must not be taken for "none" (BERT's [PAD] is 0)
     tokenizer = SimpleNamespace(pad_token_id=pad, eos_token_id=eos)
-    assert pad_id(tokenizer) == expected
+    assert pad_id_of(tokenizer) == expected
