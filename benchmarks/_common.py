@@ -10,8 +10,8 @@ import sys
 
 TEACHER_SLICE_STUDENT = ["student.model=null", "data.labeled_limit=null", "distill.temperature=4"]
 """Overrides on the default recipe that give the student these benchmarks compare: 2 layers copied from the
-teacher's (not the general-purpose MiniLM-L6 the default has cut its student from since session 13), every
-training label, T = 4: the default recipe as it was when their README numbers were measured."""
+teacher's (not the general-purpose MiniLM-L6 the default recipe cuts its student from), every training label,
+T = 4: the setting whose numbers docs/results.md reports for these benchmarks."""
 
 
 def spread(values: list[float]) -> dict:

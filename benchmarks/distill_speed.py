@@ -7,7 +7,7 @@
 
 TextBrewer is not a kdistill dependency: `pip install textbrewer==0.2.1` first, or it is reported as skipped.
 
-Equal for every system: the teacher (--teacher, frozen); the student, the default recipe's before session 13
+Equal for every system: the teacher (--teacher, frozen); the student cut from the teacher
 (_common.TEACHER_SLICE_STUDENT: 2 layers copied from teacher layers 0 and 5 by kdistill's make_student, built
 once, each system starting from a copy of it); the data (kdistill's load_data of bbc-news: the same train and
 test splits); epochs, hence optimizer steps; batch size;
@@ -39,7 +39,7 @@ the teacher's outputs can give (kdistill's other savings are dynamic padding and
 
 Timed per system: from the raw texts to the trained student (tokenization, kdistill's logit cache, training), not the
 evaluation. samples_per_s = training examples × epochs / wall time. Each student is then scored on the test split by
-the same function (kdistill.evaluate.predict + quality_metrics). Systems run one after another, so the machine's
+the same function (kdistill.measure.predict + quality_metrics). Systems run one after another, so the machine's
 load can differ between them: compare the ratios of one run, and repeat the run on a loaded machine.
 Prints one JSON line on stdout (logs and progress bars on stderr).
 """
@@ -272,7 +272,7 @@ def load_setup(args):
 
 
 def score(student, tokenizer, encoded_test, label_names) -> dict:
-    from kdistill.evaluate import predict, quality_metrics
+    from kdistill.measure import predict, quality_metrics
 
     preds = predict(student.cpu(), encoded_test, tokenizer)
     metrics = quality_metrics(preds, list(encoded_test["labels"]), label_names)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from kdistill.errors import UserError
-    from kdistill.evaluate import machine_info
+    from kdistill.measure import machine_info
 
     logging.basicConfig(level=logging.WARNING)
     if args.threads:

@@ -1,7 +1,10 @@
-"""`kdistill` command line. Every verb is a plain function, callable from Python with the same arguments:
+"""`kdistill` command line. Every verb is a plain function, and the package exports each one with the command's
+arguments (an option is the keyword argument of its name); from Python a verb returns its result and raises
+`kdistill.UserError` where the command exits with code 2:
 
-    from kdistill.cli import run
-    run("tiny", set=["train.epochs=1"], out="runs/try")
+    import kdistill
+    run_dir = kdistill.run("tiny", set=["train.epochs=1"], out="runs/try")
+    kdistill.predict(run_dir / "student", ["Shares rose after the results."])
 
 Exit codes: 0 success, 2 bad input or configuration (one line on stderr naming the file/row/key), 1 internal error.
 Also runs as `python -m kdistill.cli ...`, which is what `accelerate launch -m` and `torchrun -m` need.
@@ -109,10 +112,9 @@ def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in datas
     if out is not None:
         check_output_file(out, example="metrics.json", overwrite=overwrite)
     metrics = evaluate_dir(model, data, split=split, overrides=set or [], out=out, teacher=teacher)
-    headline = {"classification": ("accuracy", "macro_f1"),
-                "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
-                "embedding": ("knn_accuracy", "spearman_agreement", "recall_at_10")}[metrics["task"]]
-    keys = (*headline, "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
+    from kdistill.task import get_task
+
+    keys = (*get_task(metrics["task"]).headline, "params", "size_mb", "latency_ms_batch1", "throughput_per_s")
     typer.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
     return metrics
 
@@ -122,7 +124,7 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="One or more run 
            out: Annotated[Optional[Path], typer.Option(help="Where report.md goes (default: first run dir)")]
            = None) -> Path:
     """report.md + plots comparing every model of the given runs."""
-    from kdistill.report import write_report
+    from kdistill.reporting import write_report
 
     path = write_report(run_dirs, out)
     typer.echo(str(path))
@@ -229,7 +231,7 @@ def _print_summary(run_dir: Path) -> None:
         return
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.is_file():
-        from kdistill.report import summary_table
+        from kdistill.reporting import summary_table
 
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         typer.echo(summary_table([{"metrics": metrics}]))

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdistill.errors import ConfigError, decode_utf8
-from kdistill.terms import CROSS_TOKENIZER_TERMS, TERMS, split_stages, terms_for, uncacheable_terms
+from kdistill.task import DEFAULT_TASK, get_task, task_names
+from kdistill.terms import CROSS_TOKENIZER_TERMS, GJSD_BETA, RELATION_HEADS, SKEW_ALPHA, TERMS, split_stages, terms_for, uncacheable_terms
 
 
 class _Section(BaseModel):
@@ -167,8 +168,8 @@ class DistillConfig(_Section):
     layer_mapping: Literal["uniform", "last", "init"] | list[list[int]] = "init"
     """Student layer -> teacher layer for hidden/attention terms: `init` (the layers the student was copied from),
     `uniform` (TinyBERT), `last`, or explicit [[student, teacher], ...] pairs (0-based)."""
-    relation_heads: int = Field(12, ge=1)
-    """Relation heads for MiniLM-style Q/K/V relation losses."""
+    relation_heads: int = Field(RELATION_HEADS["relation_heads"], ge=1)
+    """minilm_* terms: relation heads of MiniLM's Q/K/V relations (must divide both widths)."""
     extra_teachers: list[str] = Field(default_factory=list)
     """More trained teacher dirs whose soft targets are averaged with the main teacher's (multi-teacher KD)."""
     teacher_weights: list[float] | None = None
@@ -183,9 +184,9 @@ class DistillConfig(_Section):
     """mutual/alternating: learning rate of the teacher while it keeps learning."""
     quiz_fraction: float = Field(0.1, gt=0, lt=1)
     """alternating: share of the training data held out as the quiz set for the teacher's meta step."""
-    gjsd_beta: float = Field(0.5, ge=0, le=1)
+    gjsd_beta: float = Field(GJSD_BETA["gjsd_beta"], ge=0, le=1)
     """causal-lm `jsd` term: β of the generalised JSD (0 = forward KL, 1 = reverse KL)."""
-    skew_alpha: float = Field(0.1, ge=0, lt=1)
+    skew_alpha: float = Field(SKEW_ALPHA["skew_alpha"], ge=0, lt=1)
     """causal-lm skew KL terms: mixing α of DistiLLM's skewed divergences."""
     on_policy_fraction: float = Field(0.0, ge=0, le=1)
     """causal-lm: probability λ that a step trains on the student's own generations (GKD on-policy)."""
@@ -206,7 +207,7 @@ class DistillConfig(_Section):
     cache_top_k: int = Field(64, ge=1)
     """causal-lm: logits stored per token in the teacher cache."""
     teacher_signal: str | None = Field(None, min_length=1)
-    """causal-lm: a teacher signal built before (kdistill/cache.py: Parquet shards + manifest.json, e.g. another
+    """causal-lm: a teacher signal built before (kdistill/cache/: Parquet shards + manifest.json, e.g. another
     run's `teacher_cache.path`), read instead of running the teacher over the training blocks: a directory or an
     fsspec URL (file://, memory://, s3:// with its fsspec package). It must hold this run's key (the same teacher
     weights, packed data, block_size and cache_top_k), else the run stops naming what differs. The teacher still
@@ -301,7 +302,9 @@ class ExportConfig(_Section):
 class RunConfig(_Section):
     name: str = "run"
     """Run name; outputs go to `<out>/<name>` unless `--out` names the dir."""
-    task: Literal["classification", "causal-lm", "token-classification", "embedding"] = "classification"
+    task: str = DEFAULT_TASK
+    """What the run learns and how it is scored: a task's name (kdistill.tasks: classification,
+    token-classification, embedding, causal-lm, or one registered)."""
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -319,31 +322,26 @@ class RunConfig(_Section):
                              "'.'); use e.g. my-run, and --out DIR to choose where it goes")
         return name
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        get_task(task)  # ValueError naming the known tasks
+        return task
+
     @model_validator(mode="after")
     def _data_source(self):
         if self.data.train_file is None and self.data.dataset is None:
             raise ValueError("data: set data.dataset or data.train_file")
-        if self.task == "token-classification" and self.data.augment:
-            raise ValueError("data.augment works with task classification only (it rewrites whole texts); "
-                             "token-classification takes data.unlabeled_file")
-        if self.task == "token-classification" and self.data.unlabeled_file and self.distill.strategy != "explicit":
-            # the soft tags of the transfer sentences come from a frozen teacher, which only explicit has
-            raise ValueError(f"data.unlabeled_file: token-classification learns transfer sentences with strategy "
-                             f"explicit (a frozen teacher), not {self.distill.strategy}")
-        if self.task == "embedding" and self.data.augment:
-            raise ValueError("data.augment works with task classification only; embedding takes more texts through "
-                             "data.unlabeled_file")
-        if self.task == "causal-lm" and (self.data.unlabeled_file or self.data.augment):
-            raise ValueError(f"data.unlabeled_file and data.augment work with the encoder tasks, not {self.task}")
+        get_task(self.task).check_config(self)  # the task's own rules (e.g. which data options it reads)
         return self
 
     @model_validator(mode="after")
     def _fsdp_scope(self):
         if not self.train.fsdp:
             return self
-        if self.task != "causal-lm" or self.distill.strategy != "explicit":
-            raise ValueError(f"train.fsdp: shards causal-lm students of strategy explicit, not {self.task} / "
-                             f"{self.distill.strategy}")
+        if not get_task(self.task).has("fsdp") or self.distill.strategy != "explicit":
+            raise ValueError(f"train.fsdp: shards {_tasks_with(lambda t: t.has('fsdp'))} students of strategy explicit, not "
+                             f"{self.task} / {self.distill.strategy}")
         if self.distill.on_policy_fraction or self.distill.seq_kd_fraction:
             # every process would generate its own continuations, for as many steps as its own batch needs, while a
             # sharded forward needs all of them at once
@@ -354,9 +352,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _signal_is_causal_lm(self):
-        if self.distill.teacher_signal and self.task != "causal-lm":
-            raise ValueError(f"distill.teacher_signal: task causal-lm only (the stored top-k next-token "
-                             f"log-probabilities), not {self.task}")
+        if self.distill.teacher_signal and get_task(self.task).teacher_signal is None:
+            raise ValueError(f"distill.teacher_signal: task {_tasks_with(lambda t: t.teacher_signal)} only (the "
+                             f"stored top-k next-token log-probabilities), not {self.task}")
         return self
 
     @model_validator(mode="after")
@@ -384,10 +382,9 @@ class RunConfig(_Section):
     def _two_stage_scope(self):
         if self.distill.intermediate_epochs is None:
             return self
-        if self.distill.strategy != "explicit" or self.task not in ("classification", "token-classification"):
+        if self.distill.strategy != "explicit" or not get_task(self.task).has("two_stage"):
             raise ValueError(f"distill.intermediate_epochs: two-stage distillation works with strategy explicit and "
-                             f"task classification or token-classification, not {self.distill.strategy} / "
-                             f"{self.task}")
+                             f"task {_tasks_with(lambda t: t.has('two_stage'))}, not {self.distill.strategy} / {self.task}")
         intermediate, prediction = split_stages(self.distill.losses)
         if not intermediate or not prediction:
             raise ValueError("distill.intermediate_epochs: two-stage distillation needs an intermediate term (e.g. "
@@ -397,11 +394,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _terms_apply_to_task(self):
+        task = get_task(self.task)
         for term, weight in self.distill.losses.items():
-            if weight > 0 and self.task not in TERMS[term].tasks:
+            if weight > 0 and not task.applies(TERMS[term].family):
                 raise ValueError(f"distill.losses.{term}: does not apply to task {self.task}; its terms are "
-                                 f"{', '.join(terms_for(self.task))}")
+                                 f"{', '.join(terms_for(task))}")
         return self
+
+
+def _tasks_with(ability) -> str:
+    """The tasks with an `ability` (a predicate of a Task), for a message: "a or b"."""
+    return " or ".join(name for name in task_names() if ability(get_task(name)))
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -457,14 +460,34 @@ def recipe_dir():
 
 
 def list_recipes() -> dict[str, str]:
-    """Shipped recipe name -> its first comment lines (the command that runs it and what it shows)."""
-    out = {}
-    for f in sorted(recipe_dir().iterdir(), key=lambda p: p.name):
-        if f.name.endswith(".yaml"):
-            head = [ln.lstrip("# ").rstrip() for ln in f.read_text(encoding="utf-8").splitlines()
-                    if ln.startswith("#")]
-            out[f.name.removesuffix(".yaml")] = " ".join(head[1:2]) or (head[0] if head else "")
-    return out
+    """Shipped recipe name -> what it shows: the first sentence of its description (`recipe_description`)."""
+    return {f.name.removesuffix(".yaml"): recipe_description(f.read_text(encoding="utf-8"))
+            for f in sorted(recipe_dir().iterdir(), key=lambda p: p.name) if f.name.endswith(".yaml")}
+
+
+def recipe_description(text: str) -> str:
+    """The first sentence, whole, of the description a recipe opens with: its first comment lines after the first
+    one (the command that runs it), joined over the line breaks; a recipe with one comment line: that line.
+
+    The sentence ends at the first '.', '!' or '?' that ends the text or is followed by a space and a word that does
+    not start in lower case, outside brackets: "(Hinton et al. 2015)" and "e.g. a" do not end it. No such end: the
+    whole description."""
+    head = []
+    for line in text.lstrip().splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line.lstrip("#"))
+    description = " ".join(" ".join(head[1:] or head).split())
+    depth = 0
+    for i, char in enumerate(description):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif (char in ".!?" and not depth and description[i + 1:i + 2] in ("", " ")
+              and not description[i + 2:i + 3].islower()):
+            return description[:i + 1]
+    return description
 
 
 def resolve_recipe(recipe: str | Path | None) -> tuple[dict, str]:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 
 from kdistill.checkpoint import Checkpoints
-from kdistill.terms import step_loss
+from kdistill.terms import TERMS, step_loss
 from kdistill.training import GroupStream, History, Learner, Timer, batch_units, progress, step_units
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class Engine:
     checkpoints: Checkpoints | None = None
     side_streams: dict[str, GroupStream] = field(default_factory=dict)
     """More data the strategy draws from (e.g. alternating's quiz set); their positions are checkpointed too."""
-    task: str = "classification"
-    """Which unit each term counts (terms.TERMS: hidden terms count tokens, or next-token targets of a causal LM)."""
+    task: Any = None
+    """The task (kdistill.tasks): which unit each term counts (its term_units: hidden terms count tokens, or the
+    next-token targets of a causal LM)."""
 
     @property
     def streams(self) -> dict[str, GroupStream]:
@@ -115,12 +117,13 @@ class Engine:
 
 def backward_group(accelerator: Accelerator, group: list[dict],
                    terms_of: Callable[[dict], list[tuple[Terms, dict[str, float]]]], logged: list[dict[str, float]],
-                   *, sync: torch.nn.Module | None = None, task: str = "classification") -> None:
+                   *, task, sync: torch.nn.Module | None = None) -> None:
     """Forward and backward every micro-batch of one step; the gradients add up to those of the step's loss.
 
     `terms_of(batch)` gives, for each model that learns from this batch, (its terms' (sum, count), their weights);
     their step-normalised weighted sum is what is differentiated, each model's share logged into the matching
-    `logged` dict (summed over the micro-batches: the step mean on this process). `sync`: the DDP-wrapped model
+    `logged` dict (summed over the micro-batches: the step mean on this process; a term that nothing in the whole step
+    counted, e.g. ce on a group of unlabeled transfer rows, is left out, not logged as 0). `sync`: the DDP-wrapped model
     whose gradients are all-reduced once, on the last micro-batch only."""
     units = step_units(group, accelerator)
     world = accelerator.num_processes
@@ -133,3 +136,8 @@ def backward_group(accelerator: Accelerator, group: list[dict],
                 loss = loss + step_loss(terms, weights, in_batch, units, world, into, task=task)
             if torch.is_tensor(loss):  # (a micro-batch may hold nothing the terms count)
                 accelerator.backward(loss)
+    # an uncounted term's sum is 0 (losses sum counted items only): the step's loss is unchanged; the units are summed
+    # over all processes, so every process leaves out the same terms
+    for into in logged:
+        for term in [t for t in into if t in TERMS and not float(units.get(TERMS[t].unit_for(task), 1.0))]:
+            del into[term]

@@ -18,22 +18,14 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 
 from kdistill.assets import GEMMA3_270M, MPNET_BASE, QWEN25_CODER_05B, fetch
 from kdistill.config import FromScratchConfig
 from kdistill.errors import UserError
 from kdistill.features import POOLING_MODES, Pooling
 from kdistill.io import atomic_dir, atomic_write_json
+from kdistill.task import DEFAULT_TASK, get_task, guess_task
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +104,8 @@ def _local_source(name: str) -> tuple[str, dict]:
     return source, extra
 
 
-def load_classifier(name: str, label_names: list[str] | None = None, *, task: str = "classification", **kwargs):
-    """A sequence classifier (a token classifier for `task: token-classification`) from a pretrained model; a new
+def load_classifier(name: str, label_names: list[str] | None = None, *, task: str = DEFAULT_TASK, **kwargs):
+    """A classifier of `task` (its Auto class: a sequence or a token classifier) from a pretrained model; a new
     head when `label_names` differ from its own."""
     source, extra = _local_source(name)
     kw = dict(trust_remote_code=False, **extra, **kwargs)
@@ -121,9 +113,7 @@ def load_classifier(name: str, label_names: list[str] | None = None, *, task: st
         kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)})
     try:
-        auto = AutoModelForTokenClassification if task == "token-classification" else \
-            AutoModelForSequenceClassification
-        model = auto.from_pretrained(source, **kw)
+        model = get_task(task).auto_model.from_pretrained(source, **kw)
     except OSError as e:
         raise UserError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
     return model
@@ -140,9 +130,12 @@ def load_causal_lm(name: str, **kwargs):
 
 
 def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list[str], max_length: int, *,
-                            task: str = "classification"):
-    """A randomly initialised BERT sized by `cfg`, over `tokenizer`'s vocabulary (a token classifier for
-    `task: token-classification`)."""
+                            task: str = DEFAULT_TASK):
+    """A randomly initialised BERT sized by `cfg`, over `tokenizer`'s vocabulary, with the head of `task` (its
+    scratch_model: a sequence or a token classifier)."""
+    head = get_task(task).scratch_model
+    if head is None:
+        raise UserError(f"teacher.from_scratch: task {task} trains no teacher from scratch; set teacher.model")
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -155,8 +148,7 @@ def from_scratch_classifier(cfg: FromScratchConfig, tokenizer, label_names: list
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
     )
-    return BertForTokenClassification(config) if task == "token-classification" else \
-        BertForSequenceClassification(config)
+    return head(config)
 
 
 def save_model(model, tokenizer, path: str | Path, meta: dict) -> Path:
@@ -183,7 +175,7 @@ class ModelDirInfo:
     meta: dict
     """kdistill.json ({} when absent): task, max_length, how the model was made."""
     task: str
-    """meta["task"], else guessed from config.json's architectures (guess_task)."""
+    """meta["task"], else the task that claims the dir's config.json and files (tasks.guess_task)."""
     labels: list[str]
     """Class names in id order, from config.json's id2label ([] when it has none)."""
 
@@ -205,15 +197,6 @@ def read_meta(path: str | Path) -> dict:
     """The model dir's kdistill.json (META_FILE), or {} when it has none."""
     f = Path(path) / META_FILE
     return _read_json_object(f) if f.is_file() else {}
-
-
-def guess_task(config: dict) -> str:
-    """"causal-lm" when config.json's architectures name a causal LM head, "token-classification" for a token
-    classification head, else "classification"."""
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForTokenClassification") for a in archs):
-        return "token-classification"
-    return "causal-lm" if any("CausalLM" in a or "LMHead" in a for a in archs) else "classification"
 
 
 def _labels(config: dict, config_path: Path) -> list[str]:
@@ -238,7 +221,7 @@ def inspect_model_dir(path: str | os.PathLike) -> ModelDirInfo:
         raise UserError(f"{path}: not a model dir (no config.json)")
     config = _read_json_object(config_path)
     meta = read_meta(path)
-    task = meta.get("task") or ("embedding" if (path / ST_MODULES).is_file() else guess_task(config))
+    task = meta.get("task") or guess_task(config, path).name
     return ModelDirInfo(path, config, meta, task, _labels(config, config_path))
 
 
@@ -273,15 +256,12 @@ def load_dir_tokenizer(path: str | os.PathLike):
         raise UserError(f"{path}: cannot load tokenizer files ({str(e).splitlines()[0]})") from None
 
 
-def load_dir_model(path: str | os.PathLike, task: str = "classification"):
-    """A model dir's PyTorch model in eval mode, fp32, from safetensors only (nothing is unpickled)."""
+def load_dir_model(path: str | os.PathLike, task: str = DEFAULT_TASK):
+    """A model dir's PyTorch model of `task` (its Auto class) in eval mode, fp32, from safetensors only (nothing
+    is unpickled)."""
     path = Path(path)
     require_safetensors(path)
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    if task == "token-classification":
-        cls = AutoModelForTokenClassification
-    if task == "embedding":  # a sentence encoder: the base model, pooled by its dir's Pooling (read_pooling)
-        cls = AutoModel
+    cls = get_task(task).auto_model
     try:
         model = cls.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
@@ -367,13 +347,13 @@ def write_sentence_transformer_files(path: str | os.PathLike, pooling: Pooling, 
 
 def save_sentence_encoder(model, tokenizer, path: str | Path, meta: dict, pooling: Pooling, max_seq_length: int
                           ) -> Path:
-    """A sentence encoder's dir: save_model's HF dir (task: embedding in kdistill.json) plus the sentence-
-    transformers module files, written atomically together."""
+    """A sentence encoder's dir: save_model's HF dir (`meta` in kdistill.json, with the pooling) plus the
+    sentence-transformers module files, written atomically together."""
     model = getattr(model, "module", model)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_sentence_transformer_files(tmp, pooling, model.config.hidden_size, max_seq_length)
-        atomic_write_json(Path(tmp) / META_FILE, {"task": "embedding", **meta,
+        atomic_write_json(Path(tmp) / META_FILE, {**meta,
                                                   "pooling": {"mode": pooling.mode, "normalize": pooling.normalize}})
     return Path(path)

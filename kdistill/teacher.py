@@ -16,7 +16,7 @@ from datasets import DatasetDict
 
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
 from kdistill.data import UNLABELED, DataBundle, Encodings
-from kdistill.distill.explicit import distill_explicit
+from kdistill.strategies.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.models import (
     dir_size_mb,
@@ -63,17 +63,18 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
                               "vocab_size": len(tokenizer)}
 
 
-def finetune(model, tokenizer, encoded: DatasetDict, train: TrainConfig, *, name: str,
+def finetune(model, tokenizer, encoded: DatasetDict, train: TrainConfig, *, name: str, task,
              log_dir: Path | None = None, checkpoints=None) -> History:
     """Supervised training on hard labels: the explicit loop with the `ce` term alone and no teacher.
 
     `encoded`: the splits in `tokenizer`'s tokenization (data.Encodings). AdamW + warmup/decay, early stopping on
     validation accuracy; the best validation weights are left in `model`.
-    `checkpoints` (checkpoint.Checkpoints): where to save resumable state and whether to resume.
+    `checkpoints` (checkpoint.Checkpoints): where to save resumable state and whether to resume. `task`: the
+    run's task (kdistill.tasks, or its name).
     """
     return distill_explicit(model, [], tokenizer, encoded, spec=TermSpec({"ce": 1.0}, pairs=[]),
                             distill=DistillConfig(losses={"ce": 1.0}), train=train, name=name, log_dir=log_dir,
-                            checkpoints=checkpoints)
+                            checkpoints=checkpoints, task=task)
 
 
 def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_dir: Path, log_dir: Path | None = None,
@@ -87,7 +88,8 @@ def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_di
     if cfg.data.labeled_limit:  # it learns from labels alone: an unlabeled row would cost a forward and teach nothing
         encoded = DatasetDict({**encoded, "train": encoded["train"].filter(lambda y: y != UNLABELED,
                                                                            input_columns="labels")})
-    history = finetune(model, tokenizer, encoded, train, name="teacher", log_dir=log_dir, checkpoints=checkpoints)
+    history = finetune(model, tokenizer, encoded, train, name="teacher", task=cfg.task, log_dir=log_dir,
+                       checkpoints=checkpoints)
     if is_main_process():
         save_model(model, tokenizer, out_dir, {"task": cfg.task, "max_length": cfg.data.max_length,
                                                "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
@@ -111,7 +113,7 @@ def load_causal_teacher(cfg: RunConfig):
     if cfg.teacher.from_scratch is not None:
         raise UserError("teacher.from_scratch: causal-lm distils a given pretrained LM; set teacher.model")
     if cfg.teacher.path:
-        teacher, tokenizer, _ = load_model_dir(cfg.teacher.path, task="causal-lm")
+        teacher, tokenizer, _ = load_model_dir(cfg.teacher.path, task=cfg.task)
         name, file_mb = cfg.teacher.path, dir_size_mb(cfg.teacher.path)
     else:
         if not cfg.teacher.model:

@@ -4,8 +4,9 @@ A row (`Term`) says how to compute the term from one forward pass of student and
 (sum, count) pair from `kdistill.losses`), what its count counts (`unit`, which the loops use to normalise over a
 whole optimizer step: `step_loss`), what it reads from the teacher (`reads`, from which `TermSpec` derives what
 the models must return and what a teacher cache must hold), whether a teacher cache can hold that (`cacheable`)
-and the tasks it applies to (`tasks`, checked by config validation: `check_terms`). Every strategy of every task
-calls the one `compute_terms`.
+and its family (`family`): a task (kdistill/tasks/) lists the families that apply to it and, where a family's
+count depends on the task, what it counts (`Task.term_units`); config validation checks it (`check_terms`).
+Every strategy of every task calls the one `compute_terms`.
 
 Adding a term is one function and one row, e.g. a squared error between a classifier's logits (Ba & Caruana
 2014)::
@@ -14,19 +15,23 @@ Adding a term is one function and one row, e.g. a squared error between a classi
         return losses.hidden_mse(x.student.logits[:, None], x.teacher.logits[:, None])
 
     TERMS["logit_mse"] = Term("logit_mse", _logit_mse, unit="rows", reads=frozenset({"logits"}),
-                              cacheable=False, tasks=frozenset({"classification"}))
+                              cacheable=False, family="logits")
 
 (cacheable=False: it reads `teacher.logits`, which only the live teacher gives; `kd` reads cached logits as
 `teacher_log_probs`.) Recipes can then weight it (`distill.losses: {logit_mse: 1.0}`), config validation knows
 it, and every loop computes, normalises and logs it. A tensor loss new to the toolkit goes into
-`kdistill/losses.py` first, as a pure function returning (sum, count).
+the family module of `kdistill/losses/` first, as a pure function returning (sum, count).
 
-This module is the bottom layer: it imports only torch and kdistill.losses / features.
+Why one module (over 600 lines): a term is one function and one row, and they read best side by side, with the
+spec (`TermSpec`) and the step normalisation that read the table.
+
+This module is near the bottom layer: it imports only torch, kdistill.losses / features and the task registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -34,16 +39,13 @@ from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.features import Features
+from kdistill.task import Task, get_task
 
-TASKS = ("classification", "causal-lm", "token-classification", "embedding")
-CLASSIFICATION = frozenset({"classification"})
-CAUSAL_LM = frozenset({"causal-lm"})
-EMBEDDING = frozenset({"embedding"})
-TOKEN_CLASSIFICATION = frozenset({"token-classification"})
-ENCODER_TOKENS = CLASSIFICATION | TOKEN_CLASSIFICATION
-"""Tasks whose batches are an encoder's tokens with an attention mask: the attention and MiniLM terms apply."""
-BOTH = frozenset(TASKS) - EMBEDDING
-"""Tasks the hidden-state terms apply to: all but embedding (a sentence encoder learns its pooled output)."""
+FAMILIES = ("logits", "labels", "cls", "attention", "next_token", "cross_tokenizer", "hidden", "pooled")
+"""Term families, which a task lists in `Task.term_units`: the teacher's soft outputs over the task's classes
+("logits"), the gold labels ("labels"), [CLS] states ("cls"), an encoder's attention maps and Q/K/V relations
+("attention"), a causal LM's next-token distributions ("next_token") and those of a teacher with another
+tokenizer ("cross_tokenizer"), hidden states ("hidden"), pooled sentence embeddings ("pooled")."""
 
 UNITS = ("rows", "labeled", "scored", "tokens", "token_pairs", "targets", "aligned")
 """What a term's count can count, per batch (`training.batch_units` counts each): examples ("rows"), examples or
@@ -108,9 +110,8 @@ class TermInputs:
     """causal-lm with a teacher over another vocabulary: its signal at the aligned positions (`uld`, `aligned_kd`)."""
     shared_vocab: tuple[Tensor, Tensor] | None = None
     """(teacher ids (M,), student ids (M,)) of the tokens both vocabularies hold (`aligned_kd`)."""
-    relation_heads: int = 12
-    gjsd_beta: float = 0.5
-    skew_alpha: float = 0.1
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The active terms' own parameters (each row's `options`, with the recipe's values: `TermSpec.options`)."""
 
     def teacher_features(self, term: str) -> Features:
         if self.teacher is None:
@@ -129,7 +130,7 @@ class TermInputs:
     def token_logits(self, term: str) -> tuple[Tensor, Tensor]:
         """(student, teacher) next-token logits, (B, L, V) each; or, from the top-k cache, the student's logits
         gathered at the teacher's stored ids (B, L, K) and the teacher's log-probs there, which the divergences
-        renormalise over that support alike (kdistill/cache.py). Computed once per `TermInputs`."""
+        renormalise over that support alike (kdistill/cache/). Computed once per `TermInputs`."""
         student, teacher = self._token_sides
         if teacher is None:
             raise ValueError(f"loss term '{term}' needs the teacher's outputs")
@@ -220,7 +221,7 @@ def _minilm(which: str, term: str) -> Callable[[TermInputs], Pair]:
         # MiniLMv2 distils the relations of the last layers; we use every mapped pair's relations.
         teacher = x.teacher_features(term)
         return _over_pairs(x.pairs, lambda s, t: losses.minilm_relation_kl(
-            x.student.qkv[s - 1][which], teacher.qkv[t - 1][which], num_relation_heads=x.relation_heads,
+            x.student.qkv[s - 1][which], teacher.qkv[t - 1][which], num_relation_heads=x.options["relation_heads"],
             mask=x.mask))
 
     relation_kl.__name__ = f"_{term}"
@@ -250,26 +251,26 @@ def _jsd(x: TermInputs) -> Pair:
     """Generalised JSD_β (GKD, Agarwal et al. 2024): β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m), m = β·p_T + (1−β)·p_S,
     per target token, with β = `gjsd_beta`."""
     s, t = x.token_logits("jsd")
-    return losses.generalized_jsd_tokens(s, t, beta=x.gjsd_beta, temperature=x.temperature, mask=x.mask)
+    return losses.generalized_jsd_tokens(s, t, beta=x.options["gjsd_beta"], temperature=x.temperature, mask=x.mask)
 
 
 def _skew_kl(x: TermInputs) -> Pair:
     """DistiLLM (Ko et al. 2024) skew KL: KL(p_T ‖ α·p_T + (1−α)·p_S) per target token, α = `skew_alpha`."""
     s, t = x.token_logits("skew_kl")
-    return losses.skew_kl_tokens(s, t, alpha=x.skew_alpha, temperature=x.temperature, mask=x.mask)
+    return losses.skew_kl_tokens(s, t, alpha=x.options["skew_alpha"], temperature=x.temperature, mask=x.mask)
 
 
 def _skew_reverse_kl(x: TermInputs) -> Pair:
     """DistiLLM skew reverse KL: KL(p_S ‖ α·p_S + (1−α)·p_T) per target token, α = `skew_alpha`."""
     s, t = x.token_logits("skew_reverse_kl")
-    return losses.skew_reverse_kl_tokens(s, t, alpha=x.skew_alpha, temperature=x.temperature, mask=x.mask)
+    return losses.skew_reverse_kl_tokens(s, t, alpha=x.options["skew_alpha"], temperature=x.temperature, mask=x.mask)
 
 
 def _cross_sides(x: TermInputs, term: str) -> tuple[CrossTeacher, Tensor, Tensor]:
     """(the teacher's pairs, the student's logits there (P, V_S), the pairs that count (P,): next-token targets)."""
     if x.cross is None:
         raise ValueError(f"loss term '{term}' compares a teacher over another vocabulary: it needs the teacher "
-                         "signal with the teacher tokens' byte ends (kdistill/cache.py)")
+                         "signal with the teacher tokens' byte ends (kdistill/cache/)")
     c = x.cross
     return c, x.student.logits[c.rows, c.positions].float(), x.mask[c.rows, c.positions]
 
@@ -340,11 +341,6 @@ def _token_kd(x: TermInputs) -> Pair:
     return losses.soft_kl(student, x.teacher.logits.flatten(0, 1), temperature=x.temperature, mask=counted)
 
 
-_KD_UNIT = {"classification": "rows", "token-classification": "scored"}
-"""kd counts examples (classification) or scored tokens (token classification: training.batch_units' `scored`
-is (labels != -100).sum(), gold and TRANSFER tokens alike)."""
-
-
 # -------------------------------------------------------------------------------------------------- the table
 
 
@@ -355,19 +351,25 @@ class Term:
     name: str
     fn: Callable[[TermInputs], Pair]
     """(sum, count) of the term over one micro-batch; the loop divides by the count over the whole step."""
-    unit: str | Mapping[str, str]
-    """What `count` is a fixed multiple of (one of UNITS), or task -> unit where it depends on the task."""
+    unit: str | None
+    """What `count` is a fixed multiple of (one of UNITS); None where it depends on the task (its term_units)."""
     reads: frozenset[str]
     """What it reads from the teacher: logits, token_logits (causal LM), cross_token_logits (a causal LM over
     another vocabulary, at aligned positions), embeddings, hidden_states, cls,
     attentions, qkv, pooled (sentence embeddings); nothing for a supervised term (ce, lm)."""
     cacheable: bool
-    """Whether a teacher cache can hold what it reads (kdistill/cache.py: classification logits and hidden states,
+    """Whether a teacher cache can hold what it reads (kdistill/cache/: classification logits and hidden states,
     causal-LM top-k token logits; a causal-LM hidden term runs the live teacher)."""
-    tasks: frozenset[str]
+    family: str
+    """One of FAMILIES: the tasks that list it take the term (kd: "logits", a classifier's or tagger's soft
+    outputs; kd counts examples for one, scored tokens for the other, as their term_units say)."""
 
-    def unit_for(self, task: str) -> str:
-        return self.unit if isinstance(self.unit, str) else self.unit[task]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The term's own parameters, by their recipe key in `distill` (e.g. jsd's gjsd_beta), with their defaults;
+    the term function reads them from `TermInputs.options`."""
+
+    def unit_for(self, task: str | Task) -> str:
+        return get_task(task).term_units[self.family] or self.unit
 
     @property
     def positional(self) -> bool:
@@ -375,35 +377,44 @@ class Term:
         return bool(self.reads & POSITIONAL_READS)
 
 
-def _row(name, fn, unit, reads=(), *, cacheable=True, tasks=CLASSIFICATION) -> tuple[str, Term]:
-    return name, Term(name, fn, unit, frozenset(reads), cacheable, frozenset(tasks))
+def _row(name, fn, family, unit, reads=(), *, cacheable=True, options=None) -> tuple[str, Term]:
+    return name, Term(name, fn, unit, frozenset(reads), cacheable, family, options or {})
 
 
-_HIDDEN_UNIT = {"classification": "tokens", "causal-lm": "targets", "token-classification": "tokens"}
+RELATION_HEADS = {"relation_heads": 12}
+"""MiniLM's relation heads: the Q/K/V relations are compared over this many heads (must divide both widths)."""
+GJSD_BETA = {"gjsd_beta": 0.5}
+"""β of the generalised JSD: 0 = forward KL, 1 = reverse KL."""
+SKEW_ALPHA = {"skew_alpha": 0.1}
+"""α of DistiLLM's skewed divergences: the share of the other distribution mixed into the target."""
+
 
 TERMS: dict[str, Term] = dict([
-    _row("kd", _kd, _KD_UNIT, {"logits"}, tasks=ENCODER_TOKENS),
-    _row("ce", _ce, "labeled", tasks=ENCODER_TOKENS),
-    _row("cls_pkd", _cls_pkd, "rows", {"cls"}),
-    _row("attention_kl", _attention_kl, "tokens", {"attentions"}, cacheable=False, tasks=ENCODER_TOKENS),
-    _row("attention_mse", _attention_mse, "token_pairs", {"attentions"}, cacheable=False, tasks=ENCODER_TOKENS),
-    _row("minilm_qq", _minilm("query", "minilm_qq"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
-    _row("minilm_kk", _minilm("key", "minilm_kk"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
-    _row("minilm_vv", _minilm("value", "minilm_vv"), "tokens", {"qkv"}, cacheable=False, tasks=ENCODER_TOKENS),
-    _row("forward_kl", _forward_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
-    _row("reverse_kl", _reverse_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
-    _row("jsd", _jsd, "targets", {"token_logits"}, tasks=CAUSAL_LM),
-    _row("skew_kl", _skew_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
-    _row("skew_reverse_kl", _skew_reverse_kl, "targets", {"token_logits"}, tasks=CAUSAL_LM),
-    _row("lm", _lm, "targets", tasks=CAUSAL_LM),
-    _row("uld", _uld, "aligned", {"cross_token_logits"}, tasks=CAUSAL_LM),
-    _row("aligned_kd", _aligned_kd, "aligned", {"cross_token_logits"}, tasks=CAUSAL_LM),
-    _row("hidden_mse", _hidden_mse, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
-    _row("embedding_mse", _embedding_mse, _HIDDEN_UNIT, {"embeddings"}, tasks=BOTH),
-    _row("hidden_cosine", _hidden_cosine, _HIDDEN_UNIT, {"hidden_states"}, tasks=BOTH),
-    _row("pooled_mse", _pooled_mse, "rows", {"pooled"}, tasks=EMBEDDING),
-    _row("pooled_cosine", _pooled_cosine, "rows", {"pooled"}, tasks=EMBEDDING),
-    _row("pooled_contrastive", _pooled_contrastive, "rows", {"pooled"}, tasks=EMBEDDING),
+    _row("kd", _kd, "logits", None, {"logits"}),
+    _row("ce", _ce, "labels", "labeled"),
+    _row("cls_pkd", _cls_pkd, "cls", "rows", {"cls"}),
+    _row("attention_kl", _attention_kl, "attention", "tokens", {"attentions"}, cacheable=False),
+    _row("attention_mse", _attention_mse, "attention", "token_pairs", {"attentions"}, cacheable=False),
+    _row("minilm_qq", _minilm("query", "minilm_qq"), "attention", "tokens", {"qkv"}, cacheable=False,
+         options=RELATION_HEADS),
+    _row("minilm_kk", _minilm("key", "minilm_kk"), "attention", "tokens", {"qkv"}, cacheable=False,
+         options=RELATION_HEADS),
+    _row("minilm_vv", _minilm("value", "minilm_vv"), "attention", "tokens", {"qkv"}, cacheable=False,
+         options=RELATION_HEADS),
+    _row("forward_kl", _forward_kl, "next_token", "targets", {"token_logits"}),
+    _row("reverse_kl", _reverse_kl, "next_token", "targets", {"token_logits"}),
+    _row("jsd", _jsd, "next_token", "targets", {"token_logits"}, options=GJSD_BETA),
+    _row("skew_kl", _skew_kl, "next_token", "targets", {"token_logits"}, options=SKEW_ALPHA),
+    _row("skew_reverse_kl", _skew_reverse_kl, "next_token", "targets", {"token_logits"}, options=SKEW_ALPHA),
+    _row("lm", _lm, "next_token", "targets"),
+    _row("uld", _uld, "cross_tokenizer", "aligned", {"cross_token_logits"}),
+    _row("aligned_kd", _aligned_kd, "cross_tokenizer", "aligned", {"cross_token_logits"}),
+    _row("hidden_mse", _hidden_mse, "hidden", None, {"hidden_states"}),
+    _row("embedding_mse", _embedding_mse, "hidden", None, {"embeddings"}),
+    _row("hidden_cosine", _hidden_cosine, "hidden", None, {"hidden_states"}),
+    _row("pooled_mse", _pooled_mse, "pooled", "rows", {"pooled"}),
+    _row("pooled_cosine", _pooled_cosine, "pooled", "rows", {"pooled"}),
+    _row("pooled_contrastive", _pooled_contrastive, "pooled", "rows", {"pooled"}),
 ])
 """Every loss term, by the name recipes use in `distill.losses`."""
 
@@ -412,19 +423,21 @@ def known_terms() -> list[str]:
     return list(TERMS)
 
 
-def terms_for(task: str) -> list[str]:
-    """The terms that apply to `task`, in table order."""
-    return [name for name, term in TERMS.items() if task in term.tasks]
+def terms_for(task: str | Task) -> list[str]:
+    """The terms that apply to `task` (a Task or its name), in table order."""
+    task = get_task(task)
+    return [name for name, term in TERMS.items() if task.applies(term.family)]
 
 
-def check_terms(weights: Mapping[str, float], task: str) -> None:
+def check_terms(weights: Mapping[str, float], task: str | Task) -> None:
     """Raise ValueError naming the weighted terms (weight > 0) that are unknown or do not apply to `task`."""
     unknown = sorted(t for t in weights if t not in TERMS)
     if unknown:
         raise ValueError(f"unknown loss term(s) {', '.join(unknown)}; known: {', '.join(TERMS)}")
-    bad = sorted(t for t, w in weights.items() if w > 0 and task not in TERMS[t].tasks)
+    task = get_task(task)
+    bad = sorted(t for t, w in weights.items() if w > 0 and not task.applies(TERMS[t].family))
     if bad:
-        raise ValueError(f"term(s) {', '.join(bad)} do not apply to {task}; use {', '.join(terms_for(task))}")
+        raise ValueError(f"term(s) {', '.join(bad)} do not apply to {task.name}; use {', '.join(terms_for(task))}")
 
 
 INTERMEDIATE_READS = HIDDEN_READS | {"attentions", "qkv"}
@@ -494,19 +507,33 @@ class TermSpec:
 
     weights: dict[str, float]
     pairs: list[tuple[int, int]]
-    relation_heads: int = 12
+    options: dict[str, Any] = field(default_factory=dict)
+    """Values of the terms' own parameters (a row's `options`: e.g. gjsd_beta), over the rows' defaults."""
     projections: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     """Learned student->teacher width maps for hidden terms (FitNets' regressors); trained, not exported."""
-    gjsd_beta: float = 0.5
-    """β of the `jsd` term (distill.gjsd_beta)."""
-    skew_alpha: float = 0.1
-    """α of the skew KL terms (distill.skew_alpha)."""
     shared_vocab: tuple[Tensor, Tensor] | None = None
     """The tokens a teacher and a student over another vocabulary share (`aligned_kd`; tokenalign.shared_vocab)."""
+
+    @classmethod
+    def of_recipe(cls, weights: Mapping[str, float], pairs: list[tuple[int, int]], distill, **kw) -> TermSpec:
+        """The spec of a recipe's terms: its weights, and each weighted term's options as `distill` (the recipe's
+        distill section) sets them."""
+        options = {key: getattr(distill, key) for term in weights if weights[term] > 0 and term in TERMS
+                   for key in TERMS[term].options}
+        return cls(dict(weights), pairs, options, **kw)
 
     @property
     def active(self) -> dict[str, float]:
         return {k: w for k, w in self.weights.items() if w > 0}
+
+    def option(self, key: str):
+        """The value of a term parameter: the spec's, else the default of the row that declares it."""
+        return self.term_options[key]
+
+    @property
+    def term_options(self) -> dict[str, Any]:
+        defaults = {key: value for term in TERMS.values() for key, value in term.options.items()}
+        return {**defaults, **self.options}
 
     @property
     def reads(self) -> frozenset[str]:
@@ -556,7 +583,7 @@ class TermSpec:
 
 
 def compute_terms(spec: TermSpec, student: Features, teacher: Features | None, labels: Tensor | None, *,
-                  temperature: float, task: str = "classification", valid: Tensor | None = None,
+                  temperature: float, task: str | Task, valid: Tensor | None = None,
                   teacher_log_probs: Tensor | None = None, teacher_topk: tuple[Tensor, Tensor] | None = None,
                   cross: CrossTeacher | None = None, skip: Iterable[str] = ()) -> dict[str, Pair]:
     """(sum, count) of every active term of `spec` (but those in `skip`), each from its row of `TERMS`.
@@ -568,23 +595,24 @@ def compute_terms(spec: TermSpec, student: Features, teacher: Features | None, l
     labels: (B,) classes (classification) or (B, L) next tokens (causal-lm). valid: (B, L) the next-token targets
     (causal-lm: the mask of its token-level terms; classification uses the student's attention mask).
     """
-    if task == "causal-lm" and valid is None:
-        raise ValueError("compute_terms: causal-lm terms count the next-token targets; give valid")
+    task = get_task(task)
+    counts_targets = any(task.applies(_term(n).family) and _term(n).unit_for(task) == "targets" for n in spec.active)
+    if valid is None and counts_targets:
+        raise ValueError(f"compute_terms: {task.name} terms count the next-token targets; give valid")
     inputs = TermInputs(
         student=student, teacher=teacher, labels=labels,
         mask=valid if valid is not None else student.attention_mask, temperature=temperature, pairs=spec.pairs,
         projection=spec.projections["hidden"] if "hidden" in spec.projections else None,
         teacher_log_probs=teacher_log_probs, teacher_topk=teacher_topk, cross=cross,
-        shared_vocab=spec.shared_vocab, relation_heads=spec.relation_heads,
-        gjsd_beta=spec.gjsd_beta, skew_alpha=spec.skew_alpha)
+        shared_vocab=spec.shared_vocab, options=spec.term_options)
     skip = set(skip)
     out = {}
     for name in spec.active:
         if name in skip:
             continue
         term = _term(name)
-        if task not in term.tasks:
-            raise ValueError(f"loss term '{name}' does not apply to {task}")
+        if not task.applies(term.family):
+            raise ValueError(f"loss term '{name}' does not apply to {task.name}")
         out[name] = term.fn(inputs)
     return out
 
@@ -614,7 +642,7 @@ def normalise(term_sum: Tensor, term_count, unit_in_batch, unit_in_step, world_s
 
 
 def step_loss(terms: dict[str, Pair], weights: dict[str, float], batch_units: dict, step_units: dict,
-              world_size: int, logged: dict[str, float], *, task: str = "classification") -> Tensor:
+              world_size: int, logged: dict[str, float], *, task: str | Task) -> Tensor:
     """This micro-batch's share of the step's loss Σ_term weight · (term sum / term count over the whole step).
 
     batch_units, step_units: `training.batch_units` of this micro-batch and summed over the step (all
@@ -632,6 +660,6 @@ def step_loss(terms: dict[str, Pair], weights: dict[str, float], batch_units: di
 
 
 __all__ = [
-    "CROSS_TOKENIZER_TERMS", "TASKS", "UNITS", "CrossTeacher", "Term", "TermInputs", "TERMS", "TermSpec", "check_terms", "compute_terms", "known_terms",
+    "CROSS_TOKENIZER_TERMS", "FAMILIES", "UNITS", "CrossTeacher", "Term", "TermInputs", "TERMS", "TermSpec", "check_terms", "compute_terms", "known_terms",
     "layer_pairs", "normalise", "step_loss", "step_temperature", "terms_for", "uncacheable_terms",
 ]

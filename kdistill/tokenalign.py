@@ -111,7 +111,7 @@ def byte_ends(text: str, offsets: Offsets) -> list[int]:
     """Per token of one tokenization of `text`: the UTF-8 byte offset where it ends when it is a boundary after
     which `text` has been read completely (`_boundaries`), else -1.
 
-    The form stored in a cross-tokenizer teacher signal (kdistill/cache.py): bytes, not characters, so that any
+    The form stored in a cross-tokenizer teacher signal (kdistill/cache/): bytes, not characters, so that any
     reader, in any language, finds the same boundaries; `pairs_of_ends` pairs two such rows. offsets: (L, 2)
     character spans as `aligned_positions` takes them. Returns L ints.
     """

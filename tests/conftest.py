@@ -146,5 +146,5 @@ def own_teacher_logits_store(tmp_path_factory, monkeypatch):
     """Each test starts with an empty store of teacher logits (cache.logits_cache_root): logits one test stored
     never stand in for a teacher whose calls another test counts."""
     root = tmp_path_factory.mktemp("teacher-logits")
-    monkeypatch.setattr("kdistill.distill.explicit.logits_cache_root", lambda: root)
+    monkeypatch.setattr("kdistill.strategies.explicit.logits_cache_root", lambda: root)
     return root

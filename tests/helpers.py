@@ -18,7 +18,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 from kdistill.config import TrainConfig, load_config
 from kdistill.data import DataBundle, tokenize_splits
-from kdistill.distill.causal import lm_terms
+from kdistill.strategies.causal import lm_terms
 from kdistill.engine import backward_group
 from kdistill.models import save_sentence_encoder
 from kdistill.student import build_student
@@ -227,7 +227,7 @@ def tiny_encoder_dir(path, tokenizer, pooling, seed: int = 0, **config):
     Pooling[, Normalize]), as task embedding's teacher and student dirs are."""
     torch.manual_seed(seed)
     model = BertModel(tiny_bert_config(tokenizer, **config), add_pooling_layer=False)
-    return save_sentence_encoder(model, tokenizer, path, {"role": "teacher"}, pooling, 32)
+    return save_sentence_encoder(model, tokenizer, path, {"task": "embedding", "role": "teacher"}, pooling, 32)
 
 
 # ------------------------------------------------------------------------------------------------ causal LM
@@ -251,7 +251,7 @@ def tiny_lm_recipe(root, tokenizer, docs, *, losses: dict[str, float], train: di
 def accumulate_step(student, teacher, group, *, spec, temperature, accelerator, cache=None):
     """One optimizer step's forwards and backwards through the engine (no optimizer step); each term's step mean."""
     logged = dict.fromkeys(spec.active, 0.0)
-    backward_group(accelerator, group, lambda batch: [(lm_terms(student, teacher, batch, spec=spec,
+    backward_group(accelerator, group, lambda batch: [(lm_terms(student, teacher, batch, task="causal-lm", spec=spec,
                                                                 temperature=temperature, accelerator=accelerator,
                                                                 cache=cache), spec.active)],
                    [logged], task="causal-lm")

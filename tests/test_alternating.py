@@ -11,7 +11,7 @@ from torch.func import functional_call
 from transformers import BertForSequenceClassification
 
 from kdistill.config import DistillConfig
-from kdistill.distill.alternating import distill_alternating, split_quiz, teacher_meta_gradients, trainable
+from kdistill.strategies.alternating import distill_alternating, split_quiz, teacher_meta_gradients, trainable
 from kdistill.features import capture
 from kdistill.pipeline import run
 from kdistill.terms import TermSpec, compute_terms
@@ -25,7 +25,7 @@ def test_each_model_changes_only_in_its_own_steps_in_the_configured_ratio(monkey
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
     student_history, teacher_history = distill_alternating(
-        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
         distill=DistillConfig(student_steps=2, teacher_lr=1e-3), train=tiny_train(max_steps=5))
     names = [name for name, *_ in calls[1:]]
     assert names == ["teacher_after", "student", "student"] * 2 + ["teacher_after", "student"]
@@ -62,7 +62,7 @@ def lookahead_quiz_loss(teacher, student, spec, train_batch, quiz_batch, lr) -> 
     (batch, labels), (quiz, quiz_labels) = train_batch, quiz_batch
     with torch.no_grad():
         teacher_feats = capture(teacher, batch)
-    terms = compute_terms(spec, capture(student, batch), teacher_feats, labels, temperature=TEMPERATURE)
+    terms = compute_terms(spec, capture(student, batch), teacher_feats, labels, temperature=TEMPERATURE, task="classification")
     loss = sum(spec.weights[k] * total / count for k, (total, count) in terms.items())
     params = dict(student.named_parameters())
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
@@ -73,7 +73,7 @@ def lookahead_quiz_loss(teacher, student, spec, train_batch, quiz_batch, lr) -> 
 
 def meta(teacher, student, spec, train_batch, quiz_batch, *, lr, task_weight):
     (batch, labels), (quiz, quiz_labels) = train_batch, quiz_batch
-    return teacher_meta_gradients(student, teacher, batch, labels, quiz, quiz_labels, spec=spec,
+    return teacher_meta_gradients(student, teacher, batch, labels, quiz, quiz_labels, spec=spec, task="classification",
                                   temperature=TEMPERATURE, lookahead_lr=lr, task_weight=task_weight)
 
 

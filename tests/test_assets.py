@@ -213,7 +213,7 @@ def test_20newsgroups_keeps_its_own_test_split(tmp_path, monkeypatch):
     for split, n in (("train", 12), ("test", 4)):
         body = "".join(f"{label}\t{text} {split} {i}\n" for i in range(n) for label, text in words.items())
         (tmp_path / f"20newsgroups-{split}.tab").write_text(header + body, encoding="utf-8")
-    monkeypatch.setattr(data, "fetch", lambda asset: tmp_path if asset is assets.NEWSGROUPS else None)
+    monkeypatch.setattr(data.registry, "fetch", lambda asset: tmp_path if asset is assets.NEWSGROUPS else None)
     bundle = data.load_data(DataConfig(dataset="20newsgroups", validation_fraction=0.25))
     assert bundle.label_names == sorted(words)
     sizes = {s: len(bundle.splits[s]) for s in data.SPLITS}

@@ -10,8 +10,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-import kdistill.distill.explicit as explicit
-import kdistill.pipeline as pipeline
+import kdistill.strategies.explicit as explicit
+import kdistill.pipeline
+import kdistill.pipeline.distillation as pipeline
 import kdistill.teacher as teacher_stage
 from kdistill.augment import augment_rows, augment_texts, with_transfer
 from kdistill.cli import main
@@ -108,7 +109,7 @@ def test_transfer_rows_reach_the_student_unlabeled_and_never_the_teacher_or_the_
 
     monkeypatch.setattr(teacher_stage, "distill_explicit", spy)  # the teacher and the no-KD baseline
     monkeypatch.setattr(pipeline, "distill_explicit", spy)  # the student
-    run_dir = pipeline.run(cfg, tmp_path / "run")
+    run_dir = kdistill.pipeline.run(cfg, tmp_path / "run")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
 

@@ -73,7 +73,8 @@ def test_plain_loss_equals_kdistills(tiny_tokenizer, losses):
     spec = TermSpec(dict(weights), PAIRS)
     units = batch_units(batch)
     logged = {}
-    ours = step_loss(compute_terms(spec, s, t, labels, temperature=4.0), spec.active, units, units, 1, logged)
+    ours = step_loss(compute_terms(spec, s, t, labels, temperature=4.0, task="classification"), spec.active, units, units, 1,
+                     logged, task="classification")
     plain = plain_loss(s, t, labels, batch["attention_mask"], weights=weights, temperature=4.0, pairs=PAIRS)
     assert all(logged[term] > 0.01 for term in weights)  # every term weighs in the comparison
     torch.testing.assert_close(plain, ours)

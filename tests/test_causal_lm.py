@@ -15,8 +15,8 @@ from kdistill.cache import build_topk_cache
 from kdistill.cli import main
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.data import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks
-from kdistill.distill.causal import distill_causal, generate_continuations, with_targets
-from kdistill.evaluate import block_parameters, perplexity
+from kdistill.strategies.causal import distill_causal, generate_continuations, with_targets
+from kdistill.measure import block_parameters, perplexity
 from kdistill.teacher import load_causal_teacher
 from kdistill.terms import TermSpec
 from kdistill.tokenalign import token_byte_lengths
@@ -128,7 +128,7 @@ def test_each_lm_term_in_the_loop_matches_a_reference_and_trains(term, bpe_token
     teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2).train()
     batch = _batch(bpe_tokenizer, docs, pad_last=5)
     distill = DistillConfig(losses={term: 1.0}, gjsd_beta=0.3, skew_alpha=0.2)
-    spec = TermSpec({term: 1.0}, [(1, 2), (2, 4)], gjsd_beta=distill.gjsd_beta, skew_alpha=distill.skew_alpha)
+    spec = TermSpec({term: 1.0}, [(1, 2), (2, 4)], {"gjsd_beta": distill.gjsd_beta, "skew_alpha": distill.skew_alpha})
     accelerator = make_accelerator(TrainConfig())
     logged = accumulate_step(student, teacher, [batch], spec=spec, temperature=2.0, accelerator=accelerator)
     valid = batch["valid"]
@@ -182,7 +182,7 @@ def test_grad_accumulation_matches_one_big_batch(term, bpe_tokenizer, docs):
     big = _batch(bpe_tokenizer, docs, rows=4, pad_last=9)
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
     assert halves[0]["valid"].sum() != halves[1]["valid"].sum()
-    spec = TermSpec({term: 1.0, "lm": 0.3}, [], gjsd_beta=0.4)
+    spec = TermSpec({term: 1.0, "lm": 0.3}, [], {"gjsd_beta": 0.4})
     assert_halves_match_one_batch(lambda: tiny_gpt2(bpe_tokenizer, layers=2, seed=2).double().train(), teacher,
                                   big, halves, spec=spec)
 
@@ -201,7 +201,7 @@ def test_on_policy_and_sequence_level_steps_run_and_are_logged(bpe_tokenizer, do
     teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2)
     blocks = pack_blocks(docs[:20], bpe_tokenizer, 16)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    history = distill_causal(student, teacher, blocks, blocks, spec=TermSpec({"reverse_kl": 1.0, "lm": 1.0}, []),
+    history = distill_causal(student, teacher, blocks, blocks, task="causal-lm", spec=TermSpec({"reverse_kl": 1.0, "lm": 1.0}, []),
                              distill=DistillConfig(losses={"reverse_kl": 1.0}, on_policy_fraction=0.5,
                                                    seq_kd_fraction=0.5),
                              train=TrainConfig(max_steps=6, batch_size=4, lr=1e-3, seed=0),

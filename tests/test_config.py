@@ -1,6 +1,6 @@
 import pytest
 
-from kdistill.config import list_recipes, load_config, recipe_dir, validate_config
+from kdistill.config import list_recipes, load_config, recipe_description, recipe_dir, validate_config
 from kdistill.errors import ConfigError
 
 
@@ -10,6 +10,42 @@ def test_every_shipped_recipe_validates_and_opens_with_its_command(name):
     first_line = (recipe_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith("# kdistill run"), first_line
     assert cfg.name
+
+
+def opening_comment(name: str) -> str:
+    """The comment lines a shipped recipe opens with, after its command, joined over the line breaks."""
+    lines = []
+    for line in (recipe_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#"))
+    return " ".join(" ".join(lines).split())
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_recipes_prints_the_first_sentence_of_each_description_whole(name, capsys):
+    from kdistill.cli import recipes
+
+    recipes()
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(printed) == {f.name.removesuffix(".yaml") for f in recipe_dir().iterdir() if f.name.endswith(".yaml")}
+    description, comment = printed[name], opening_comment(name)
+    assert description[-1] in ".!?", description
+    assert comment.startswith(description) and comment[len(description):len(description) + 1] in ("", " ")
+    assert description.count("(") == description.count(")"), description  # not cut inside brackets
+
+
+def test_a_recipe_description_runs_to_its_first_sentence_end():
+    text = ("# kdistill run x\n# Soft targets (Hinton et al. 2015), e.g. a transfer set, and\n"
+            "#   hidden states. Then more.\nname: x  # not the description.\n")
+    assert recipe_description(text) == "Soft targets (Hinton et al. 2015), e.g. a transfer set, and hidden states."
+    assert recipe_description("# kdistill run x\n# No sentence end\n# here\nname: x\n") == "No sentence end here"
+    assert recipe_description("# kdistill run x\n# Is it? Yes.\n") == "Is it?"
+    assert recipe_description("# One line only. Two.\nname: x\n") == "One line only."
+    assert list_recipes()["tiny"] == (
+        "A tiny student on BBC News: 2 layers, width 384 -> 128 (4 of 12 heads, 512 of 1536 FFN neurons, kept by "
+        "activation importance on a calibration batch), >= 5x fewer parameters than MiniLM-L6; soft targets + "
+        "hidden MSE.")
 
 
 def test_default_recipe_is_the_builtin_english_pipeline():

@@ -3,7 +3,7 @@
 Two tiny BERTs over two different WordPiece vocabs: the teacher's holds every toy word whole, the student's only
 letters, so the student reads each word in pieces and no position of one tokenization matches the other's.
 
-Then the building blocks of distillation between causal LMs over different vocabularies (issue 15): ULD, the
+Then the building blocks of distillation between causal LMs over different vocabularies: ULD, the
 shared-vocabulary KD, and the pairing of positions (character offsets) and tokens (bytes) in kdistill/tokenalign.py.
 """
 
@@ -21,7 +21,7 @@ from transformers import BertForSequenceClassification, BertModel, PreTrainedTok
 from kdistill import losses
 from kdistill.config import DistillConfig
 from kdistill.data import tokenize_splits
-from kdistill.distill.explicit import distill_explicit
+from kdistill.strategies.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.models import load_model_dir
 from kdistill.pipeline import make_student, preflight, run
@@ -80,7 +80,7 @@ def test_the_first_step_compares_each_model_on_its_own_tokenization(tiny_tokeniz
     assert letter_tokenizer(texts[0])["input_ids"] != tiny_tokenizer(texts[0])["input_ids"]
 
     encoded = tokenize_splits(data, letter_tokenizer, 48)
-    history = distill_explicit(student.train(), [teacher], letter_tokenizer, encoded, spec=spec, distill=DistillConfig(losses=spec.weights, temperature=temperature),
+    history = distill_explicit(student.train(), [teacher], letter_tokenizer, encoded, task="classification", spec=spec, distill=DistillConfig(losses=spec.weights, temperature=temperature),
                                train=tiny_train(max_steps=1, batch_size=16), teacher_tokenizer=tiny_tokenizer,
                                teacher_train=tokenize_splits(data, tiny_tokenizer, 48, ("train",))["train"])
     assert kd > 0.1 and pkd > 0.1
@@ -175,7 +175,7 @@ def test_a_student_head_for_other_labels_is_refused(tmp_path, tiny_bert_dir, tea
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Causal LMs over different vocabularies (issue 15): the pure building blocks, ULD and the shared-vocabulary KD
+# Causal LMs over different vocabularies: the pure building blocks, ULD and the shared-vocabulary KD
 # (losses.uld_loss, losses.aligned_kd_loss) and the pairing of positions and tokens (kdistill/tokenalign.py).
 # Tolerances: float32 sums of a few dozen probabilities, each rounded at ~6e-8 relative.
 # ----------------------------------------------------------------------------------------------------------

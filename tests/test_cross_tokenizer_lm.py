@@ -14,7 +14,7 @@ from kdistill import cli
 from kdistill.cache import build_topk_cache, open_teacher_signal
 from kdistill.config import load_config
 from kdistill.data import encode_blocks, next_token_targets, text_blocks
-from kdistill.distill.causal import with_alignment, with_targets
+from kdistill.strategies.causal import with_alignment, with_targets
 from kdistill.errors import UserError
 from kdistill.features import Features
 from kdistill.models import load_model_dir

@@ -124,7 +124,7 @@ def test_labeled_limit_keeps_labels_on_the_first_training_rows_only(toy_csv):
     assert part.summary()["unlabeled_train"] == len(train) - 10
 
 
-# ------------------------------------------------------------------------------ hostile files (issue 12, item 4)
+# ------------------------------------------------------------------------------------------------ hostile files
 
 def _jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import kdistill.student
+import kdistill.student.build
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import UserError
@@ -170,7 +170,7 @@ def test_a_causal_lm_run_keeps_the_most_influential_blocks_and_reports_them(lm_r
         seen.append((calibration_inputs["input_ids"].shape, block_influence(model, calibration_inputs)))
         return seen[-1][1]
 
-    monkeypatch.setattr(kdistill.student, "block_influence", spy)
+    monkeypatch.setattr(kdistill.student.build, "block_influence", spy)
     out = tmp_path / "run"
     main(["run", str(lm_recipe), "--set", "student.layer_map=importance", "--set", "distill.baseline=false",
           "--out", str(out)])

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertModel
 
-from kdistill.evaluate import quality_metrics
+from kdistill.measure import quality_metrics
 from tests.conftest import tiny_bert_config
 from tests.helpers import finish, history, start_kdistill, write_recipe, write_toy_csv
 

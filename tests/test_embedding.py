@@ -17,7 +17,7 @@ from kdistill import losses
 from kdistill.cli import evaluate as evaluate_verb
 from kdistill.config import load_config
 from kdistill.errors import UserError
-from kdistill.evaluate import embedding_metrics, knn_accuracy, neighbour_recall, sample_pairs, spearman_agreement
+from kdistill.measure import embedding_metrics, knn_accuracy, neighbour_recall, sample_pairs, spearman_agreement
 from kdistill.features import Features, Pooling, capture, pool
 from kdistill.models import load_model_dir, read_pooling
 from kdistill.pipeline import run
@@ -70,7 +70,7 @@ def test_pooled_terms_read_features_pooled_and_project_across_widths():
     out = compute_terms(spec, student, teacher, None, temperature=1.0, task="embedding")
     assert {k: float(c) for k, (_, c) in out.items()} == {"pooled_mse": 30.0, "pooled_cosine": 3.0,
                                                           "pooled_contrastive": 3.0}
-    assert all(TERMS[name].tasks == {"embedding"} and TERMS[name].unit == "rows" for name in out)
+    assert all(TERMS[name].family == "pooled" and TERMS[name].unit == "rows" for name in out)
     with pytest.raises(ValueError, match="does not apply"):
         compute_terms(spec, student, teacher, None, temperature=1.0, task="classification")
 

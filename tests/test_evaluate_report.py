@@ -9,9 +9,9 @@ from transformers import BertForSequenceClassification
 
 from kdistill.config import DataConfig, EvalConfig
 from kdistill.data import load_data, tokenize_splits
-from kdistill.evaluate import compare_speed, evaluate_model, quality_metrics
-from kdistill import report as report_module
-from kdistill.report import most_confused, summary_table, write_report
+from kdistill.measure import compare_speed, evaluate_model, quality_metrics
+from kdistill import reporting as report_module
+from kdistill.reporting import most_confused, summary_table, write_report
 from tests.conftest import tiny_bert_config
 from tests.helpers import write_csv
 

@@ -14,8 +14,8 @@ import torch
 from kdistill.cache import FeatureStore, logits_key, read_teacher_logits, write_teacher_logits
 from kdistill.config import DistillConfig
 from kdistill.data import tokenize_splits
-from kdistill.distill import explicit
-from kdistill.distill.explicit import cache_teacher_outputs, distill_explicit, why_not_cached, with_index
+from kdistill.strategies import explicit
+from kdistill.strategies.explicit import cache_teacher_outputs, distill_explicit, why_not_cached, with_index
 from kdistill.errors import UserError
 from kdistill.features import capture
 from kdistill.terms import TermSpec
@@ -117,7 +117,7 @@ def train_run(tokenizer, cache: str, extra_terms: dict | None = None, teacher_dt
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     student.register_forward_hook(lambda *_: calls.append("student"))
     history = distill_explicit(student, [teacher], tokenizer, tokenize_splits(ragged_bundle(), tokenizer, 16),
-                               spec=spec, distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train))
+                               task="classification", spec=spec, distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train))
     return history, student, calls
 
 
@@ -125,7 +125,7 @@ def train_run(tokenizer, cache: str, extra_terms: dict | None = None, teacher_dt
                          ids=["hidden_mse", "cls_pkd+embedding_mse"])
 def test_a_cached_run_trains_what_a_live_run_trains_and_the_teacher_runs_only_to_build_it(monkeypatch, caplog,
                                                                                              tiny_tokenizer, terms):
-    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    caplog.set_level(logging.INFO, logger="kdistill.strategies.explicit")
     # The cache pass runs the teacher over one batch of 48, the live loop over micro-batches of 4: in float32 the
     # two round differently, by a few ulps that differ from CPU to CPU (kd, nearly 0 here, then differs by 1e-3 of
     # itself). A float64 teacher's outputs differ by ~1e-16 between batch shapes, far below float32's 6e-8
@@ -177,7 +177,7 @@ def test_under_bf16_the_teacher_runs_in_bf16_whether_cached_or_live(tiny_tokeniz
             lambda module, args, out, cache=cache: autocast_seen.setdefault(cache, set()).add(
                 (torch.is_autocast_enabled("cpu"), out.logits.dtype)))
         runs[cache] = distill_explicit(student, [teacher], tiny_tokenizer,
-                                       tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), spec=spec,
+                                       tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), task="classification", spec=spec,
                                        distill=DistillConfig(cache_teacher=cache),
                                        train=tiny_train(max_steps=2, batch_size=8, mixed_precision="bf16"))
     assert autocast_seen == {"off": {(True, torch.bfloat16)}, "auto": {(True, torch.bfloat16)}}
@@ -187,7 +187,7 @@ def test_under_bf16_the_teacher_runs_in_bf16_whether_cached_or_live(tiny_tokeniz
 
 def test_an_attention_term_or_a_cache_over_the_limit_runs_the_teacher_every_step(monkeypatch, caplog,
                                                                                   tiny_tokenizer):
-    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    caplog.set_level(logging.INFO, logger="kdistill.strategies.explicit")
     _, _, calls = train_run(tiny_tokenizer, "auto", {"attention_mse": 1.0}, max_steps=2)
     assert calls.count("teacher") == 2
     assert "teacher cache: off: the loss terms ['attention_mse'] need the teacher's attention maps" in caplog.text
@@ -213,7 +213,7 @@ def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokeniz
     teacher, student, spec = tiny_pair(tiny_tokenizer)  # the loop checks the terms it is given too
     spec.weights["attention_kl"] = 1.0
     with pytest.raises(UserError, match="distill.cache_teacher: on, but the loss terms"):
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                          distill=DistillConfig(cache_teacher="on"), train=tiny_train())
 
 
@@ -222,7 +222,7 @@ def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokeniz
 
 def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_the_same_rows(
         own_teacher_logits_store, caplog, tiny_tokenizer):
-    caplog.set_level(logging.INFO, logger="kdistill.distill.explicit")
+    caplog.set_level(logging.INFO, logger="kdistill.strategies.explicit")
     logits_only = {"hidden_mse": 0.0}
     first, first_student, first_calls = train_run(tiny_tokenizer, "auto", logits_only, max_steps=3)
     again, again_student, again_calls = train_run(tiny_tokenizer, "auto", logits_only, max_steps=3)
@@ -239,7 +239,7 @@ def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_th
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     encoded = tokenize_splits(ragged_bundle(), tiny_tokenizer, 16)
     encoded["train"] = encoded["train"].select(range(len(encoded["train"]) - 1))
-    distill_explicit(student, [teacher], tiny_tokenizer, encoded, spec=spec, distill=DistillConfig(),
+    distill_explicit(student, [teacher], tiny_tokenizer, encoded, task="classification", spec=spec, distill=DistillConfig(),
                      train=tiny_train(max_steps=1))
     assert calls and "read from" not in caplog.text
     teacher, student, spec = tiny_pair(tiny_tokenizer)
@@ -249,7 +249,7 @@ def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_th
     calls.clear()
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     distill_explicit(student, [teacher], tiny_tokenizer, tokenize_splits(ragged_bundle(), tiny_tokenizer, 16),
-                     spec=spec, distill=DistillConfig(), train=tiny_train(max_steps=1))
+                     task="classification", spec=spec, distill=DistillConfig(), train=tiny_train(max_steps=1))
     assert calls and "read from" not in caplog.text
 
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of what users hand kdistill: data files (CSV, TSV, JSONL, JSON) and recipes (issue 12).
+"""Property-based fuzzing of what users hand kdistill: data files (CSV, TSV, JSONL, JSON) and recipes.
 
 The property, for every generated file: it loads, or it fails with a `UserError` (the CLI's exit 2) whose message is
 one line naming the file; never any other exception, and nothing is written next to the input. Derandomized (a seed

@@ -12,8 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kdistill.config import DataConfig, EvalConfig
 from kdistill.data import LMBlocks, load_lm_corpus
 from kdistill.errors import DataError
-from kdistill.evaluate import compare_lm_speed, compare_speed, torch_threads
-from kdistill.report import lm_size_points, lm_size_table, student_line, write_report
+from kdistill.measure import compare_lm_speed, compare_speed, torch_threads
+from kdistill.reporting import lm_size_points, lm_size_table, student_line, write_report
 
 
 def write_jsonl(path, texts):

@@ -8,8 +8,8 @@ import torch
 
 from kdistill import losses
 from kdistill.config import DistillConfig, load_config
-from kdistill.distill.explicit import distill_explicit
-from kdistill.distill.mutual import distill_mutual, peer_terms
+from kdistill.strategies.explicit import distill_explicit
+from kdistill.strategies.mutual import distill_mutual, peer_terms
 from kdistill.errors import UserError
 from kdistill.features import Features
 from kdistill.pipeline import run
@@ -20,7 +20,7 @@ from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_
 def test_explicit_never_changes_the_teacher(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+    distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                      distill=DistillConfig(), train=tiny_train())
     assert [name for name, *_ in calls[1:]] == ["student"] * 4
     for (_, _, t0, s0), (_, _, t1, s1) in zip(calls, calls[1:]):
@@ -32,7 +32,7 @@ def test_mutual_changes_teacher_and_student_every_step(monkeypatch, tiny_tokeniz
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
     student_history, teacher_history = distill_mutual(
-        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
         distill=DistillConfig(teacher_lr=1e-3), train=tiny_train())
     # per step: the teacher steps (and logs), then the student
     assert [(name, step) for name, step, *_ in calls[1:]] == \
@@ -50,7 +50,7 @@ def test_mutual_changes_teacher_and_student_every_step(monkeypatch, tiny_tokeniz
 def test_mutual_with_three_peers_returns_the_first_student(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    histories = distill_mutual(student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+    histories = distill_mutual(student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                                distill=DistillConfig(peers=3, teacher_lr=1e-3), train=tiny_train(max_steps=2))
     assert [h.name for h in histories] == ["student", "teacher_after"]
     assert [name for name, *_ in calls[1:]] == ["teacher_after", "student", "student_2"] * 2
@@ -63,7 +63,8 @@ def test_peer_terms_average_the_kl_to_every_other_peer_and_stop_gradients():
     feats = [Features(logits=z) for z in logits]
     labels = torch.tensor([0, 1, 2, 0, 1])
     spec = TermSpec({"kd": 1.0, "ce": 1.0}, pairs=[])
-    terms = peer_terms(1, feats, labels, spec=spec, teacher_terms=spec, temperature=2.0)
+    terms = peer_terms(1, feats, labels, spec=spec, teacher_terms=spec, temperature=2.0,
+                       task="classification")
     expected = (losses.soft_kl(logits[1], logits[0].detach(), temperature=2.0)[0]
                 + losses.soft_kl(logits[1], logits[2].detach(), temperature=2.0)[0]) / 2
     torch.testing.assert_close(terms["kd"][0], expected)
@@ -77,7 +78,7 @@ def test_mutual_needs_a_logit_term_for_the_teacher(tiny_tokenizer):
     teacher, student, _ = tiny_pair(tiny_tokenizer)
     with pytest.raises(UserError, match="kd and/or ce"):
         distill_mutual(student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer),
-                       spec=TermSpec({"hidden_mse": 1.0}, [(1, 2)]), distill=DistillConfig(), train=tiny_train())
+                       task="classification", spec=TermSpec({"hidden_mse": 1.0}, [(1, 2)]), distill=DistillConfig(), train=tiny_train())
 
 
 def test_shipped_mutual_recipe():

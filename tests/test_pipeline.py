@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-import kdistill.data
+import kdistill.data.encodings
 import kdistill.pipeline
+import kdistill.pipeline.distillation
 import kdistill.teacher
 from kdistill.config import load_config
 from kdistill.data import tokenizer_key
@@ -26,13 +27,13 @@ def test_each_split_is_tokenized_once_per_tokenizer(augment, monkeypatch, tmp_pa
     same splits through one tokenizer: train, validation and test are tokenized once each. With augmentation the
     student's training split is another one (the transfer rows added), tokenized once more, and only that one."""
     encoded = Counter()
-    original = kdistill.data.encode_split
+    original = kdistill.data.encodings.encode_split
 
     def counting(split, tokenizer, max_length):
         encoded[tokenizer_key(tokenizer), split._fingerprint, len(split)] += 1
         return original(split, tokenizer, max_length)
 
-    monkeypatch.setattr(kdistill.data, "encode_split", counting)
+    monkeypatch.setattr(kdistill.data.encodings, "encode_split", counting)
     recipe = write_recipe(tmp_path / "toy.yaml", {
         "data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 60)), "max_length": 16,
                  **({"augment": {"multiplier": 1}} if augment else {})},
@@ -57,13 +58,13 @@ def test_two_stage_distillation_learns_the_intermediate_terms_first_then_the_pre
                                                                                        monkeypatch):
     cfg = toy_run_config(tmp_path, teacher_dir, "explicit", intermediate_epochs=1)  # kd, ce and hidden_mse
     starts = []  # (stage, the student's weights as it starts)
-    distill_explicit = kdistill.pipeline.distill_explicit
+    distill_explicit = kdistill.pipeline.distillation.distill_explicit
 
     def spy(student, *args, name, **kwargs):
         starts.append((name, {k: v.clone() for k, v in student.state_dict().items()}))
         return distill_explicit(student, *args, name=name, **kwargs)
 
-    monkeypatch.setattr(kdistill.pipeline, "distill_explicit", spy)
+    monkeypatch.setattr(kdistill.pipeline.distillation, "distill_explicit", spy)
     run_dir = run(cfg, tmp_path / "run")
 
     assert [name for name, _ in starts] == ["student-intermediate", "student"]

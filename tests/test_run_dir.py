@@ -110,7 +110,8 @@ def test_a_missing_teacher_or_vocab_exits_2_and_leaves_no_run_dir(recipe, tmp_pa
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_user_error_before_any_phase_removes_only_what_the_run_created(recipe, tmp_path, monkeypatch, existing):
     """The backstop behind the checks: a UserError once the run dir exists, before anything resumable is saved."""
-    import kdistill.pipeline as pipeline
+    import kdistill.pipeline
+    import kdistill.pipeline.encoder as pipeline
 
     def refuse(*args, **kwargs):
         raise UserError("teacher.model: cannot load it")
@@ -120,7 +121,7 @@ def test_a_user_error_before_any_phase_removes_only_what_the_run_created(recipe,
     if existing:
         out.mkdir(parents=True)
     with pytest.raises(UserError, match="cannot load it"):
-        pipeline.run(load_config(recipe, ["teacher.path=null"]), out)
+        kdistill.pipeline.run(load_config(recipe, ["teacher.path=null"]), out)
     if existing:
         assert out.is_dir() and not any(out.iterdir())  # the user's empty dir stays, emptied of what the run wrote
     else:

@@ -10,8 +10,9 @@ import torch
 
 from kdistill import losses
 from kdistill import terms as T
+from kdistill.task import get_task, task_names
 from kdistill.config import load_config
-from kdistill.distill.explicit import distill_explicit
+from kdistill.strategies.explicit import distill_explicit
 from kdistill.errors import ConfigError
 from kdistill.features import Features
 from kdistill.training import batch_units
@@ -76,7 +77,7 @@ def batch(task: str, padding: list[int], seed: int = 0) -> dict:
 def run_term(name: str, task: str, data: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     student = features(2, task, data["attention_mask"], seed=1)
     teacher = features(4, task, data["attention_mask"], seed=2)
-    spec = T.TermSpec({name: 1.0}, PAIRS, relation_heads=2, gjsd_beta=0.3, skew_alpha=0.2,
+    spec = T.TermSpec({name: 1.0}, PAIRS, options={"relation_heads": 2, "gjsd_beta": 0.3, "skew_alpha": 0.2},
                       shared_vocab=(torch.arange(7), torch.arange(7).flip(0)))
     if name in T.CROSS_TOKENIZER_TERMS:  # the teacher's top-4 at its positions of the aligned pairs
         rows, t_pos, s_pos = data["aligned"]
@@ -88,7 +89,7 @@ def run_term(name: str, task: str, data: dict, **kw) -> tuple[torch.Tensor, torc
     return out[name]
 
 
-ROWS = [(name, task) for name, term in T.TERMS.items() for task in sorted(term.tasks)]
+ROWS = [(name, task) for name, term in T.TERMS.items() for task in task_names() if get_task(task).applies(term.family)]
 
 
 def test_every_row_is_consistent():
@@ -98,10 +99,12 @@ def test_every_row_is_consistent():
         "uld", "aligned_kd", "pooled_mse", "pooled_cosine", "pooled_contrastive"}
     for name, term in T.TERMS.items():
         assert term.name == name and callable(term.fn) and term.fn.__doc__, name  # each function says its formula
-        assert term.tasks and term.tasks <= set(T.TASKS), name
+        assert term.family in T.FAMILIES, name
+        tasks = [task for task in task_names() if get_task(task).applies(term.family)]
+        assert tasks, name  # some task takes it
         assert term.reads <= READS, name
         assert term.cacheable == (not term.reads & {"attentions", "qkv"}), name  # no cache holds those
-        for task in term.tasks:
+        for task in tasks:
             assert term.unit_for(task) in batch_units(batch(task, [0, 2]))  # a unit the loops count
     assert set(T.terms_for("causal-lm")) == {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "lm",
                                              "hidden_mse", "hidden_cosine", "embedding_mse", "uld", "aligned_kd"}
@@ -144,7 +147,7 @@ def test_causal_top_k_teacher_gathers_the_student_and_skip_drops_terms():
     s, t = features(2, "causal-lm", data["attention_mask"], 1), features(4, "causal-lm", data["attention_mask"], 2)
     log_probs = t.logits.log_softmax(-1)
     ids = torch.arange(V).expand(2, L, V)  # K = V: the whole support, so renormalising changes nothing
-    spec = T.TermSpec({"forward_kl": 1.0, "skew_kl": 1.0, "lm": 0.5}, [], skew_alpha=0.2)
+    spec = T.TermSpec({"forward_kl": 1.0, "skew_kl": 1.0, "lm": 0.5}, [], {"skew_alpha": 0.2})
     live = T.compute_terms(spec, s, t, data["labels"], temperature=1.0, task="causal-lm", valid=data["valid"])
     cached = T.compute_terms(spec, s, None, data["labels"], temperature=1.0, task="causal-lm", valid=data["valid"],
                              teacher_topk=(log_probs, ids), skip=("lm",))
@@ -164,7 +167,7 @@ def test_terms_refuse_a_task_they_do_not_apply_to():
     data = batch("classification", [0, 1])
     s = features(2, "classification", data["attention_mask"], 1)
     with pytest.raises(ValueError, match="loss term 'lm' does not apply to classification"):
-        T.compute_terms(T.TermSpec({"lm": 1.0}, []), s, None, data["labels"], temperature=1.0)
+        T.compute_terms(T.TermSpec({"lm": 1.0}, []), s, None, data["labels"], temperature=1.0, task="classification")
     with pytest.raises(ValueError, match="term.s. kd do not apply to causal-lm; use forward_kl, reverse_kl, jsd"):
         T.check_terms({"kd": 1.0, "lm": 1.0, "ce": 0.0}, "causal-lm")
     T.check_terms({"lm": 1.0, "hidden_mse": 0.5}, "causal-lm")
@@ -228,7 +231,7 @@ def test_adding_a_term_is_one_function_and_one_row(monkeypatch, tiny_tokenizer):
 
     monkeypatch.setitem(T.TERMS, "logit_mse", T.Term("logit_mse", logit_mse, unit="rows",
                                                      reads=frozenset({"logits"}), cacheable=False,
-                                                     tasks=frozenset({"classification"})))
+                                                     family="logits"))
 
     cfg = load_config("default", ["distill.losses={kd: 1.0, logit_mse: 0.5}"])  # the recipe may weight it
     assert cfg.distill.losses == {"kd": 1.0, "logit_mse": 0.5}
@@ -240,17 +243,17 @@ def test_adding_a_term_is_one_function_and_one_row(monkeypatch, tiny_tokenizer):
                                                                                 data["attention_mask"], 2)
     spec = T.TermSpec(dict(cfg.distill.losses), PAIRS)
     assert not spec.needs_teacher_features and T.uncacheable_terms(spec.active) == ["logit_mse"]
-    out = T.compute_terms(spec, s, t, data["labels"], temperature=2.0)
+    out = T.compute_terms(spec, s, t, data["labels"], temperature=2.0, task="classification")
     assert set(out) == {"kd", "logit_mse"}
     assert float(out["logit_mse"][0]) == pytest.approx(float(((s.logits - t.logits) ** 2).sum()))
     units = batch_units(data)
     logged = {}
-    loss = T.step_loss(out, spec.active, units, units, 1, logged)  # normalised per example, as its row says
+    loss = T.step_loss(out, spec.active, units, units, 1, logged, task="classification")  # normalised per example, as its row says
     assert logged["logit_mse"] == pytest.approx(float(((s.logits - t.logits) ** 2).sum()) / (B * C))
     assert float(loss) == pytest.approx(logged["kd"] + 0.5 * logged["logit_mse"])
 
     teacher, student, _ = tiny_pair(tiny_tokenizer)  # and a strategy trains with it, logging it every step
     history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer),
-                               spec=T.TermSpec(dict(cfg.distill.losses), []), distill=cfg.distill,
+                               task="classification", spec=T.TermSpec(dict(cfg.distill.losses), []), distill=cfg.distill,
                                train=tiny_train(max_steps=2))
     assert [s["step"] for s in history.steps] == [1, 2] and all(s["logit_mse"] > 0 for s in history.steps)

@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 
 import kdistill.data as data_module
-import kdistill.pipeline as pipeline
+import kdistill.pipeline
+import kdistill.pipeline.distillation as pipeline
 import kdistill.teacher as teacher_stage
 from kdistill.config import TrainConfig, load_config, validate_config
 from kdistill.data import (
@@ -74,9 +75,10 @@ def test_load_token_data_reads_transfer_sentences_from_a_file_or_a_builtin(tmp_p
     assert bundle.leakage["unlabeled_texts_also_held_out"] == 1
     assert all(TRANSFER not in tags for split in bundle.splits.values() for tags in split["tags"])
 
-    monkeypatch.setitem(data_module.BUILTIN_DATASETS, "bbc-news", (
+    monkeypatch.setitem(data_module.DATASETS, "bbc-news", data_module.BuiltinDataset(
+        "bbc-news", "stand-in", data_module.TEXTS,
         lambda: {"train": [{"text": "Shares rose sharply. Banks gained most.", "label": "business"}],
-                 "test": [{"text": "Rain fell all day.", "label": "weather"}]}, "stand-in"))
+                 "test": [{"text": "Rain fell all day.", "label": "weather"}]}))
     builtin = load_token_data(validate_config({"task": "token-classification",
                                                "data": {**cfg, "unlabeled_file": "bbc-news"}}).data)
     assert [r["tokens"] for r in builtin.unlabeled] == [["Shares", "rose", "sharply", "."],
@@ -194,7 +196,7 @@ def test_transfer_sentences_reach_the_student_only(tmp_path, tiny_tokenizer, mon
 
     monkeypatch.setattr(teacher_stage, "distill_explicit", spy)  # the teacher and the no-KD baseline
     monkeypatch.setattr(pipeline, "distill_explicit", spy)  # the student
-    run_dir = pipeline.run(load_config(recipe, []), tmp_path / "run")
+    run_dir = kdistill.pipeline.run(load_config(recipe, []), tmp_path / "run")
 
     def transfer_rows(rows):
         return [r for r in rows if TRANSFER in r]

@@ -19,8 +19,8 @@ from transformers import BertForSequenceClassification
 
 from kdistill.checkpoint import COMPLETE, Checkpoints
 from kdistill.config import DistillConfig
-from kdistill.distill import explicit
-from kdistill.distill.explicit import distill_explicit
+from kdistill.strategies import explicit
+from kdistill.strategies.explicit import distill_explicit
 from kdistill.errors import UserError
 from kdistill.pipeline import run
 from kdistill.training import (
@@ -138,7 +138,7 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_term_and_keeps_the_last_ch
     monkeypatch.setattr(explicit, "compute_terms", nan_kd_at_step_3)
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     with pytest.raises(LossNotFinite, match=r"loss is not finite at step 3 \(term: kd\)") as raised:
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), spec=spec,
+        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
                          distill=DistillConfig(), train=tiny_train(max_steps=5),
                          checkpoints=Checkpoints(tmp_path, every=2))
     assert isinstance(raised.value, UserError)  # the CLI: one line, exit 2
@@ -147,12 +147,12 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_term_and_keeps_the_last_ch
 
 
 def test_a_full_disk_while_saving_a_model_is_a_user_error_naming_the_run_dir(monkeypatch, tmp_path, teacher_dir):
-    import kdistill.pipeline
+    import kdistill.pipeline.encoder
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kdistill.pipeline, "save_model", no_space)
+    monkeypatch.setattr(kdistill.pipeline.encoder, "save_model", no_space)
     cfg = toy_run_config(tmp_path, teacher_dir, "explicit")
     message = re.escape(f"cannot write {tmp_path / 'run'}: No space left on device; ") + ".* --resume"
     with pytest.raises(UserError, match=message):
@@ -259,16 +259,17 @@ def test_ce_over_unlabeled_rows_is_normalised_by_the_labeled_rows_of_the_whole_s
     step = {k: sum(batch_units(b)[k] for b in halves) for k in ("rows", "labeled", "tokens")}
     assert step["labeled"] == 3
 
-    one = step_loss({"ce": hard_ce(logits, labels)}, {"ce": 1.0}, batch_units(whole), batch_units(whole), 1, {})
+    one = step_loss({"ce": hard_ce(logits, labels)}, {"ce": 1.0}, batch_units(whole), batch_units(whole), 1, {},
+                    task="classification")
     accumulated = sum(step_loss({"ce": hard_ce(logits[i:i + 3], labels[i:i + 3])}, {"ce": 1.0}, batch_units(b),
-                                step, 1, {}) for i, b in zip((0, 3), halves))
+                                step, 1, {}, task="classification") for i, b in zip((0, 3), halves))
     expected = torch.nn.functional.cross_entropy(logits[[0, 4, 5]], labels[[0, 4, 5]])
     torch.testing.assert_close(one, expected)
     torch.testing.assert_close(accumulated, expected)  # 1 + 2 labeled rows: not the mean of the halves' means
 
     unlabeled = {"attention_mask": mask[1:4], "labels": labels[1:4]}
     alone = step_loss({"ce": hard_ce(logits[1:4], labels[1:4])}, {"ce": 1.0}, batch_units(unlabeled),
-                      batch_units(unlabeled), 1, {})
+                      batch_units(unlabeled), 1, {}, task="classification")
     assert alone.item() == 0.0  # a micro-batch with no label adds nothing, and no NaN
 
 

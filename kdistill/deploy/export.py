@@ -41,9 +41,7 @@ import numpy as np
 
 from kdistill import __version__
 from kdistill.deploy.predict import (
-    EmbeddingPredictor,
     Predictor,
-    TokenPredictor,
     _TorchRunner,
     load_predictor,
     resolve_max_length,
@@ -55,9 +53,8 @@ from kdistill.models import (
     inspect_model_dir,
     load_dir_model,
     load_dir_tokenizer,
-    read_pooling,
-    write_sentence_transformer_files,
 )
+from kdistill.task import get_task, task_names
 
 logger = logging.getLogger(__name__)
 
@@ -108,29 +105,12 @@ def export_model(
     if opset < 17:
         raise UserError(f"ONNX opset must be >= 17, got {opset}")
     info = inspect_model_dir(model_dir)
-    if fmt == "onnx" and info.task not in ("classification", "token-classification", "embedding"):
-        raise UserError(f"{info.path}: ONNX export supports embedding, token-classification and "
-                        f"classification model dirs only (task={info.task!r})")
-    out = Path(out_dir)
-    if out.resolve() == info.path.resolve():
-        raise UserError(f"out dir {out} is the model dir itself; choose another out dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out dir {out} exists and is not empty; remove it or choose another --out")
-
-    texts = list(parity_texts) if parity_texts is not None else list(SAMPLE_TEXTS)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise UserError("parity_texts must be a non-empty list of strings")
-    labels = list(parity_labels) if parity_labels is not None else None
-    if labels is not None:
-        if len(labels) != len(texts):
-            raise UserError(f"parity_labels has {len(labels)} labels for {len(texts)} parity texts")
-        n_classes = len(info.labels)
-        bad = [y for y in labels if not isinstance(y, (int, np.integer)) or not 0 <= int(y) < n_classes]
-        if bad:
-            raise UserError(f"parity_labels must be class ids 0..{n_classes - 1}; got {bad[:3]}")
-        labels = [int(y) for y in labels]
+    task = get_task(info.task)
+    if fmt == "onnx" and task.predictor is None:
+        able = ", ".join(n for n in task_names() if get_task(n).predictor is not None)
+        raise UserError(f"{info.path}: ONNX export supports {able} model dirs only (task={info.task!r})")
+    out = _check_out_dir(Path(out_dir), info.path, overwrite)
+    texts, labels = _parity_inputs(parity_texts, parity_labels, len(info.labels))
 
     tokenizer = load_dir_tokenizer(info.path)
     max_length = resolve_max_length(info, tokenizer)
@@ -153,37 +133,18 @@ def export_model(
                 raise RuntimeError(f"export wrote pickle-based files {unsafe}; only safetensors are allowed")
         else:
             model.config.save_pretrained(str(tmp))
-            meta["export"]["opset"] = opset
-            fusable = fuse and model.config.model_type in FUSABLE_MODEL_TYPES
-            if fusable:
-                from kdistill.features import ensure_eager_attention
-
-                ensure_eager_attention(model)  # the fusion matches the eager attention subgraph, not SDPA's
-            meta["export"]["onnx_inputs"] = _export_onnx(model, tokenizer, tmp / "model.onnx", opset, max_length)
-            if fusable:
-                meta["export"]["fused_ops"] = _fuse_onnx(tmp / "model.onnx", model.config)
-            if quantize:
-                meta["export"]["int8"] = _quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+            meta["export"].update(_write_onnx(model, tokenizer, tmp, opset, max_length, fuse=fuse, quantize=quantize))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-        if info.task == "embedding":  # the sentence-transformers module files: the pooling the predictor applies
-            write_sentence_transformer_files(tmp, read_pooling(info.path), model.config.hidden_size, max_length)
-        if info.task in ("classification", "token-classification", "embedding"):  # (token logits: a row per token)
-            parity = _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels)
+        if task.export_files is not None:  # e.g. a sentence encoder's module files: the pooling it applies
+            task.export_files(tmp, info, model, max_length)
+        if task.predictor is not None:  # its predictor's logits (a row per token for a token classifier)
+            parity = _predictor_parity(task, model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels)
         else:
-            parity = _lm_parity(model, tokenizer, tmp, texts, max_length)
-        parity.update(
-            {
-                "format": fmt,
-                "quantize": quantize,
-                "source": str(info.path),
-                "n_texts": len(texts),
-                "texts": "given" if parity_texts is not None else "built-in samples",
-                "max_length": max_length,
-                "atol": parity_atol,
-                "versions": _versions(),
-            }
-        )
+            parity = _lm_parity(model, tokenizer, info.task, tmp, texts, max_length)
+        parity.update(format=fmt, quantize=quantize, source=str(info.path), n_texts=len(texts),
+                      texts="given" if parity_texts is not None else "built-in samples", max_length=max_length,
+                      atol=parity_atol, versions=_versions())
         worst = parity["backends"].get("onnx" if fmt == "onnx" else "hf", {}).get("max_abs_logit_diff", 0.0)
         if worst > parity_atol:
             raise RuntimeError(
@@ -196,7 +157,51 @@ def export_model(
     return parity
 
 
+def _check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> Path:
+    """`out` where an export may go: not the model dir, a folder, empty unless `overwrite`."""
+    if out.resolve() == model_dir.resolve():
+        raise UserError(f"out dir {out} is the model dir itself; choose another out dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out dir {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"out dir {out} exists and is not empty; remove it or choose another --out")
+    return out
+
+
+def _parity_inputs(parity_texts, parity_labels, n_classes: int) -> tuple[list[str], list[int] | None]:
+    """The texts (default: SAMPLE_TEXTS) and gold class ids (or None) the parity check reads, checked."""
+    texts = list(parity_texts) if parity_texts is not None else list(SAMPLE_TEXTS)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise UserError("parity_texts must be a non-empty list of strings")
+    if parity_labels is None:
+        return texts, None
+    labels = list(parity_labels)
+    if len(labels) != len(texts):
+        raise UserError(f"parity_labels has {len(labels)} labels for {len(texts)} parity texts")
+    bad = [y for y in labels if not isinstance(y, (int, np.integer)) or not 0 <= int(y) < n_classes]
+    if bad:
+        raise UserError(f"parity_labels must be class ids 0..{n_classes - 1}; got {bad[:3]}")
+    return texts, [int(y) for y in labels]
+
+
 # --------------------------------------------------------------------------------------------- ONNX
+
+def _write_onnx(model, tokenizer, tmp: Path, opset: int, max_length: int, *, fuse: bool, quantize) -> dict:
+    """model.onnx (fused where onnxruntime knows the family) and model.int8.onnx (`quantize`) in `tmp`; returns
+    what the export's metadata records of them."""
+    extra: dict[str, Any] = {"opset": opset}
+    fusable = fuse and model.config.model_type in FUSABLE_MODEL_TYPES
+    if fusable:
+        from kdistill.features import ensure_eager_attention
+
+        ensure_eager_attention(model)  # the fusion matches the eager attention subgraph, not SDPA's
+    extra["onnx_inputs"] = _export_onnx(model, tokenizer, tmp / "model.onnx", opset, max_length)
+    if fusable:
+        extra["fused_ops"] = _fuse_onnx(tmp / "model.onnx", model.config)
+    if quantize:
+        extra["int8"] = _quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
+    return extra
+
 
 
 # model_type values whose graphs onnxruntime's BERT optimizer fuses (same encoder block layout)
@@ -337,13 +342,10 @@ def _accuracy(logits: np.ndarray, labels: list[int] | None) -> float | None:
     return None if labels is None else float((logits.argmax(-1) == np.asarray(labels)).mean())
 
 
-def _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels) -> dict:
-    cls = TokenPredictor if info.task == "token-classification" else Predictor  # token logits: a row per token
-    common = dict(tokenizer=tokenizer, runner=_TorchRunner(model), max_length=max_length, info=info)
-    if info.task == "embedding":  # pooled embeddings (N, D), compared as logits are
-        reference = EmbeddingPredictor(labels=[], pooling=read_pooling(info.path), **common)
-    else:
-        reference = cls(labels=info.labels, **common)
+def _predictor_parity(task, model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels) -> dict:
+    """The task's predictor over PyTorch against the same over each exported backend (a sentence encoder's
+    pooled embeddings (N, D) are compared as logits are)."""
+    reference = task.predictor(info, tokenizer, _TorchRunner(model), max_length)
     ref_logits, n_truncated = reference.predict_logits(texts, batch_size=PARITY_BATCH_SIZE)
     backends: dict[str, dict] = {"pytorch": {"accuracy": _accuracy(ref_logits, labels)}}
     names = ["hf"] if fmt == "hf" else ["onnx"] + (["onnx-int8"] if quantize else [])
@@ -357,11 +359,11 @@ def _classification_parity(model, tokenizer, info, max_length, tmp, fmt, quantiz
     return {"reference": "pytorch", "n_truncated": n_truncated, "batch_size": PARITY_BATCH_SIZE, "backends": backends}
 
 
-def _lm_parity(model, tokenizer, tmp: Path, texts: list[str], max_length: int) -> dict:
+def _lm_parity(model, tokenizer, task: str, tmp: Path, texts: list[str], max_length: int) -> dict:
     """hf export of a causal LM: reload it and compare next-token logits text by text (no pad token needed)."""
     import torch
 
-    reloaded = load_dir_model(tmp, "causal-lm")
+    reloaded = load_dir_model(tmp, task)
     worst, agree, total = 0.0, 0, 0
     with torch.inference_mode():
         for text in texts:

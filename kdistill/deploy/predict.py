@@ -31,12 +31,12 @@ import numpy as np
 
 from kdistill.errors import UserError, decode_utf8, encode_utf8
 from kdistill.io import atomic_write_text
+from kdistill.task import get_task, task_names
 from kdistill.models import (
     META_FILE,
     ModelDirInfo,
     inspect_model_dir,
     load_dir_model,
-    read_pooling,
     load_dir_tokenizer,
     require_safetensors,
 )
@@ -313,10 +313,8 @@ def load_predictor(
     turn it off when other compute shares the process, e.g. a side-by-side benchmark.
     """
     info = inspect_model_dir(model_dir)
-    if info.task not in ("classification", "token-classification", "embedding"):
-        raise UserError(f"{info.path}: prediction supports embedding, token-classification and "
-                        f"classification model dirs only (task={info.task!r})")
-    if not info.labels and info.task != "embedding":
+    task = predictable_task(info)
+    if not info.labels and task.needs_labels:
         raise UserError(f"{info.path / 'config.json'}: no id2label; cannot name the classes")
     onnx = onnx_files(info.path)
     chosen = _pick_backend(info, onnx, backend)
@@ -330,11 +328,17 @@ def load_predictor(
         runner: Any = _TorchRunner(load_dir_model(info.path, info.task))
     else:
         runner = _OrtRunner(onnx[chosen], chosen, num_threads, spinning=ort_spinning)
-    if info.task == "embedding":
-        return EmbeddingPredictor(tokenizer=tokenizer, runner=runner, labels=[], max_length=max_length, info=info,
-                                  pooling=read_pooling(info.path))
-    cls = TokenPredictor if info.task == "token-classification" else Predictor
-    return cls(tokenizer=tokenizer, runner=runner, labels=info.labels, max_length=max_length, info=info)
+    return task.predictor(info, tokenizer, runner, max_length)
+
+
+def predictable_task(info: ModelDirInfo):
+    """The task of a model dir that can be predicted with (and exported to ONNX): one with a Task.predictor;
+    UserError naming the ones that have one otherwise."""
+    task = get_task(info.task)
+    if task.predictor is None:
+        able = ", ".join(n for n in task_names() if get_task(n).predictor is not None)
+        raise UserError(f"{info.path}: prediction supports {able} model dirs only (task={info.task!r})")
+    return task
 
 
 # ------------------------------------------------------------------------------------ token classification

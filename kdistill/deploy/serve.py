@@ -285,6 +285,9 @@ def create_app(
     max_queue, max_queue_bytes: most requests, and most UTF-8 bytes of their texts, held at once (queued or being
     computed); past either, 503. request_timeout_s: a request not answered within this many seconds (queue wait
     included) gets 503 and is dropped.
+
+    Why one long function: FastAPI's routes are closures over this app's predictor, batcher and limits; they read
+    best beside the state they share, in the order a request meets them.
     """
     for name, value in [("max_batch_texts", max_batch_texts), ("max_body_bytes", max_body_bytes),
                         ("max_text_chars", max_text_chars), ("max_queue", max_queue),

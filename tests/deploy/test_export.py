@@ -154,7 +154,7 @@ def test_hf_export_of_causal_lm(tiny_tokenizer, tmp_path):
     parity = export_model(src, fmt="hf", out_dir=tmp_path / "out")
     assert parity["backends"]["hf"]["max_abs_logit_diff"] == 0.0
     assert json.loads((tmp_path / "out" / "kdistill.json").read_text())["task"] == "causal-lm"
-    with pytest.raises(UserError, match="classification model dirs only"):
+    with pytest.raises(UserError, match="model dirs only"):
         export_model(src, fmt="onnx", out_dir=tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 

@@ -257,13 +257,14 @@ def test_one_model_dir_reader_for_training_and_deployment(tiny_bert_dir, tmp_pat
     same labels and task, and the same one-line error naming a malformed file (exit 2 from the CLI)."""
     import shutil
 
-    from kdistill.models import guess_task, inspect_model_dir, load_model_dir, read_meta
+    from kdistill.models import inspect_model_dir, load_model_dir, read_meta
+    from kdistill.task import guess_task
 
     info = inspect_model_dir(tiny_bert_dir)
     assert (info.labels, info.task) == (LABELS, "classification")
     assert load_predictor(tiny_bert_dir).labels == info.labels
     assert guess_task({"architectures": ["GPT2LMHeadModel"]}) == guess_task({"architectures": ["LlamaForCausalLM"]})
-    assert guess_task({"architectures": ["GPT2LMHeadModel"]}) == "causal-lm"
+    assert guess_task({"architectures": ["GPT2LMHeadModel"]}).name == "causal-lm"
 
     d = tmp_path / "m"
     shutil.copytree(tiny_bert_dir, d)
