@@ -17,6 +17,7 @@ from datasets import DatasetDict
 from kdistill.config import DistillConfig, RunConfig, TrainConfig
 from kdistill.data import UNLABELED, DataBundle, Encodings
 from kdistill.strategies.explicit import distill_explicit
+from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.models import (
     dir_size_mb,
@@ -72,9 +73,9 @@ def finetune(model, tokenizer, encoded: DatasetDict, train: TrainConfig, *, name
     `checkpoints` (checkpoint.Checkpoints): where to save resumable state and whether to resume. `task`: the
     run's task (kdistill.tasks, or its name).
     """
-    return distill_explicit(model, [], tokenizer, encoded, spec=TermSpec({"ce": 1.0}, pairs=[]),
-                            distill=DistillConfig(losses={"ce": 1.0}), train=train, name=name, log_dir=log_dir,
-                            checkpoints=checkpoints, task=task)
+    return distill_explicit(Phase(model, [], tokenizer, encoded, TermSpec({"ce": 1.0}, pairs=[]),
+                                  DistillConfig(losses={"ce": 1.0}), train, task, name=name, log_dir=log_dir,
+                                  checkpoints=checkpoints))
 
 
 def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_dir: Path, log_dir: Path | None = None,

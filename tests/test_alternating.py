@@ -17,6 +17,7 @@ from kdistill.pipeline import run
 from kdistill.terms import TermSpec, compute_terms
 from tests.conftest import LABELS, make_toy_examples, tiny_bert_config
 from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_encoded, toy_run_config
+from kdistill.strategies.phase import Phase
 
 TEMPERATURE = 2.0
 
@@ -24,9 +25,10 @@ TEMPERATURE = 2.0
 def test_each_model_changes_only_in_its_own_steps_in_the_configured_ratio(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    student_history, teacher_history = distill_alternating(
-        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-        distill=DistillConfig(student_steps=2, teacher_lr=1e-3), train=tiny_train(max_steps=5))
+    phase = Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer, data=toy_encoded(tiny_tokenizer),
+                  spec=spec, distill=DistillConfig(student_steps=2, teacher_lr=1e-3), train=tiny_train(max_steps=5),
+                  task="classification")
+    student_history, teacher_history = distill_alternating(phase)
     names = [name for name, *_ in calls[1:]]
     assert names == ["teacher_after", "student", "student"] * 2 + ["teacher_after", "student"]
     for (_, _, t0, s0), (name, _, t1, s1) in zip(calls, calls[1:]):
@@ -62,7 +64,8 @@ def lookahead_quiz_loss(teacher, student, spec, train_batch, quiz_batch, lr) -> 
     (batch, labels), (quiz, quiz_labels) = train_batch, quiz_batch
     with torch.no_grad():
         teacher_feats = capture(teacher, batch)
-    terms = compute_terms(spec, capture(student, batch), teacher_feats, labels, temperature=TEMPERATURE, task="classification")
+    terms = compute_terms(spec, capture(student, batch), teacher_feats, labels, temperature=TEMPERATURE,
+                          task="classification")
     loss = sum(spec.weights[k] * total / count for k, (total, count) in terms.items())
     params = dict(student.named_parameters())
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)

@@ -102,10 +102,10 @@ def test_transfer_rows_reach_the_student_unlabeled_and_never_the_teacher_or_the_
     seen = {}  # each phase's training split, as its loop receives it: token ids and labels
     original = explicit.distill_explicit
 
-    def spy(student, teachers, tokenizer, encoded, **kw):
-        seen[kw["name"]] = {"ids": [tuple(x) for x in encoded["train"]["input_ids"]],
-                            "labels": list(encoded["train"]["labels"])}
-        return original(student, teachers, tokenizer, encoded, **kw)
+    def spy(phase, **kw):
+        seen[phase.name] = {"ids": [tuple(x) for x in phase.data["train"]["input_ids"]],
+                            "labels": list(phase.data["train"]["labels"])}
+        return original(phase, **kw)
 
     monkeypatch.setattr(teacher_stage, "distill_explicit", spy)  # the teacher and the no-KD baseline
     monkeypatch.setattr(pipeline, "distill_explicit", spy)  # the student

@@ -23,6 +23,7 @@ from kdistill.tokenalign import token_byte_lengths
 from kdistill.training import make_accelerator
 from tests.conftest import tiny_gpt2
 from tests.helpers import accumulate_step, assert_halves_match_one_batch
+from kdistill.strategies.phase import Phase
 
 @pytest.fixture(scope="module")
 def tiny_teacher_dir(tmp_path_factory, bpe_tokenizer):
@@ -201,10 +202,12 @@ def test_on_policy_and_sequence_level_steps_run_and_are_logged(bpe_tokenizer, do
     teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2)
     blocks = pack_blocks(docs[:20], bpe_tokenizer, 16)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    history = distill_causal(student, teacher, blocks, blocks, task="causal-lm", spec=TermSpec({"reverse_kl": 1.0, "lm": 1.0}, []),
-                             distill=DistillConfig(losses={"reverse_kl": 1.0}, on_policy_fraction=0.5,
+    history = distill_causal(Phase(student=student, teachers=[teacher], tokenizer=None,
+                                   data={"train": blocks, "validation": blocks},
+                                   spec=TermSpec({"reverse_kl": 1.0, "lm": 1.0}, []),
+                                   distill=DistillConfig(losses={"reverse_kl": 1.0}, on_policy_fraction=0.5,
                                                    seq_kd_fraction=0.5),
-                             train=TrainConfig(max_steps=6, batch_size=4, lr=1e-3, seed=0),
+                                   train=TrainConfig(max_steps=6, batch_size=4, lr=1e-3, seed=0), task="causal-lm"),
                              eos_id=bpe_tokenizer.eos_token_id)
     kinds = [(s["on_policy"], s["seq_kd"]) for s in history.steps]
     assert (1.0, 0.0) in kinds and (0.0, 1.0) in kinds  # both generated sources were used

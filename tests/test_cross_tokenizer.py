@@ -31,6 +31,7 @@ from kdistill.tokenalign import (aligned_positions, aligned_positions_batch, sha
 from kdistill.tokenization import SPECIAL_TOKENS, tokenizer_from_vocab
 from tests.conftest import tiny_bert_config
 from tests.helpers import save_teacher_dir, tiny_train, toy_bundle, toy_run_config
+from kdistill.strategies.phase import Phase
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -80,8 +81,11 @@ def test_the_first_step_compares_each_model_on_its_own_tokenization(tiny_tokeniz
     assert letter_tokenizer(texts[0])["input_ids"] != tiny_tokenizer(texts[0])["input_ids"]
 
     encoded = tokenize_splits(data, letter_tokenizer, 48)
-    history = distill_explicit(student.train(), [teacher], letter_tokenizer, encoded, task="classification", spec=spec, distill=DistillConfig(losses=spec.weights, temperature=temperature),
-                               train=tiny_train(max_steps=1, batch_size=16), teacher_tokenizer=tiny_tokenizer,
+    history = distill_explicit(Phase(student=student.train(), teachers=[teacher], tokenizer=letter_tokenizer,
+                                     data=encoded, spec=spec,
+                                     distill=DistillConfig(losses=spec.weights, temperature=temperature),
+                                     train=tiny_train(max_steps=1, batch_size=16), task="classification"),
+                               teacher_tokenizer=tiny_tokenizer,
                                teacher_train=tokenize_splits(data, tiny_tokenizer, 48, ("train",))["train"])
     assert kd > 0.1 and pkd > 0.1
     assert history.steps[0]["kd"] == pytest.approx(kd, rel=1e-4)

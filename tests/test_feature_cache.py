@@ -21,6 +21,7 @@ from kdistill.features import capture
 from kdistill.terms import TermSpec
 from kdistill.training import make_accelerator, make_loader
 from tests.helpers import tiny_pair, tiny_train, toy_bundle, toy_encoded
+from kdistill.strategies.phase import Phase
 
 
 def ragged_bundle():
@@ -116,8 +117,10 @@ def train_run(tokenizer, cache: str, extra_terms: dict | None = None, teacher_dt
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     student.register_forward_hook(lambda *_: calls.append("student"))
-    history = distill_explicit(student, [teacher], tokenizer, tokenize_splits(ragged_bundle(), tokenizer, 16),
-                               task="classification", spec=spec, distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train))
+    history = distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tokenizer,
+                                     data=tokenize_splits(ragged_bundle(), tokenizer, 16), spec=spec,
+                                     distill=DistillConfig(cache_teacher=cache), train=tiny_train(**train),
+                                     task="classification"))
     return history, student, calls
 
 
@@ -176,10 +179,11 @@ def test_under_bf16_the_teacher_runs_in_bf16_whether_cached_or_live(tiny_tokeniz
         teacher.register_forward_hook(
             lambda module, args, out, cache=cache: autocast_seen.setdefault(cache, set()).add(
                 (torch.is_autocast_enabled("cpu"), out.logits.dtype)))
-        runs[cache] = distill_explicit(student, [teacher], tiny_tokenizer,
-                                       tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), task="classification", spec=spec,
-                                       distill=DistillConfig(cache_teacher=cache),
-                                       train=tiny_train(max_steps=2, batch_size=8, mixed_precision="bf16"))
+        runs[cache] = distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                                             data=tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), spec=spec,
+                                             distill=DistillConfig(cache_teacher=cache),
+                                             train=tiny_train(max_steps=2, batch_size=8, mixed_precision="bf16"),
+                                             task="classification"))
     assert autocast_seen == {"off": {(True, torch.bfloat16)}, "auto": {(True, torch.bfloat16)}}
     for key in ("kd", "ce", "hidden_mse", "loss"):  # the first step, from the same weights
         assert runs["auto"].steps[0][key] == pytest.approx(runs["off"].steps[0][key], rel=1e-2), key
@@ -213,8 +217,9 @@ def test_cache_on_with_an_attention_term_is_an_error_naming_the_key(tiny_tokeniz
     teacher, student, spec = tiny_pair(tiny_tokenizer)  # the loop checks the terms it is given too
     spec.weights["attention_kl"] = 1.0
     with pytest.raises(UserError, match="distill.cache_teacher: on, but the loss terms"):
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                         distill=DistillConfig(cache_teacher="on"), train=tiny_train())
+        distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                               data=toy_encoded(tiny_tokenizer), spec=spec, distill=DistillConfig(cache_teacher="on"),
+                               train=tiny_train(), task="classification"))
 
 
 # ------------------------------------------------------------------------------- logits stored across runs
@@ -239,8 +244,8 @@ def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_th
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
     encoded = tokenize_splits(ragged_bundle(), tiny_tokenizer, 16)
     encoded["train"] = encoded["train"].select(range(len(encoded["train"]) - 1))
-    distill_explicit(student, [teacher], tiny_tokenizer, encoded, task="classification", spec=spec, distill=DistillConfig(),
-                     train=tiny_train(max_steps=1))
+    distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer, data=encoded, spec=spec,
+                           distill=DistillConfig(), train=tiny_train(max_steps=1), task="classification"))
     assert calls and "read from" not in caplog.text
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     spec.weights.update(logits_only)
@@ -248,8 +253,9 @@ def test_a_teacher_that_gives_logits_alone_runs_once_for_every_later_run_over_th
         teacher.classifier.bias.add_(1e-3)
     calls.clear()
     teacher.register_forward_hook(lambda *_: calls.append("teacher"))
-    distill_explicit(student, [teacher], tiny_tokenizer, tokenize_splits(ragged_bundle(), tiny_tokenizer, 16),
-                     task="classification", spec=spec, distill=DistillConfig(), train=tiny_train(max_steps=1))
+    distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                           data=tokenize_splits(ragged_bundle(), tiny_tokenizer, 16), spec=spec,
+                           distill=DistillConfig(), train=tiny_train(max_steps=1), task="classification"))
     assert calls and "read from" not in caplog.text
 
 

@@ -15,13 +15,15 @@ from kdistill.features import Features
 from kdistill.pipeline import run
 from kdistill.terms import TermSpec
 from tests.helpers import check_run, record_updates, tiny_pair, tiny_train, toy_encoded, toy_run_config
+from kdistill.strategies.phase import Phase
 
 
 def test_explicit_never_changes_the_teacher(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                     distill=DistillConfig(), train=tiny_train())
+    distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                           data=toy_encoded(tiny_tokenizer), spec=spec, distill=DistillConfig(), train=tiny_train(),
+                           task="classification"))
     assert [name for name, *_ in calls[1:]] == ["student"] * 4
     for (_, _, t0, s0), (_, _, t1, s1) in zip(calls, calls[1:]):
         assert torch.equal(t0, t1)
@@ -31,9 +33,11 @@ def test_explicit_never_changes_the_teacher(monkeypatch, tiny_tokenizer):
 def test_mutual_changes_teacher_and_student_every_step(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    student_history, teacher_history = distill_mutual(
-        student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-        distill=DistillConfig(teacher_lr=1e-3), train=tiny_train())
+    student_history, teacher_history = distill_mutual(Phase(student=student, teachers=[teacher],
+                                                            tokenizer=tiny_tokenizer,
+                                                            data=toy_encoded(tiny_tokenizer), spec=spec,
+                                                            distill=DistillConfig(teacher_lr=1e-3),
+                                                            train=tiny_train(), task="classification"))
     # per step: the teacher steps (and logs), then the student
     assert [(name, step) for name, step, *_ in calls[1:]] == \
         [(name, step) for step in range(1, 5) for name in ("teacher_after", "student")]
@@ -50,8 +54,10 @@ def test_mutual_changes_teacher_and_student_every_step(monkeypatch, tiny_tokeniz
 def test_mutual_with_three_peers_returns_the_first_student(monkeypatch, tiny_tokenizer):
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     calls = record_updates(monkeypatch, teacher, student)
-    histories = distill_mutual(student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                               distill=DistillConfig(peers=3, teacher_lr=1e-3), train=tiny_train(max_steps=2))
+    histories = distill_mutual(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                                     data=toy_encoded(tiny_tokenizer), spec=spec,
+                                     distill=DistillConfig(peers=3, teacher_lr=1e-3), train=tiny_train(max_steps=2),
+                                     task="classification"))
     assert [h.name for h in histories] == ["student", "teacher_after"]
     assert [name for name, *_ in calls[1:]] == ["teacher_after", "student", "student_2"] * 2
     assert not torch.equal(calls[0][3], calls[-1][3])  # the student passed in is the one that learned
@@ -77,8 +83,9 @@ def test_peer_terms_average_the_kl_to_every_other_peer_and_stop_gradients():
 def test_mutual_needs_a_logit_term_for_the_teacher(tiny_tokenizer):
     teacher, student, _ = tiny_pair(tiny_tokenizer)
     with pytest.raises(UserError, match="kd and/or ce"):
-        distill_mutual(student, teacher, tiny_tokenizer, toy_encoded(tiny_tokenizer),
-                       task="classification", spec=TermSpec({"hidden_mse": 1.0}, [(1, 2)]), distill=DistillConfig(), train=tiny_train())
+        distill_mutual(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                             data=toy_encoded(tiny_tokenizer), spec=TermSpec({"hidden_mse": 1.0}, [(1, 2)]),
+                             distill=DistillConfig(), train=tiny_train(), task="classification"))
 
 
 def test_shipped_mutual_recipe():

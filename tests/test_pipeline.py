@@ -60,9 +60,9 @@ def test_two_stage_distillation_learns_the_intermediate_terms_first_then_the_pre
     starts = []  # (stage, the student's weights as it starts)
     distill_explicit = kdistill.pipeline.distillation.distill_explicit
 
-    def spy(student, *args, name, **kwargs):
-        starts.append((name, {k: v.clone() for k, v in student.state_dict().items()}))
-        return distill_explicit(student, *args, name=name, **kwargs)
+    def spy(phase, **kwargs):
+        starts.append((phase.name, {k: v.clone() for k, v in phase.student.state_dict().items()}))
+        return distill_explicit(phase, **kwargs)
 
     monkeypatch.setattr(kdistill.pipeline.distillation, "distill_explicit", spy)
     run_dir = run(cfg, tmp_path / "run")

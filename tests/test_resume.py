@@ -46,6 +46,7 @@ from tests.helpers import (
     write_toy_csv,
     write_vocab,
 )
+from kdistill.strategies.phase import Phase
 
 
 # ---------------------------------------------------------------------------------------------- kill, resume
@@ -220,8 +221,9 @@ def test_explicit_loop_resumes_in_process_with_accumulation_and_projections(monk
 
     def train_run(checkpoints=None):
         teacher, student, spec = pair()
-        history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                                   distill=DistillConfig(), train=train, checkpoints=checkpoints)
+        history = distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                                         data=toy_encoded(tiny_tokenizer), spec=spec, distill=DistillConfig(),
+                                         train=train, task="classification", checkpoints=checkpoints))
         return history, student, spec
 
     train = tiny_train(max_steps=7, batch_size=16, grad_accum=2)
@@ -263,8 +265,9 @@ def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path
 
     def train_run(checkpoints):
         teacher, student, spec = tiny_pair(tiny_tokenizer)
-        return distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                                distill=DistillConfig(), train=train, checkpoints=checkpoints)
+        return distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                                      data=toy_encoded(tiny_tokenizer), spec=spec, distill=DistillConfig(),
+                                      train=train, task="classification", checkpoints=checkpoints))
 
     with killed_after_step(monkeypatch, 3):
         train_run(Checkpoints(tmp_path, every=2, fingerprint=fingerprint))
@@ -370,9 +373,10 @@ def two_learner_run(strategy: str, tokenizer, checkpoints=None):
     """A tiny mutual or alternating run (both models learn); returns (histories, student, teacher)."""
     teacher, student, spec = tiny_pair(tokenizer)
     loop = distill_mutual if strategy == "mutual" else distill_alternating
-    histories = loop(student, teacher, tokenizer, toy_encoded(tokenizer), spec=spec, task="classification",
-                     distill=DistillConfig(teacher_lr=1e-3, student_steps=2),
-                     train=tiny_train(max_steps=7, batch_size=16, grad_accum=2), checkpoints=checkpoints)
+    histories = loop(Phase(student, [teacher], tokenizer, toy_encoded(tokenizer), spec,
+                           DistillConfig(teacher_lr=1e-3, student_steps=2),
+                           tiny_train(max_steps=7, batch_size=16, grad_accum=2), "classification",
+                           checkpoints=checkpoints))
     return histories, student, teacher
 
 
@@ -407,10 +411,11 @@ def test_the_causal_lm_loop_resumes_to_the_uninterrupted_run(monkeypatch, tmp_pa
     def train_run(checkpoints=None):
         student = tiny_gpt2(bpe_tokenizer, layers=2, seed=1).train()
         spec = TermSpec({"forward_kl": 1.0, "lm": 0.5, "hidden_mse": 1.0}, [(1, 2), (2, 4)])
-        history = distill_causal(student, teacher, blocks, blocks, task="causal-lm", spec=spec,
-                                 distill=DistillConfig(losses=spec.weights, on_policy_fraction=0.5),
-                                 train=tiny_train(max_steps=7, batch_size=4, grad_accum=2, eval_every=3),
-                                 eos_id=bpe_tokenizer.eos_token_id, checkpoints=checkpoints)
+        history = distill_causal(Phase(student=student, teachers=[teacher], tokenizer=None,
+                                       data={"train": blocks, "validation": blocks}, spec=spec,
+                                       distill=DistillConfig(losses=spec.weights, on_policy_fraction=0.5),
+                                       train=tiny_train(max_steps=7, batch_size=4, grad_accum=2, eval_every=3),
+                                       task="causal-lm", checkpoints=checkpoints), eos_id=bpe_tokenizer.eos_token_id)
         return history, student
 
     reference, reference_student = train_run()

@@ -17,6 +17,7 @@ from kdistill.errors import ConfigError
 from kdistill.features import Features
 from kdistill.training import batch_units
 from tests.helpers import tiny_pair, tiny_train, toy_encoded
+from kdistill.strategies.phase import Phase
 
 B, L, D, C, V, HEADS = 3, 6, 8, 4, 11, 2
 PAIRS = [(1, 2), (2, 4)]  # student layer -> teacher layer, 1-based hidden_states indices
@@ -248,12 +249,13 @@ def test_adding_a_term_is_one_function_and_one_row(monkeypatch, tiny_tokenizer):
     assert float(out["logit_mse"][0]) == pytest.approx(float(((s.logits - t.logits) ** 2).sum()))
     units = batch_units(data)
     logged = {}
-    loss = T.step_loss(out, spec.active, units, units, 1, logged, task="classification")  # normalised per example, as its row says
+    # normalised per example, as its row says
+    loss = T.step_loss(out, spec.active, units, units, 1, logged, task="classification")
     assert logged["logit_mse"] == pytest.approx(float(((s.logits - t.logits) ** 2).sum()) / (B * C))
     assert float(loss) == pytest.approx(logged["kd"] + 0.5 * logged["logit_mse"])
 
     teacher, student, _ = tiny_pair(tiny_tokenizer)  # and a strategy trains with it, logging it every step
-    history = distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer),
-                               task="classification", spec=T.TermSpec(dict(cfg.distill.losses), []), distill=cfg.distill,
-                               train=tiny_train(max_steps=2))
+    history = distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                                     data=toy_encoded(tiny_tokenizer), spec=T.TermSpec(dict(cfg.distill.losses), []),
+                                     distill=cfg.distill, train=tiny_train(max_steps=2), task="classification"))
     assert [s["step"] for s in history.steps] == [1, 2] and all(s["logit_mse"] > 0 for s in history.steps)

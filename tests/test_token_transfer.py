@@ -190,9 +190,9 @@ def test_transfer_sentences_reach_the_student_only(tmp_path, tiny_tokenizer, mon
     seen = {}  # each phase's training labels, as its loop receives them
     original = teacher_stage.distill_explicit
 
-    def spy(student, teachers, tokenizer, encoded, **kw):
-        seen[kw["name"]] = list(encoded["train"]["labels"])
-        return original(student, teachers, tokenizer, encoded, **kw)
+    def spy(phase, **kw):
+        seen[phase.name] = list(phase.data["train"]["labels"])
+        return original(phase, **kw)
 
     monkeypatch.setattr(teacher_stage, "distill_explicit", spy)  # the teacher and the no-KD baseline
     monkeypatch.setattr(pipeline, "distill_explicit", spy)  # the student

@@ -42,6 +42,7 @@ from tests.helpers import (
     write_recipe,
     write_toy_csv,
 )
+from kdistill.strategies.phase import Phase
 
 LENGTHS = [5 + (7 * i) % 11 for i in range(37)]
 
@@ -138,9 +139,10 @@ def test_a_nan_loss_stops_the_run_naming_its_step_and_term_and_keeps_the_last_ch
     monkeypatch.setattr(explicit, "compute_terms", nan_kd_at_step_3)
     teacher, student, spec = tiny_pair(tiny_tokenizer)
     with pytest.raises(LossNotFinite, match=r"loss is not finite at step 3 \(term: kd\)") as raised:
-        distill_explicit(student, [teacher], tiny_tokenizer, toy_encoded(tiny_tokenizer), task="classification", spec=spec,
-                         distill=DistillConfig(), train=tiny_train(max_steps=5),
-                         checkpoints=Checkpoints(tmp_path, every=2))
+        distill_explicit(Phase(student=student, teachers=[teacher], tokenizer=tiny_tokenizer,
+                               data=toy_encoded(tiny_tokenizer), spec=spec, distill=DistillConfig(),
+                               train=tiny_train(max_steps=5), task="classification",
+                               checkpoints=Checkpoints(tmp_path, every=2)))
     assert isinstance(raised.value, UserError)  # the CLI: one line, exit 2
     assert (tmp_path / "step-0000002" / COMPLETE).is_file()  # the last good checkpoint, to resume from
     assert Checkpoints(tmp_path, resume=True).latest() == tmp_path / "step-0000002"

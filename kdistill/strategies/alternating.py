@@ -26,18 +26,14 @@ for the second-order graph of one micro-batch. One process only: the second-orde
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
-from datasets import DatasetDict
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdistill import losses
-from kdistill.checkpoint import Checkpoints
-from kdistill.config import DistillConfig, TrainConfig
 from kdistill.strategies.mutual import one_process
-from kdistill.engine import Engine
+from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.features import capture, ensure_eager_attention
 from kdistill.terms import TermSpec, compute_terms, step_loss, step_temperature
@@ -45,11 +41,9 @@ from kdistill.training import (
     GroupStream,
     History,
     batch_units,
-    make_accelerator,
     make_learner,
     make_loader,
     make_loaders,
-    set_seed,
     validation_metrics,
 )
 
@@ -97,18 +91,17 @@ def teacher_meta_gradients(student, teacher, batch: dict, labels: torch.Tensor, 
     return teacher_grads, {"ce": task_loss.item(), "quiz": quiz_loss.item()}
 
 
-def distill_alternating(student, teacher, tokenizer, encoded: DatasetDict, *, spec: TermSpec,
-                        distill: DistillConfig, train: TrainConfig, log_dir: Path | None = None,
-                        task, checkpoints: Checkpoints | None = None) -> tuple[History, History]:
-    """Teacher and student in turns; see the module docstring.
+def distill_alternating(phase: Phase) -> tuple[History, History]:
+    """`phase.teacher` and `phase.student` in turns; see the module docstring.
 
-    `encoded`: the tokenized splits (train, validation). Leaves each model's best validation weights in `student`
-    and `teacher`; returns (student history, teacher history), each teacher step numbered by the student step whose
-    round it opens. `checkpoints`: where to save resumable state (both models', the quiz set's position), and
-    whether to resume. `task`: the run's task (kdistill.tasks), whose units the terms count.
+    `phase.data`: the tokenized splits (train, validation). Leaves each model's best validation weights in student
+    and teacher; returns (student history, teacher history), each teacher step numbered by the student step whose
+    round it opens. `phase.checkpoints`: where to save resumable state (both models', the quiz set's position), and
+    whether to resume.
     """
-    set_seed(train.seed)
-    accelerator = make_accelerator(train)
+    student, teacher, tokenizer, encoded = phase.student, phase.teacher, phase.tokenizer, phase.data
+    spec, distill, train, task = phase.spec, phase.distill, phase.train, phase.task
+    accelerator = phase.start()
     one_process(accelerator, "alternating")
     teacher.requires_grad_(True)
     if spec.needs_attentions:
@@ -122,7 +115,7 @@ def distill_alternating(student, teacher, tokenizer, encoded: DatasetDict, *, sp
                                                                    train, accelerator)
     quiz_loader = make_loader(quiz_split, tokenizer, train.batch_size // train.grad_accum, seed=train.seed + 1,
                               shuffle=True)
-    common = dict(train=train, accelerator=accelerator, log_dir=log_dir)
+    common = dict(train=train, accelerator=accelerator, log_dir=phase.log_dir)
     student_learner = make_learner(student, "student", lr=train.lr, total_steps=total_steps, **common,
                                    patience=train.early_stopping_patience, extra=spec.projections)
     teacher_learner = make_learner(teacher, "teacher_after", lr=distill.teacher_lr,
@@ -130,11 +123,10 @@ def distill_alternating(student, teacher, tokenizer, encoded: DatasetDict, *, sp
     device = accelerator.device
     quizzes = GroupStream(quiz_loader, 1, device=device)
     # the student decides when to stop; the teacher keeps its best weights
-    engine = Engine(accelerator, [student_learner, teacher_learner], GroupStream(train_loader, train.grad_accum,
-                                                                                 device=device),
-                    total_steps, evals_at, lambda model: validation_metrics(model, val_loader, accelerator),
-                    train.max_grad_norm, f"alternating ({distill.student_steps}:1)", checkpoints,
-                    side_streams={"quiz": quizzes}, task=task)
+    engine = phase.engine(accelerator, [student_learner, teacher_learner],
+                          GroupStream(train_loader, train.grad_accum, device=device), total_steps, evals_at,
+                          lambda model: validation_metrics(model, val_loader, accelerator),
+                          f"alternating ({distill.student_steps}:1)", side_streams={"quiz": quizzes})
     quiz_groups = iter(quizzes)
 
     def take_step(step: int, group: list[dict]) -> None:

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from kdistill.checkpoint import Checkpoints
-from kdistill.config import DistillConfig, TrainConfig
 from kdistill.data import LMBlocks, next_token_targets
-from kdistill.engine import Engine
+from kdistill.strategies.phase import Phase
 from kdistill.features import capture
 from kdistill.terms import TERMS, CrossTeacher, TermSpec, check_terms, compute_terms, step_temperature
 from kdistill.tokenalign import pairs_of_ends
@@ -45,11 +43,9 @@ from kdistill.training import (
     History,
     LengthGroupedSampler,
     eval_points,
-    make_accelerator,
     make_learner,
     perplexity,
     plan_steps,
-    set_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -184,21 +180,21 @@ def step_kind(seed: int, step: int, fractions: tuple[float, float]) -> str:
 # ------------------------------------------------------------------------------------------------------- loop
 
 
-def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlocks, *, spec: TermSpec,
-                   distill: DistillConfig, train: TrainConfig, cache=None, name: str = "student",
-                   log_dir: Path | None = None, pad_id: int | None = None, eos_id: int | None = None,
-                   checkpoints: Checkpoints | None = None, task) -> History:
-    """Train `student` on `train_blocks` against the frozen `teacher` (None for the LM-only control).
+def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_id: int | None = None) -> History:
+    """Train `phase.student` on the blocks `phase.data["train"]` against the frozen `phase.teacher` (none for the
+    LM-only control).
 
-    Leaves the final weights in `student` (the best validation ones when train.early_stopping_patience is set);
-    returns the history with every loss term per step and the validation perplexity per evaluation.
-    `checkpoints`: where to save resumable state, and whether to continue from the last one saved there. Runs in
-    several processes (DDP), each taking its share of every batch. `task`: the run's task (kdistill.tasks), whose
-    units the terms count.
+    Leaves the final weights in the student (the best validation ones when train.early_stopping_patience is set);
+    returns the history with every loss term per step and the validation perplexity per evaluation (on
+    `phase.data["validation"]`). `phase.checkpoints`: where to save resumable state, and whether to continue from
+    the last one saved there. Runs in several processes (DDP), each taking its share of every batch. `cache`: the
+    teacher signal; `pad_id`, `eos_id`: the student tokenizer's (default: its config's).
     """
+    student, teacher, name = phase.student, phase.teacher, phase.name
+    train_blocks, val_blocks = phase.data["train"], phase.data["validation"]
+    spec, distill, train, task = phase.spec, phase.distill, phase.train, phase.task
     check_terms(spec.active, task)
-    set_seed(train.seed)
-    accelerator = make_accelerator(train)
+    accelerator = phase.start()
     kd = any(t != "lm" for t in spec.active)
     if kd and teacher is None:
         raise ValueError(f"loss terms {sorted(spec.active)} need a teacher")
@@ -214,10 +210,10 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
         eos_id = eos_id[0]
     pad_id = pad_id if pad_id is not None else (getattr(config, "pad_token_id", None) or eos_id or 0)
 
-    if train.fsdp and accelerator.num_processes > 1 and checkpoints is not None:
+    if train.fsdp and accelerator.num_processes > 1 and phase.checkpoints is not None:
         log.warning("%s: train.fsdp: no checkpoints (sharded checkpoints are not written yet); a resumed run "
                     "trains this phase again", name)
-        checkpoints = None
+        phase = replace(phase, checkpoints=None)
     micro = train.batch_size // train.grad_accum
     teacher_ends = cache.ends(range(len(cache))) if spec.cross_tokenizer else None  # (N, Lt), small: all at once
     loader = make_block_loader(train_blocks, micro, seed=train.seed, accelerator=accelerator,
@@ -226,7 +222,7 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
     evals_at = eval_points(total_steps, max(1, len(loader) // train.grad_accum), train.eval_every)
     # validation perplexity decides (lower is better); the final weights stay unless early stopping is on
     learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train, accelerator=accelerator,
-                           log_dir=log_dir, patience=train.early_stopping_patience, extra=spec.projections,
+                           log_dir=phase.log_dir, patience=train.early_stopping_patience, extra=spec.projections,
                            score=lambda m: (-m["loss"],), keep_best=bool(train.early_stopping_patience))
     student = learner.model  # (wrapped for DDP when several processes run)
     if teacher is not None and (cache is None or any(fractions) or spec.needs_teacher_features):
@@ -236,9 +232,8 @@ def distill_causal(student, teacher, train_blocks: LMBlocks, val_blocks: LMBlock
         metrics = perplexity(accelerator.unwrap_model(model), val_blocks, batch_size=micro)
         return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
 
-    engine = Engine(accelerator, [learner], GroupStream(loader, train.grad_accum, device=accelerator.device),
-                    total_steps, evals_at, validate, train.max_grad_norm, f"train {name}", checkpoints,
-                    task=task)
+    engine = phase.engine(accelerator, [learner], GroupStream(loader, train.grad_accum, device=accelerator.device),
+                          total_steps, evals_at, validate, f"train {name}")
 
     def take_step(step: int, group: list[dict]) -> None:
         temperature = step_temperature(distill, step, total_steps)

@@ -45,14 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict
 from tqdm.auto import tqdm
 
 from kdistill import losses
 from kdistill.cache import FeatureStore, logits_cache_root, logits_key, read_teacher_logits, write_teacher_logits
-from kdistill.checkpoint import Checkpoints
-from kdistill.config import DistillConfig, TrainConfig
-from kdistill.engine import Engine
+from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.features import Features, Pooling, capture, ensure_eager_attention
 from kdistill.io import atomic_dir
@@ -60,11 +57,9 @@ from kdistill.terms import TermSpec, compute_terms, step_temperature, uncacheabl
 from kdistill.training import (
     GroupStream,
     History,
-    make_accelerator,
     make_learner,
     make_loader,
     make_loaders,
-    set_seed,
     validation_metrics,
     embedding_validation_metrics,
     cosine_then_mse,
@@ -235,30 +230,29 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
     return TeacherCache([c for c in logits if c is not None], features, num_hidden_states, pooled)
 
 
-def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *, spec: TermSpec,
-                     distill: DistillConfig, train: TrainConfig, name: str = "student",
-                     log_dir: Path | None = None, checkpoints: Checkpoints | None = None,
-                     work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None,
-                     pooling: Pooling | None = None, task, keep_best: bool = True) -> History:
-    """Train `student` against frozen `teachers` (the first is the main one; several average their soft targets).
+def distill_explicit(phase: Phase, *, work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None,
+                     pooling: Pooling | None = None, keep_best: bool = True) -> History:
+    """Train `phase.student` against its frozen `phase.teachers` (the first is the main one; several average their
+    soft targets).
 
-    `encoded`: the student's tokenization of the splits (train, validation; data.tokenize_splits).
-    Leaves the best validation weights in `student`; returns the history with every loss term per step.
-    `checkpoints`: where to save resumable state, and whether to continue from the last one saved there.
+    `phase.data`: the student's tokenization of the splits (train, validation; data.tokenize_splits).
+    Leaves the best validation weights in the student; returns the history with every loss term per step.
+    `phase.checkpoints`: where to save resumable state, and whether to continue from the last one saved there.
     `work_dir`: where the teacher hidden-state cache's temporary directory goes (default: the system's, $TMPDIR).
     `tokenizer`: the student's; `teacher_tokenizer` and `teacher_train` (the teachers' tokenization of the same
     training rows, in the same order), where the teachers' vocabulary differs from the student's.
     `pooling` (task: embedding): teacher and student are sentence encoders pooled alike; the pooled_* terms read
     their embeddings, the labels are ignored, and validation scores the student's agreement with the teacher
     (`training.embedding_validation_metrics`).
-    `task`: the run's task (kdistill.tasks, or its name), whose units the terms count (a token classifier's examples
-    carry one label per token: its teacher cache then holds per-token logits, (N, L_max, C)).
+    A token classifier's examples carry one label per token: its teacher cache then holds per-token logits,
+    (N, L_max, C).
     `keep_best`: False leaves the final weights (a first stage whose validation score says nothing yet).
 
     Why one long function: a strategy reads top to bottom (set-up, teacher cache, loop), as its siblings do.
     """
-    set_seed(train.seed)
-    accelerator = make_accelerator(train)
+    student, teachers, tokenizer, encoded = phase.student, phase.teachers, phase.tokenizer, phase.data
+    spec, distill, train, task = phase.spec, phase.distill, phase.train, phase.task
+    accelerator = phase.start()
     needs_teacher = "kd" in spec.active or spec.needs_teacher_features or spec.needs_pooled
     if spec.needs_pooled and pooling is None:
         raise ValueError(f"loss terms {sorted(spec.active)} read pooled sentence embeddings: give pooling")
@@ -297,8 +291,8 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
 
         train_loader, val_loader, total_steps, evals_at = make_loaders(encoded_train, encoded["validation"],
                                                                        tokenizer, train, accelerator)
-        learner = make_learner(student, name, lr=train.lr, total_steps=total_steps, train=train,
-                               accelerator=accelerator, log_dir=log_dir, patience=train.early_stopping_patience,
+        learner = make_learner(student, phase.name, lr=train.lr, total_steps=total_steps, train=train,
+                               accelerator=accelerator, log_dir=phase.log_dir, patience=train.early_stopping_patience,
                                extra=spec.projections,
                                score=accuracy_then_loss if pooling is None else cosine_then_mse, keep_best=keep_best)
         student = learner.model  # (wrapped for DDP when several processes run)
@@ -310,9 +304,9 @@ def distill_explicit(student, teachers: list, tokenizer, encoded: DatasetDict, *
         else:
             def validate(model):
                 return embedding_validation_metrics(model, teachers[0], val_loader, accelerator, pooling)
-        engine = Engine(accelerator, [learner], GroupStream(train_loader, train.grad_accum, device=accelerator.device),
-                        total_steps, evals_at, validate,
-                        train.max_grad_norm, f"distill {name}", checkpoints, task=task)
+        engine = phase.engine(accelerator, [learner], GroupStream(train_loader, train.grad_accum,
+                                                                  device=accelerator.device),
+                              total_steps, evals_at, validate, f"distill {phase.name}")
         weights = spec.active
         flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv,
                      pooling=pooling if spec.needs_pooled else None)

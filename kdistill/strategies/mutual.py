@@ -25,25 +25,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import torch
-from datasets import DatasetDict
 
 from kdistill import losses
-from kdistill.checkpoint import Checkpoints
-from kdistill.config import DistillConfig, TrainConfig
-from kdistill.engine import Engine
+from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.features import Features, capture, ensure_eager_attention
 from kdistill.terms import TermSpec, compute_terms, step_temperature
 from kdistill.training import (
     GroupStream,
     History,
-    make_accelerator,
     make_learner,
     make_loaders,
-    set_seed,
     validation_metrics,
 )
 
@@ -91,18 +85,18 @@ def peer_terms(k: int, feats: list[Features], labels: torch.Tensor, *, spec: Ter
     return terms
 
 
-def distill_mutual(student, teacher, tokenizer, encoded: DatasetDict, *, spec: TermSpec, distill: DistillConfig,
-                   train: TrainConfig, log_dir: Path | None = None,
-                   task, checkpoints: Checkpoints | None = None) -> tuple[History, History]:
-    """Train teacher, student (and `distill.peers - 2` more students) together; see the module docstring.
+def distill_mutual(phase: Phase) -> tuple[History, History]:
+    """Train `phase.teacher`, `phase.student` (and `distill.peers - 2` more students) together; see the module
+    docstring.
 
-    `encoded`: the tokenized splits (train, validation). Leaves each model's best validation weights in `student`
-    and `teacher`; returns (student history, teacher history). `train.epochs`/`max_steps` count steps, and each step
-    updates every peer once. `checkpoints`: where to save resumable state (every peer's), and whether to resume. `task`: the
-    run's task (kdistill.tasks), whose units the terms count.
+    `phase.data`: the tokenized splits (train, validation). Leaves each model's best validation weights in student
+    and teacher; returns (student history, teacher history). `train.epochs`/`max_steps` count steps, and each step
+    updates every peer once. `phase.checkpoints`: where to save resumable state (every peer's), and whether to
+    resume.
     """
-    set_seed(train.seed)
-    accelerator = make_accelerator(train)
+    student, teacher, tokenizer, encoded = phase.student, phase.teacher, phase.tokenizer, phase.data
+    spec, distill, train, task = phase.spec, phase.distill, phase.train, phase.task
+    accelerator = phase.start()
     one_process(accelerator, "mutual")
     students = [student] + [copy.deepcopy(student) for _ in range(distill.peers - 2)]
     peers = [teacher, *students]
@@ -114,7 +108,7 @@ def distill_mutual(student, teacher, tokenizer, encoded: DatasetDict, *, spec: T
 
     train_loader, val_loader, total_steps, evals_at = make_loaders(encoded["train"], encoded["validation"],
                                                                    tokenizer, train, accelerator)
-    common = dict(total_steps=total_steps, train=train, accelerator=accelerator, log_dir=log_dir)
+    common = dict(total_steps=total_steps, train=train, accelerator=accelerator, log_dir=phase.log_dir)
     teacher_learner = make_learner(teacher, "teacher_after", lr=distill.teacher_lr, **common)
     student_learners = [  # the projections of hidden terms learn with the first student
         make_learner(model, "student" if k == 1 else f"student_{k}", lr=train.lr, **common,
@@ -124,10 +118,10 @@ def distill_mutual(student, teacher, tokenizer, encoded: DatasetDict, *, spec: T
     learners = [teacher_learner, *student_learners]  # peer order: 0 is the teacher
     weights = [teacher_terms.active] + [spec.active] * len(students)
     # the student decides when to stop; the teacher keeps its best weights
-    engine = Engine(accelerator, [student_learners[0], teacher_learner, *student_learners[1:]],
-                    GroupStream(train_loader, train.grad_accum, device=accelerator.device), total_steps, evals_at,
-                    lambda model: validation_metrics(model, val_loader, accelerator), train.max_grad_norm,
-                    f"mutual ({len(peers)} peers)", checkpoints, task=task)
+    engine = phase.engine(accelerator, [student_learners[0], teacher_learner, *student_learners[1:]],
+                          GroupStream(train_loader, train.grad_accum, device=accelerator.device), total_steps,
+                          evals_at, lambda model: validation_metrics(model, val_loader, accelerator),
+                          f"mutual ({len(peers)} peers)")
     flags = dict(hidden_states=spec.needs_hidden, attentions=spec.needs_attentions, qkv=spec.needs_qkv)
 
     def take_step(step: int, group: list[dict]) -> None:

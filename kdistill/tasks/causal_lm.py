@@ -34,6 +34,7 @@ from kdistill.cache import (
 from kdistill.config import RunConfig
 from kdistill.data import SPLITS, LMBlocks, LMCorpus, encode_blocks, load_lm_corpus, pack_blocks, pad_id_of, text_blocks
 from kdistill.strategies.causal import distill_causal, lm_only_spec, with_alignment, with_targets
+from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.measure import block_parameters, compare_lm_speed, evaluate_lm_model, machine_info, sample_generations
 from kdistill.io import atomic_write_json
@@ -232,10 +233,11 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
             models[name], histories[name] = load_model_dir(run_dir / name, task=cfg.task)[0], None
             continue
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
-        history = distill_causal(model, phase_teacher, blocks["train"], blocks["validation"], spec=phase_spec,
-                                 distill=cfg.distill, train=cfg.train, cache=phase_cache, name=name,
-                                 log_dir=run_dir / "logs", pad_id=pad_id_of(student_tokenizer),
-                                 eos_id=student_tokenizer.eos_token_id, checkpoints=checkpoints, task=cfg.task)
+        phase = Phase(model, [phase_teacher] if phase_teacher is not None else [], student_tokenizer, blocks,
+                      phase_spec, cfg.distill, cfg.train, cfg.task, name=name, log_dir=run_dir / "logs",
+                      checkpoints=checkpoints)
+        history = distill_causal(phase, cache=phase_cache, pad_id=pad_id_of(student_tokenizer),
+                                 eos_id=student_tokenizer.eos_token_id)
         if main:
             save_history(run_dir, history)
             save_model(model, student_tokenizer, run_dir / name,
