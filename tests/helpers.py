@@ -157,6 +157,24 @@ def write_toy_csv(path, n: int = 90, seed: int = 1):
     return path
 
 
+def scratch_teacher_recipe(tmp_path, tokenizer, data: dict, **sections) -> Path:
+    """tmp_path/toy.yaml: a tiny run whose teacher is a 2-layer BERT trained from scratch over `tokenizer`'s vocab
+    (1 epoch), a 1-layer student, kd + ce with the no-KD baseline, 2 steps; `data` and the other `sections` as
+    given."""
+    return write_recipe(tmp_path / "toy.yaml", {
+        **sections,
+        "data": data,
+        "teacher": {"epochs": 1, "batch_size": 8,
+                    "from_scratch": {"tokenizer": str(write_vocab(tmp_path / "vocab.txt", tokenizer)),
+                                     "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "intermediate_size": 64}},
+        "student": {"layers": 1},
+        "distill": {"losses": {"kd": 1.0, "ce": 0.5}, "baseline": True},
+        "train": {"max_steps": 2, "batch_size": 8},
+        "eval": {"repeats": 1, "warmup": 0},
+    })
+
+
 def write_vocab(path, tokenizer):
     """The tokenizer's vocab.txt: a from-scratch teacher over a given vocab is the same in every process (a WordPiece
     trained in the run is not: the tokenizers trainer breaks ties differently from one process to the next)."""

@@ -18,7 +18,7 @@ from kdistill.data import tokenizer_key
 from kdistill.errors import ConfigError
 from kdistill.pipeline import run
 from kdistill.terms import split_stages
-from tests.helpers import history, toy_run_config, write_recipe, write_toy_csv, write_vocab
+from tests.helpers import history, scratch_teacher_recipe, toy_run_config, write_recipe, write_toy_csv
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -34,18 +34,9 @@ def test_each_split_is_tokenized_once_per_tokenizer(augment, monkeypatch, tmp_pa
         return original(split, tokenizer, max_length)
 
     monkeypatch.setattr(kdistill.data.encodings, "encode_split", counting)
-    recipe = write_recipe(tmp_path / "toy.yaml", {
-        "data": {"train_file": str(write_toy_csv(tmp_path / "toy.csv", 60)), "max_length": 16,
-                 **({"augment": {"multiplier": 1}} if augment else {})},
-        "teacher": {"epochs": 1, "batch_size": 8,
-                    "from_scratch": {"tokenizer": str(write_vocab(tmp_path / "vocab.txt", tiny_tokenizer)),
-                                     "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                     "intermediate_size": 64}},
-        "student": {"layers": 1},
-        "distill": {"losses": {"kd": 1.0, "ce": 0.5}, "baseline": True},
-        "train": {"max_steps": 2, "batch_size": 8},
-        "eval": {"repeats": 1, "warmup": 0},
-    })
+    recipe = scratch_teacher_recipe(tmp_path, tiny_tokenizer, {
+        "train_file": str(write_toy_csv(tmp_path / "toy.csv", 60)), "max_length": 16,
+        **({"augment": {"multiplier": 1}} if augment else {})})
     run_dir = run(load_config(recipe), tmp_path / "run")
 
     assert (run_dir / "baseline" / "model.safetensors").is_file()

@@ -21,7 +21,7 @@ from kdistill.deploy.predict import load_predictor
 from kdistill.pipeline import evaluate_dir, run
 from kdistill.task import BUILTIN_MODULES, get_task, guess_task, register, task_names, unregister
 from kdistill.terms import TERMS
-from tests.helpers import write_recipe, write_vocab
+from tests.helpers import scratch_teacher_recipe, write_recipe
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdistill"
 TASK_NAMES = frozenset(BUILTIN_MODULES)
@@ -143,18 +143,8 @@ def test_a_task_defined_in_a_test_runs_end_to_end(length_task, tmp_path, tiny_to
     texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(2 + i % 6)) for i in range(60)]
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    recipe = write_recipe(tmp_path / "toy.yaml", {
-        "task": "toy-length",
-        "data": {"train_file": str(data), "max_length": 16},
-        "teacher": {"epochs": 1, "batch_size": 8,
-                    "from_scratch": {"tokenizer": str(write_vocab(tmp_path / "vocab.txt", tiny_tokenizer)),
-                                     "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                     "intermediate_size": 64}},
-        "student": {"layers": 1},
-        "distill": {"losses": {"kd": 1.0, "ce": 0.5}, "baseline": True},
-        "train": {"max_steps": 2, "batch_size": 8},
-        "eval": {"repeats": 1, "warmup": 0},
-    })
+    recipe = scratch_teacher_recipe(tmp_path, tiny_tokenizer, {"train_file": str(data), "max_length": 16},
+                                    task="toy-length")
     assert "toy-length" in task_names()
     run_dir = run(load_config(recipe), tmp_path / "run")
 
