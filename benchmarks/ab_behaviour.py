@@ -23,8 +23,9 @@ Dropped everywhere, at recording and again at comparison: what measures the mach
 every key that `ignored_key` names (times, latencies, throughputs, speed-ups, thread counts, the machine, dates,
 paths, versions). Inside the kept strings the run dir, the source dir and the cache dir read <run>, <src>, <cache>.
 Runs are made repeatable: one torch/OpenMP/MKL thread (torch's default is one a core, and the thread count decides
-how float sums are split, hence their last bits, so two machines would differ), PYTHONHASHSEED=0, no CUDA device, and a fresh kdistill cache per run (assets such as downloaded models shared,
-teacher signals and logit caches not, so every run computes them instead of reading another run's).
+how float sums are split, hence their last bits: two machines would differ), PYTHONHASHSEED=0, no CUDA device, and
+a fresh kdistill cache per run (the downloaded assets are shared; teacher signals and logit caches are not, so every
+run computes them instead of reading another run's).
 A recipe that fails is recorded with its error, and `compare` reports it as a difference.
 Writes one JSON file {recipe: {"overrides", "steps", "validation", "tensorboard", "metrics", "weights",
 "wall_s"}}; prints one JSON line per recipe and a summary line on stdout (the runs' own logs go to a file per

@@ -140,16 +140,17 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
                                                    "encoders); --no-fuse keeps a portable plain ONNX graph")] = True,
            set: SetOpt = None) -> dict:
     """Export a model dir as a self-contained HF dir or ONNX (optionally int8), with a parity check."""
-    from kdistill.deploy.export import export_model
+    from kdistill.deploy.export import check_export, export_model
 
+    source = model.resolve()  # `export .` names its output after the folder, not after ""
+    out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
+    check_export(model, fmt=format, out_dir=out, quantize=quantize)  # before the data is read
     texts = labels = None
     if data:
         from kdistill.pipeline import data_for_model
 
         bundle = data_for_model(model, data, set or [])
         texts, labels = list(bundle.splits["test"]["text"]), list(bundle.splits["test"]["label"])
-    source = model.resolve()  # `export .` names its output after the folder, not after ""
-    out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
     parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
                           parity_labels=labels, fuse=fuse)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},

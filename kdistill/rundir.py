@@ -5,12 +5,19 @@ dir is refused unless the user passes `--overwrite`, which removes the outputs a
 every other file. When kdistill creates a run dir it writes `kdistill-run.json`: the fingerprint of the config
 and the data the run started with, which `--resume` compares with what it is given. When a run fails with a
 UserError before it saved anything it could resume from, what it created is removed again.
+
+Claiming is atomic: the process that writes holds an exclusive lock on `.kdistill.lock` in the dir (flock) for the
+run's life, and checks under it that the dir is still its own; of several runs started together into one dir,
+one proceeds and the others are refused. The lock goes with the process, so a killed run leaves none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +25,7 @@ from pathlib import Path
 
 from kdistill.config import RunConfig, dump_config
 from kdistill.errors import UserError
-from kdistill.io import atomic_write_json, atomic_write_text
+from kdistill.io import PROBE, WriteError, atomic_write_json, atomic_write_text, check_writable
 from kdistill.training import is_main_process
 
 MANIFEST = "kdistill-run.json"
@@ -26,6 +33,8 @@ PROGRESS = ("teacher", "student", "baseline", "teacher_after", "checkpoints")
 """What a run saves to resume from: finished phases' model dirs and checkpoints."""
 OUTPUTS = ("config.yaml", MANIFEST, *PROGRESS, "logs", "metrics.json", "report.md", "plots", "export")
 """Everything a run writes into its dir (README "Run directory"): what --overwrite removes."""
+LOCK = ".kdistill.lock"
+"""Held by the process that claimed the dir while its run lasts (claim_run_dir); not an output."""
 UNFINGERPRINTED = ("name", "eval", "export", "train.checkpoint_every", "train.num_threads")
 """Config keys that do not change what is trained, which a resumed run may see changed."""
 
@@ -64,12 +73,17 @@ def check_run_dir(run_dir: Path, inputs: dict[str, str | None], *, resume: bool,
     inputs: recipe key -> a path the run reads, which --overwrite must not remove."""
     if resume and overwrite:
         raise UserError("--overwrite and --resume: --resume continues a run, --overwrite replaces one; give one")
-    if resume or not is_main_process():
+    if not is_main_process():
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: exists and is not a directory; choose a dir for the run")
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
+    try:  # a read-only dir fails now, not once the data is read
+        check_writable(run_dir, inside=True)
+    except WriteError as e:
+        raise UserError(f"cannot write the run directory {run_dir}: {e.reason}") from None
+    if resume or not run_dir.is_dir() or not any(p.name != LOCK and not p.name.startswith(PROBE)
+                                                  for p in run_dir.iterdir()):
+        return  # (another process's lock or probe is no content)
     if not overwrite:
         is_run = (run_dir / MANIFEST).is_file()
         what = ("holds a finished kdistill run" if (run_dir / "metrics.json").is_file() else "holds a kdistill run") \
@@ -103,24 +117,75 @@ def check_resume(run_dir: Path, cfg: RunConfig, now: dict) -> None:
 @contextmanager
 def run_dir_for(cfg: RunConfig, run_dir: Path, fingerprint: dict, *, resume: bool = False,
                 overwrite: bool = False) -> Iterator[Path]:
-    """Claim `run_dir` (checked by check_run_dir): create it with its config.yaml and manifest, or, resuming, check
-    that config and data are the run's. On a UserError before the run saved anything to resume from, remove what
-    this call created. Only the main process writes."""
+    """Claim `run_dir` (checked by check_run_dir) for the block: lock it, check again under the lock that it is
+    this run's, create it with its config.yaml and manifest, or, resuming, check that config and data are the
+    run's. On a UserError before the run saved anything to resume from, remove what this call created. Only the
+    main process claims and writes."""
     if resume:
         check_resume(run_dir, cfg, fingerprint)
-    main = is_main_process()
-    if main and overwrite:
-        _remove_outputs(run_dir)
-    new = _first_missing(run_dir)
-    before = set(run_dir.iterdir()) if main and new is None else set()
-    try:
-        if main:
-            _create(run_dir, cfg, fingerprint, resume=resume)
+    if not is_main_process():
         yield run_dir
-    except UserError:
-        if main and not resume and not any((run_dir / name).exists() for name in PROGRESS):
+        return
+    new = _first_missing(run_dir)
+    with claim_run_dir(run_dir):
+        if not resume:  # another run may have claimed the dir since check_run_dir, and finished
+            check_run_dir(run_dir, {}, resume=False, overwrite=overwrite)
+        if overwrite:
+            _remove_outputs(run_dir)
+        before = set(run_dir.iterdir()) if new is None else set()
+        try:
+            _create(run_dir, cfg, fingerprint, resume=resume)
+            yield run_dir
+        except UserError as e:
+            if resume or any((run_dir / name).exists() for name in PROGRESS):
+                raise
             _remove_created(run_dir, new, before)
-        raise
+            if isinstance(e, WriteError):  # its hint may say --resume: there is nothing left to resume
+                raise e.with_hint("free space or fix the permissions, then start the run again (nothing it "
+                                  f"wrote in {run_dir} was kept)") from None
+            raise
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[Path]:
+    """Hold `run_dir`'s lock (LOCK, flock) for the block, creating the dir if it is missing; a UserError naming
+    the dir when another process holds it. The lock file is removed on the way out."""
+    lock = run_dir / LOCK
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the dir was removed in between (a run that failed cleans up): again
+            continue
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {run_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise UserError(f"--out {run_dir}: another kdistill process{f' (pid {holder})' if holder else ''} is "
+                            "using it; wait for it to end, or choose a new dir") from None
+        if _is_file(fd, lock):
+            break
+        os.close(fd)  # the holder released and removed the file between open and flock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        yield run_dir
+    finally:
+        if _is_file(fd, lock):  # (a failed run may have removed the dir, and another claimed it anew)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # while still locked: a process waiting on this file then sees it gone
+        os.close(fd)
+
+
+def _is_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the one at `path`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _remove_outputs(run_dir: Path) -> None:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from kdistill.cli import main
 from kdistill.config import DataConfig, load_config
-from kdistill.data import load_data
+from kdistill.data import load_data, load_token_data
 from kdistill.errors import UserError
 
 FUZZ = settings(derandomize=True, max_examples=250, deadline=None, database=None,
@@ -227,3 +227,122 @@ def test_kdistill_validate_exits_0_or_2_with_one_line():
             outcomes["user error"] += 1
 
     _run(validate, outcomes)
+
+
+# ------------------------------------------------------------------------------------- token classification
+
+_WORD = st.one_of(st.sampled_from(["EU", "rejects", "German", "call", "中", "[SEP]", "<s>", "é", "1996-08-22"]),
+                  st.sampled_from(["caf\ud800", "\udfff", "a\udbffb"]),  # as JSON escapes or raw bytes
+                  st.text(max_size=4), st.lists(_EDGE, min_size=1, max_size=2).map("".join))
+_TAG = st.one_of(st.sampled_from(["O", "B-ORG", "I-ORG", "B-PER", "I-PER", "B-MISC"]),
+                 st.sampled_from(["B-", "X", "b-org", "B-OR G", "B-ORG\n", "I-\x00", "B-\u2028X", "B-\ud800", "O\r"]),
+                 st.text(max_size=4))
+
+
+def _valid_sentence(i: int) -> dict:
+    return {"tokens": ["EU", f"w{i}", "call"], "tags": ["B-ORG", "O", "B-PER" if i % 2 else "O"]}
+
+
+def _token_sentences(n: int, wild: list[tuple[int, int, object, object]]) -> list[dict]:
+    """n valid sentences, then a few (sentence, word) pairs made wild: a wild word and / or tag."""
+    sentences = [_valid_sentence(i) for i in range(n)]
+    for i, w, word, tag in wild:
+        if n:
+            s = sentences[i % n]
+            s["tokens"][w % 3] = word if word is not None else s["tokens"][w % 3]
+            s["tags"][w % 3] = tag if tag is not None else s["tags"][w % 3]
+    return sentences
+
+
+def test_token_files_load_or_fail_with_one_line():
+    """JSON Lines and CoNLL columns, any line ending (\\n, \\r\\n, \\r), surrogates anywhere (JSON escapes or raw
+    bytes), tags with control characters and spaces, BOMs."""
+    outcomes = Counter()
+
+    @FUZZ
+    @given(n=st.integers(0, 30), wild=st.lists(st.tuples(st.integers(0, 29), st.integers(0, 2), st.none() | _WORD,
+                                                         _sometimes(_TAG)), max_size=2),
+           jsonl=st.booleans(), ending=st.sampled_from(["\n", "\r\n", "\r"]), ascii_only=st.booleans(),
+           suffix=st.sampled_from([".conll", ".txt", ".bio"]), bom=st.booleans(),
+           raw=_sometimes(st.lists(_EDGE | _WORD | _TAG | st.sampled_from([" ", "\n\n", "-DOCSTART- O"]),
+                                   max_size=12).map("".join)),
+           cfg=_sometimes(_DATA_CFG))
+    def token_files(n, wild, jsonl, ending, ascii_only, suffix, bom, raw, cfg):
+        if raw is None:
+            sentences = _token_sentences(n, wild)
+            if jsonl:
+                raw = ending.join(json.dumps(s, ensure_ascii=ascii_only) for s in sentences)
+            else:
+                raw = (ending * 2).join(ending.join(f"{t} {g}" for t, g in zip(s["tokens"], s["tags"]))
+                                        for s in sentences)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"train{'.jsonl' if jsonl else suffix}"
+            path.write_bytes(_encode(raw, bom))
+            outcomes[_outcome(path, lambda: load_token_data(DataConfig(train_file=str(path), **(cfg or {}))))] += 1
+
+    _run(token_files, outcomes)
+
+
+# ------------------------------------------------------------------------------------- the server's body checks
+
+_CONTENT_TYPES = {"application/json": True, "application/json; charset=utf-8": True,
+                  "APPLICATION/JSON;charset=UTF-8": True, None: False, "text/plain": False,
+                  "application/json; charset=utf-16": False, "application/x-www-form-urlencoded": False,
+                  "text/json": False, "application/json; charset=latin-1": False}
+_BODY_ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be", "latin-1"]
+
+
+def test_server_body_checks_answer_a_result_or_one_line_4xx(tiny_bert_dir):
+    """Content types, body encodings and keys given twice, against the expected status: 415 for a body not sent as
+    application/json (charset utf-8), else 400 for a body that is not UTF-8 or gives a key twice, else 200 or a 422
+    for a text that cannot be used; never a 5xx, and every error detail is one line."""
+    from starlette.testclient import TestClient
+
+    from kdistill.deploy.serve import create_app
+
+    outcomes, statuses = Counter(), Counter()
+    good_types = [t for t, ok in _CONTENT_TYPES.items() if ok]
+    with TestClient(create_app(tiny_bert_dir, max_batch_texts=8, batch_wait_ms=1)) as client:
+
+        @FUZZ
+        @given(content_type=st.sampled_from(good_types) | st.sampled_from(list(_CONTENT_TYPES)),
+               encoding=st.sampled_from(["utf-8"]) | st.sampled_from(_BODY_ENCODINGS),
+               texts=st.lists(st.sampled_from(["goal match", "café vote", "中文 team", " ", "[SEP] data", "\ud800"]),
+                              min_size=1, max_size=3),
+               one=st.booleans(), twice=_sometimes(st.sampled_from(["text", "texts", "other"])),
+               ascii_only=st.booleans())
+        def requests(content_type, encoding, texts, one, twice, ascii_only):
+            field, value = ("text", texts[0]) if one else ("texts", texts)
+            pairs = [(field, value)]
+            if twice:
+                pairs.append((twice, value if twice in ("text", "texts") else 1))
+                pairs.insert(0, pairs[-1])
+            body = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v, ensure_ascii=ascii_only)}" for k, v in pairs) + "}"
+            raw = body.encode(encoding, "surrogatepass" if encoding.startswith("utf") else "replace")
+            headers = {"content-type": content_type} if content_type else {}
+            response = client.post("/predict", content=raw, headers=headers)
+            detail = response.json().get("detail", "") if response.status_code != 200 else ""
+            assert str(detail).splitlines() in ([str(detail)], []), detail
+            utf8 = raw.decode("utf-8-sig", "strict") if _is_utf8(raw) else None
+            if not _CONTENT_TYPES[content_type]:
+                expected = 415
+            elif utf8 is None or twice or "\x00" in utf8:
+                expected = 400
+            else:
+                sent = [texts[0]] if one else texts
+                expected = 200 if all(t.strip() and t != "\ud800" for t in sent) else 422
+            assert response.status_code == expected, (content_type, encoding, raw[:80], response.text[:200])
+            outcomes["loaded" if expected == 200 else "user error"] += 1
+            statuses[response.status_code] += 1
+
+        _run(requests, outcomes)
+    print(f"server body checks, by status: {dict(sorted(statuses.items()))}")
+    assert {200, 400, 415, 422} <= set(statuses), statuses
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

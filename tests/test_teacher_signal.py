@@ -5,10 +5,14 @@ refuses a signal of another key or a setting that cannot use one, in one line na
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
+import fsspec
 import pytest
+import torch
 
+from kdistill.cache import MANIFEST, SignalError, cache_key, open_teacher_signal, write_teacher_signal
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
@@ -65,3 +69,38 @@ def test_a_run_reads_a_signal_built_elsewhere_and_refuses_one_of_another_key(tmp
               "--set", f"distill.teacher_signal={tmp_path / 'nowhere'}"])
     assert exc.value.code == 2
     assert "is not a complete teacher signal" in capsys.readouterr().err
+
+
+def test_a_remote_signal_is_verified_from_its_footers_and_each_shard_is_fetched_once(tmp_path, monkeypatch):
+    """Through an fsspec URL: verify opens each shard for its footer; the first read fetches a shard once, hashing
+    the same bytes it decodes; changed bytes are a one-line error naming the shard's URL."""
+    n, length, k, vocab = 7, 4, 3, 40
+    key = cache_key(teacher="t", data="d", block_size=length, k=k)
+    top = torch.log_softmax(torch.randn(n, length, vocab, generator=torch.Generator().manual_seed(0)), -1).topk(k)
+    write_teacher_signal(tmp_path / "s", key, (n, length), lambda a, b: (top.values[a:b], top.indices[a:b]),
+                         shard_blocks=3, vocab=vocab)
+    fs = fsspec.filesystem("memory")
+    url = f"memory://kdistill-remote-{os.getpid()}/s"
+    try:
+        for f in sorted((tmp_path / "s").iterdir()):
+            data = f.read_bytes()
+            if f.name == "shard-00001.parquet":  # changed in transit, in the middle of its data pages
+                footer = int.from_bytes(data[-8:-4], "little") + 8
+                middle = (4 + len(data) - footer) // 2
+                data = data[:middle] + bytes(b ^ 0x55 for b in data[middle:middle + 8]) + data[middle + 8:]
+            fs.pipe(f"{url}/{f.name}", data)
+        opened = []
+        signal = open_teacher_signal(url, key)
+        real_open = signal.fs.open
+        monkeypatch.setattr(signal.fs, "open", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+        signal.verify(vocab)
+        assert sorted(p.rsplit("/", 1)[-1] for p in opened) == [f"shard-0000{s}.parquet" for s in range(3)]
+        opened.clear()
+        lp, ix = signal.lookup([6, 0, 2, 1])  # shards 2 and 0, one fetch each
+        assert torch.equal(ix, top.indices[[6, 0, 2, 1]]) and len(opened) == 2 and MANIFEST not in str(opened)
+        with pytest.raises(SignalError, match=rf"^teacher signal {url}/shard-00001\.parquet: sha256 .* differs from "
+                                              "the manifest's"):
+            signal.lookup([4])
+        assert len(opened) == 3
+    finally:
+        fs.rm(url.rsplit("/s", 1)[0], recursive=True)

@@ -156,9 +156,11 @@ def test_a_full_disk_while_saving_a_model_is_a_user_error_naming_the_run_dir(mon
 
     monkeypatch.setattr(kdistill.pipeline.encoder, "save_model", no_space)
     cfg = toy_run_config(tmp_path, teacher_dir, "explicit")
-    message = re.escape(f"cannot write {tmp_path / 'run'}: No space left on device; ") + ".* --resume"
-    with pytest.raises(UserError, match=message):
+    message = re.escape(f"cannot write {tmp_path / 'run'}: No space left on device; ") + ".*start the run again"
+    with pytest.raises(UserError, match=message) as refused:
         run(cfg, tmp_path / "run")
+    assert "--resume" not in str(refused.value)  # the dir it would name is gone: nothing was saved in it
+    assert not (tmp_path / "run").exists()
 
 
 def kdistill_limited(*args, file_size: int | None = None) -> subprocess.CompletedProcess:

@@ -27,6 +27,7 @@ from kdistill.cache.keys import (
     shard_name,
     shard_ranges,
     topk_key,
+    vocab_size,
 )
 from kdistill.cache.logits import (
     LOGITS_FORMAT,
@@ -35,7 +36,7 @@ from kdistill.cache.logits import (
     read_teacher_logits,
     write_teacher_logits,
 )
-from kdistill.cache.teacher_signal import TopKCache, open_teacher_signal
+from kdistill.cache.teacher_signal import SignalError, TopKCache, open_teacher_signal
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,6 +44,7 @@ __all__ = [
     "MANIFEST",
     "SHARD_BLOCKS",
     "SHARD_METADATA",
+    "SignalError",
     "FeatureStore",
     "TopKCache",
     "build_topk_cache",
@@ -61,6 +63,7 @@ __all__ = [
     "shard_ranges",
     "teacher_topk",
     "topk_key",
+    "vocab_size",
     "write_teacher_logits",
     "write_teacher_signal",
 ]

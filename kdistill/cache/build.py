@@ -15,6 +15,7 @@ other's temp file, which then fails and is resumed by its rerun).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -37,13 +38,23 @@ from kdistill.cache.keys import (
     shard_name,
     shard_ranges,
     topk_key,
+    vocab_size,
 )
 from kdistill.cache.teacher_signal import TopKCache, open_teacher_signal
 from kdistill.errors import UserError
-from kdistill.io import atomic_file, atomic_write_json
+from kdistill.io import atomic_file, atomic_write_json, check_writable, output_errors
 from kdistill.training import process_state
 
 log = logging.getLogger(__name__)
+
+
+def _sha256(file: Path) -> str:
+    """The hex sha256 of a shard file's bytes (the manifest's checksum, checked on the shard's first read)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,7 +99,7 @@ def _write_shard(file: Path, key: dict, start: int, stop: int, fill: Callable[[i
         columns["ends"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), length)
     table = pa.table(columns)
     table = table.replace_schema_metadata({SHARD_METADATA: json.dumps(shard_metadata(key, start, stop)).encode()})
-    with atomic_file(file) as f:
+    with output_errors(file), atomic_file(file) as f:  # disk full, read-only: one line naming the shard
         pq.write_table(table, f, compression="zstd")
 
 
@@ -108,6 +119,25 @@ def check_signal_dir(path: str | Path) -> None:
                         "or empty dir")
 
 
+def signal_bytes(key: dict, n: int) -> int:
+    """About what the signal of `key` over `n` blocks takes on disk, uncompressed: per position its top-k ids
+    (int32) and log-probs (float16), 6 bytes an entry, and its byte end (int32) when the key has ends."""
+    positions = n * key["block_size"]
+    return positions * key["k"] * (4 + 2) + (positions * 4 if key.get("ends") else 0)
+
+
+def check_signal_space(path: Path, key: dict, n: int) -> None:
+    """Refuse (UserError) before the teacher runs a signal dir that cannot be written, or whose file system lacks
+    the space the signal takes less what an unfinished build left there."""
+    there = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
+    check_writable(path, max(0, signal_bytes(key, n) - there), inside=True)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    with output_errors(path / MANIFEST):
+        atomic_write_json(path / MANIFEST, manifest)
+
+
 def _remove_leftovers(path: Path, keep: set[str]) -> None:
     """Temp files of killed builds and shard files outside this layout (an earlier shard_blocks); nothing else."""
     for f in path.iterdir():
@@ -118,13 +148,14 @@ def _remove_leftovers(path: Path, keep: set[str]) -> None:
 def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
                          fill: Callable[[int, int], tuple[Tensor, Tensor]], *, shard_blocks: int = SHARD_BLOCKS,
                          batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                         ends: Tensor | None = None) -> TopKCache:
+                         ends: Tensor | None = None, vocab: int | None = None) -> TopKCache:
     """The signal of `key` in the local directory `path`: opened if complete, else its missing shards are computed
     and written, then its manifest, and it is opened.
 
     shape: (N blocks, L). fill(start, stop) returns (log-probs (stop−start, L, K), indices (stop−start, L, K)) for
     those blocks; it is called in batches of `batch_size` blocks inside each shard. ends: (N, L) the teacher tokens'
-    byte ends, stored beside them; given exactly when the key has "ends". A dir holding the complete signal of
+    byte ends, stored beside them; given exactly when the key has "ends". vocab: the teacher's vocabulary size,
+    declared in the manifest (every id lies in [0, vocab)). A dir holding the complete signal of
     another key is refused (UserError), not overwritten. Every process of the run must
     call this (it waits for the others twice); each computes its share of the shards (module docstring).
     """
@@ -144,6 +175,7 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
         raise ValueError(f"teacher signal {path}: holds {len(existing)} blocks of key {key}, asked for {n}")
     ranges = shard_ranges(n, shard_blocks)
     if existing is None:
+        check_signal_space(path, key, n)
         path.mkdir(parents=True, exist_ok=True)
         for s in range(state.process_index, len(ranges), state.num_processes):
             if not _shard_is_complete(path / shard_name(s), key, *ranges[s]):
@@ -154,8 +186,10 @@ def write_teacher_signal(path: str | Path, key: dict, shape: tuple[int, int],
         _remove_leftovers(path, {shard_name(s) for s in range(len(ranges))})
         shards = [{"file": shard_name(s), "first_block": a, "num_blocks": b - a, "rows": b - a}
                   for s, (a, b) in enumerate(ranges)]
-        atomic_write_json(path / MANIFEST, {
+        _write_manifest(path, {
             "key": key, "num_blocks": n, "shard_blocks": shard_blocks, "shards": shards,
+            "sha256": {s["file"]: _sha256(path / s["file"]) for s in shards},
+            **({"vocab_size": int(vocab)} if vocab is not None else {}),
             "stores": "teacher log-softmax at T=1, top-k per position, most likely first; per row (block): ids "
                       "int32 and logprobs float16, each L*K values, (L, K) row-major"
                       + ("; ends int32, L values: the UTF-8 byte where each token ends in the block's text when it "
@@ -199,7 +233,8 @@ def build_topk_cache(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: i
         signal = write_teacher_signal(
             path if path is not None else key_dir(root, key), key, tuple(input_ids.shape),
             lambda a, b: teacher_topk(teacher, input_ids[a:b], attention_mask[a:b], key["k"], autocast_dtype),
-            shard_blocks=shard_blocks, batch_size=batch_size, progress=progress, ends=ends)
+            shard_blocks=shard_blocks, batch_size=batch_size, progress=progress, ends=ends,
+            vocab=vocab_size(teacher))
     finally:
         teacher.train(was_training)
     log.info("teacher signal: %s %s (%d blocks x %d tokens, k=%d, %d shards)",

@@ -76,11 +76,16 @@ def topk_key(teacher, input_ids: Tensor, attention_mask: Tensor, *, k: int, teac
     """The key of the teacher's top-k signal over the (N, L) blocks, K capped at the vocabulary size.
     teacher_id: a fingerprint of the teacher (default: `fingerprint_model(teacher)`). ends: (N, L) the tokens' byte
     ends, for a signal that stores them (a student with another tokenizer)."""
-    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
-        else teacher.config.vocab_size
     return cache_key(teacher=teacher_id or fingerprint_model(teacher),
                      data=fingerprint_tokens(input_ids, attention_mask, ends), block_size=input_ids.shape[1],
-                     k=min(int(k), int(vocab)), ends=ends is not None)
+                     k=min(int(k), vocab_size(teacher)), ends=ends is not None)
+
+
+def vocab_size(teacher) -> int:
+    """The number of next tokens a causal LM scores (rows of its output embedding): a signal's ids lie in
+    [0, vocab_size)."""
+    head = teacher.get_output_embeddings()
+    return int(head.weight.shape[0] if head is not None else teacher.config.vocab_size)
 
 
 def key_digest(key: dict) -> str:

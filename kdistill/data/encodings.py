@@ -27,11 +27,14 @@ def tokenize_splits(bundle: DataBundle, tokenizer, max_length: int, splits: tupl
 
 
 def encode_split(split: Dataset, tokenizer, max_length: int) -> Dataset:
-    """One split's texts (and text pairs) through `tokenizer`, truncated to `max_length`, with its labels."""
+    """One split's texts (and text pairs) through `tokenizer`, truncated to `max_length`, with its labels.
+
+    User text is text: a literal "[SEP]" or "<|endoftext|>" in it is split into ordinary tokens
+    (`split_special_tokens`), never read as the special token; texts without such strings encode as before."""
     if "tokens" in split.column_names:  # token classification: the default alignment (first sub-token)
         return encode_token_split(split, tokenizer, max_length)
     pair = list(split["text_pair"]) if "text_pair" in split.column_names else None
-    enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length)
+    enc = tokenizer(list(split["text"]), pair, truncation=True, max_length=max_length, split_special_tokens=True)
     return Dataset.from_dict({**enc, "labels": list(split["label"])})
 
 

@@ -8,7 +8,8 @@ split is then tokenised (no special tokens), documents joined with the tokenizer
 padding masks apply. In a block, position t predicts token t+1: `next_token_targets` gives the labels and the mask
 of positions whose own token and next token are both real; every LM loss term and the perplexity count exactly
 these positions. Two models with different tokenizers read the same text pieces instead (`text_blocks`,
-`encode_blocks`).
+`encode_blocks`). A special token's string in a document ("<|endoftext|>", "<s>") is text: it is split into
+ordinary tokens (`split_special_tokens`), so only the EOS that `pack_blocks` puts between documents is one.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int) -> LMBlocks:
     """Tokenise documents, join them with EOS, cut into blocks of `block_size`; the last block is padded."""
     ids: list[int] = []
     sep = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     for doc in encoded:
         ids.extend(doc)
         if sep is not None:
@@ -154,7 +155,8 @@ def text_blocks(texts: list[str], tokenizer, block_size: int) -> list[str]:
     Two models with different tokenizers read the same pieces (`encode_blocks`), so their outputs over a piece can
     be compared where their tokens end together; a piece never spans two documents, unlike `pack_blocks`."""
     pieces = []
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True,
+                        verbose=False)
     for doc, offsets in zip(texts, encoded["offset_mapping"]):
         for a in range(0, len(offsets), block_size):
             span = offsets[a: a + block_size]
@@ -174,7 +176,7 @@ def encode_blocks(pieces: list[str], tokenizer, block_size: int | None = None) -
     `block_size` are cut (the cut end is never an alignment boundary, see `tokenalign.byte_ends`).
     """
     encoded = tokenizer(pieces, return_offsets_mapping=True, truncation=block_size is not None,
-                        max_length=block_size, verbose=False)
+                        max_length=block_size, split_special_tokens=True, verbose=False)
     length = max(len(ids) for ids in encoded["input_ids"])
     ids = torch.full((len(pieces), length), pad_id_of(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(pieces), length), dtype=torch.long)

@@ -139,9 +139,7 @@ def read_table(path: str | Path) -> tuple[list[dict], str]:
             items = _json(text, path)
             return [_record(v, f"{path}: item {i}") for i, v in enumerate(items, 1)], "item"
         rows = []
-        # JSON Lines ends records at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other
-        # characters that JSON allows unescaped inside strings.
-        for i, line in enumerate(text.split("\n"), 1):
+        for i, line in enumerate(_lines(text), 1):  # (LINE_BREAK: not at U+2028, which JSON strings may hold)
             if line.strip():
                 rows.append(_record(_json(line, path, i), f"{path}: line {i}"))
         return rows, "line"
@@ -165,7 +163,21 @@ TOKEN_FILE_SUFFIXES = (".conll", ".txt", ".tsv", ".bio", ".iob")
 def _check_tag(tag: str, where: str) -> str:
     if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
         raise DataError(f"{where}: tag '{show(tag)}' is not BIO (O, B-TYPE or I-TYPE)")
+    if not tag.isprintable() or any(c.isspace() for c in tag):
+        # a tag is a label name: it reaches messages, reports and config.json's id2label as it is
+        raise DataError(f"{where}: tag {tag!r} holds whitespace or a control character; a tag is one printable "
+                        "word (O, B-TYPE or I-TYPE)")
     return tag
+
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+"""What ends a line of a CoNLL or JSON Lines file: \\n (Unix), \\r\\n (Windows) and a lone \\r (old Mac OS), read
+the same. Not str.splitlines(): it also splits at U+2028, U+0085 and other characters that JSON allows unescaped
+inside strings and that str.split() counts as column separators, not line ends."""
+
+
+def _lines(text: str) -> list[str]:
+    return LINE_BREAK.split(text)
 
 
 def read_conll(path: str | Path) -> list[dict]:
@@ -176,7 +188,8 @@ def read_conll(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     sentences, tokens, tags = [], [], []
-    for i, line in enumerate(_decode(path).split("\n"), 1):
+    columns = None  # (count, line) of the first token line: every token line has as many
+    for i, line in enumerate(_lines(_decode(path)), 1):
         fields = line.split()
         if not fields:
             if tokens:
@@ -188,6 +201,12 @@ def read_conll(path: str | Path) -> list[dict]:
         if len(fields) < 2:
             raise DataError(f"{path}: line {i}: one column ('{show(fields[0])}'); expected a token and its tag "
                             "separated by whitespace (a blank line between sentences)")
+        if columns is None:
+            columns = (len(fields), i)
+        elif len(fields) != columns[0]:
+            raise DataError(f"{path}: line {i}: {len(fields)} columns, but line {columns[1]} has {columns[0]}; "
+                            "every line of a CoNLL file is one token and the same columns (token ... tag), "
+                            "sentences separated by a blank line")
         tokens.append(fields[0])
         tags.append(_check_tag(fields[-1], f"{path}: line {i}"))
     if tokens:
@@ -204,7 +223,7 @@ def read_token_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     sentences = []
-    for i, line in enumerate(_decode(path).split("\n"), 1):
+    for i, line in enumerate(_lines(_decode(path)), 1):
         if not line.strip():
             continue
         where = f"{path}: line {i}"
@@ -214,6 +233,9 @@ def read_token_jsonl(path: str | Path) -> list[dict]:
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 raise DataError(f"{where}: '{key}' must be a non-empty list of strings, like "
                                 '{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}')
+            for n, item in enumerate(value):  # "\ud800" escapes inside the lists: no tokenizer or Arrow takes them
+                if not item.isascii():
+                    encode_utf8(item, f"{where}: '{key}' item {n}", DataError)
         if len(tokens) != len(tags):
             raise DataError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
         sentences.append({"tokens": tokens, "tags": to_iob2([_check_tag(t, where) for t in tags])})

@@ -108,10 +108,12 @@ def align_tags(word_ids: list[int | None], tags: list[int], *, all_subtokens: bo
 def encode_token_split(split: Dataset, tokenizer, max_length: int, *, label_all_subtokens: bool = False,
                        label_names: list[str] | None = None) -> Dataset:
     """One split's sentences (pre-split words) through a fast `tokenizer`, truncated to `max_length` sub-tokens,
-    with `labels` aligned to the sub-tokens (`align_tags`). Words cut off by truncation are not scored."""
+    with `labels` aligned to the sub-tokens (`align_tags`). Words cut off by truncation are not scored. A word that
+    spells a special token ("[SEP]") is an ordinary word (`split_special_tokens`), as at prediction."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("token classification needs a fast tokenizer (its word_ids align tags to sub-words)")
-    enc = tokenizer(list(split["tokens"]), is_split_into_words=True, truncation=True, max_length=max_length)
+    enc = tokenizer(list(split["tokens"]), is_split_into_words=True, truncation=True, max_length=max_length,
+                    split_special_tokens=True)
     continuation = continuation_ids(label_names) if label_all_subtokens and label_names else None
     labels = [align_tags(enc.word_ids(i), tags, all_subtokens=label_all_subtokens, continuation=continuation)
               for i, tags in enumerate(split["tags"])]

@@ -47,9 +47,10 @@ from kdistill.deploy.predict import (
     resolve_max_length,
 )
 from kdistill.errors import UserError
-from kdistill.io import atomic_dir
+from kdistill.io import atomic_dir, check_writable, output_errors
 from kdistill.models import (
     META_FILE,
+    ModelDirInfo,
     inspect_model_dir,
     load_dir_model,
     load_dir_tokenizer,
@@ -96,20 +97,10 @@ def export_model(
     fuse: for encoder families onnxruntime knows (FUSABLE_MODEL_TYPES), fuse attention, LayerNorm and GELU into
     its contrib ops (see _fuse_onnx); the graph then runs on onnxruntime only. Off: a plain ONNX graph.
     """
-    if fmt not in ("hf", "onnx"):
-        raise UserError(f"unknown export format {fmt!r}; choose hf or onnx")
-    if quantize not in (None, "int8"):
-        raise UserError(f"unknown quantization {quantize!r}; choose int8 or none")
-    if quantize and fmt != "onnx":
-        raise UserError("quantize='int8' needs fmt='onnx' (int8 is onnxruntime dynamic quantization)")
     if opset < 17:
         raise UserError(f"ONNX opset must be >= 17, got {opset}")
-    info = inspect_model_dir(model_dir)
+    info, out = check_export(model_dir, fmt=fmt, out_dir=out_dir, quantize=quantize, overwrite=overwrite)
     task = get_task(info.task)
-    if fmt == "onnx" and task.predictor is None:
-        able = ", ".join(n for n in task_names() if get_task(n).predictor is not None)
-        raise UserError(f"{info.path}: ONNX export supports {able} model dirs only (task={info.task!r})")
-    out = _check_out_dir(Path(out_dir), info.path, overwrite)
     texts, labels = _parity_inputs(parity_texts, parity_labels, len(info.labels))
 
     tokenizer = load_dir_tokenizer(info.path)
@@ -124,7 +115,7 @@ def export_model(
         "export": {"format": fmt, "quantize": quantize, "source": str(info.path), "kdistill_version": __version__},
     }
 
-    with atomic_dir(out) as tmp:
+    with output_errors(out), atomic_dir(out) as tmp:  # disk full, read-only: one line naming out, nothing left
         tokenizer.save_pretrained(str(tmp))
         if fmt == "hf":
             model.save_pretrained(str(tmp))
@@ -155,6 +146,36 @@ def export_model(
     parity["out_dir"] = str(out)
     logger.info("exported %s to %s", info.path, out)
     return parity
+
+
+def check_export(model_dir: str | os.PathLike, *, fmt: str, out_dir: str | os.PathLike, quantize: str | None = None,
+                 overwrite: bool = False) -> tuple[ModelDirInfo, Path]:
+    """(the model dir's info, the out dir) once the arguments, the model dir and the out dir are checked, before any
+    work: the out dir is new or empty (or `overwrite`), can be written, and its file system has the space
+    `export_bytes` says the export takes."""
+    if fmt not in ("hf", "onnx"):
+        raise UserError(f"unknown export format {fmt!r}; choose hf or onnx")
+    if quantize not in (None, "int8"):
+        raise UserError(f"unknown quantization {quantize!r}; choose int8 or none")
+    if quantize and fmt != "onnx":
+        raise UserError("quantize='int8' needs fmt='onnx' (int8 is onnxruntime dynamic quantization)")
+    info = inspect_model_dir(model_dir)
+    task = get_task(info.task)
+    if fmt == "onnx" and task.predictor is None:
+        able = ", ".join(n for n in task_names() if get_task(n).predictor is not None)
+        raise UserError(f"{info.path}: ONNX export supports {able} model dirs only (task={info.task!r})")
+    out = _check_out_dir(Path(out_dir), info.path, overwrite)
+    check_writable(out, export_bytes(info.path, quantize))
+    return info, out
+
+
+def export_bytes(model_dir: Path, quantize: str | None = None) -> int:
+    """About what an export of `model_dir` takes: its files (weights, tokenizer, config; the fp32 ONNX graph is
+    about the size of fp32 weights), plus a quarter of the weights for an int8 copy beside it. An existing out dir
+    is replaced only once the new one is complete, so its size is not counted as free."""
+    files = [f for f in Path(model_dir).rglob("*") if f.is_file()]
+    weights = sum(f.stat().st_size for f in files if f.suffix in (".safetensors", ".onnx"))
+    return sum(f.stat().st_size for f in files) + (weights // 4 if quantize == "int8" else 0)
 
 
 def _check_out_dir(out: Path, model_dir: Path, overwrite: bool) -> Path:

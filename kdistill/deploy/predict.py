@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kdistill.errors import UserError, decode_utf8, encode_utf8
-from kdistill.io import atomic_write_text
+from kdistill.io import atomic_write_text, check_writable, output_errors
 from kdistill.task import get_task, task_names
 from kdistill.models import (
     META_FILE,
@@ -188,7 +188,7 @@ class Predictor:
         texts = list(texts)
         if not getattr(self.tokenizer, "is_fast", False):  # slow: whole texts, lengths counted before truncation
             enc = self._tokenize(texts)
-            full = self.tokenizer(texts, truncation=False)["input_ids"]
+            full = self.tokenizer(texts, truncation=False, split_special_tokens=True)["input_ids"]
             return {k: np.asarray(v) for k, v in enc.items()}, sum(1 for ids in full if len(ids) > self.max_length)
         budget = self.max_length * PREFIX_CHARS_PER_TOKEN
         prefixes = [_cut_at_whitespace(t, budget) for t in texts]
@@ -198,7 +198,9 @@ class Predictor:
         return {k: np.asarray(v) for k, v in enc.items()}, sum(1 for e in enc.encodings if e.overflowing)
 
     def _tokenize(self, texts: list[str]):
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        # A request's text is text: "[SEP]" or "<s>" in it are characters, never the special tokens (as in training)
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np",
+                              split_special_tokens=True)
 
     def run_model(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Logits (B, C) for one batch from encode(): the backend alone, without tokenization."""
@@ -363,7 +365,7 @@ class TokenPredictor(Predictor):
         if not getattr(self.tokenizer, "is_fast", False):
             raise UserError(f"{self.info.path}: token classification needs a fast tokenizer (tokenizer.json)")
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True, return_tensors="np")
+                             return_offsets_mapping=True, return_tensors="np", split_special_tokens=True)
         offsets = enc.pop("offset_mapping")
         word_ids = [e.word_ids for e in enc.encodings]
         return {k: np.asarray(v) for k, v in enc.items()}, offsets, word_ids, sum(1 for e in enc.encodings
@@ -510,14 +512,17 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
     return rows, texts
 
 
-def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl", *, overwrite: bool = False) -> None:
-    """UserError when the output file `path` is an existing folder, or an existing file the user did not say may be
-    replaced (`overwrite`); called before any work is done."""
+def check_output_file(path: str | os.PathLike, example: str = "predictions.jsonl", *, overwrite: bool = False,
+                      needed_bytes: int | None = None) -> None:
+    """UserError when the output file `path` is an existing folder, an existing file the user did not say may be
+    replaced (`overwrite`), or cannot be written there (or not `needed_bytes` of it: kdistill.io.check_writable);
+    called before any work is done."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"output {path} is a folder, not a file; give a file path such as {path / example}")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} exists; give a new path, or pass --overwrite to replace it")
+    check_writable(path, needed_bytes)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
@@ -525,7 +530,10 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"output folder not found: {path.parent}")
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    check_writable(path, len(text.encode("utf-8")))  # the exact size, before a byte is written
+    with output_errors(path):  # a disk that fills up meanwhile: one line naming `path`, no temp file left
+        atomic_write_text(path, text)
 
 
 def predict_file(
@@ -544,8 +552,9 @@ def predict_file(
     "probabilities"}; kept apart so a gold "label" in the input is not overwritten). Written atomically to
     out_path, or to stdout when out_path is None. Returns the output records.
     """
-    if out_path is not None:
-        check_output_file(out_path, overwrite=overwrite)
+    if out_path is not None:  # each output line holds its input line and more: the input's size at least
+        check_output_file(out_path, overwrite=overwrite,
+                          needed_bytes=os.path.getsize(in_path) if os.path.isfile(in_path) else None)
     rows, texts = read_jsonl_texts(in_path, text_field=text_field)
     predictor = load_predictor(model_dir, backend=backend)
     preds = predictor.predict(texts, batch_size=batch_size)

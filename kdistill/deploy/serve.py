@@ -9,8 +9,11 @@ Endpoints
     GET  /docs, /redoc, /openapi.json                          (need the API key when one is set)
 
 Exactly one of "text" (a string) and "texts" (a non-empty list of strings) is accepted; {"text": [...]} is a
-422 that points to "texts", so each field has one meaning. Every error is JSON {"detail": "<one clear line>"}:
-400 malformed JSON, 401 missing/wrong X-API-Key (when an api_key is set), 413 body over max_body_bytes
+422 that points to "texts", so each field has one meaning. A body is JSON in UTF-8 and says so: Content-Type
+`application/json` (charset utf-8 or none; a leading UTF-8 BOM is ignored). Every error is JSON
+{"detail": "<one clear line>"}: 400 malformed JSON (a body that is not UTF-8, such as UTF-16 or UTF-32, and a key
+given twice in one object included), 401 missing/wrong X-API-Key (when an api_key is set), 415 another
+Content-Type or charset, or none, 413 body over max_body_bytes
 (Content-Length and the bytes actually received are both checked; the body is still read, up to
 DRAIN_LIMIT_BYTES, so that clients which send it all before reading, like Python's urllib, get the 413), 422
 wrong types, empty list, empty or whitespace-only text, text that is not UTF-8 encodable (an unpaired surrogate
@@ -402,12 +405,10 @@ def create_app(
         """A request's texts through every check (body size, JSON, one of text / texts, each text) and the batcher:
         (results in input order, "text" or "texts"), or the 499 response to a client that hung up."""
         body = await _read_body(request, max_body_bytes)
+        _check_content_type(request.headers.get("content-type"))
         if not body.strip():
             raise HTTPException(400, "malformed JSON: the request body is empty")
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
-            raise HTTPException(400, f"malformed JSON: {e}") from None
+        payload = _parse_json(body)
         try:
             req = PredictRequest.model_validate(payload)
         except ValidationError as e:
@@ -484,6 +485,57 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if received > limit or (size is not None and size > limit):
         raise HTTPException(413, too_big)
     return b"".join(chunks)
+
+
+def _check_content_type(value: str | None) -> None:
+    """415 unless the request says its body is JSON in UTF-8: `application/json`, with no charset or utf-8."""
+    media, *params = (value or "").split(";")
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params)
+                    if k.strip().lower() == "charset"), "utf-8")
+    if media.strip().lower() != "application/json" or charset != "utf-8":
+        got = repr(value) if value is not None else "none"
+        raise HTTPException(415, f"unsupported Content-Type {got}; send the body as application/json "
+                            "(charset utf-8, or none)")
+
+
+UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+"""Byte order marks of UTF-16 (LE, BE) and UTF-32 (LE starts with UTF-16 LE's; BE): a body that starts with one
+is not UTF-8. (json.loads on bytes would guess such encodings; an API that says UTF-8 does not.)"""
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    # json.loads keeps the last of two equal keys; which text was meant is the client's call, not ours
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _parse_json(body: bytes) -> Any:
+    """The JSON value of a request body that must be UTF-8 (a leading UTF-8 BOM is ignored, as RFC 8259 allows);
+    400 with one line for another encoding, invalid bytes, malformed JSON or a key given twice in one object."""
+    if body.startswith(UTF16_32_BOMS) or b"\x00" in body:  # (JSON text never holds a raw NUL; UTF-16/32 ASCII does)
+        raise HTTPException(400, "malformed JSON: the body is not UTF-8 (it looks like UTF-16 or UTF-32); "
+                            "send JSON encoded as UTF-8")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        at = e.start + len(body) - len(e.object)  # e.object lacks the BOM the decoder dropped
+        raise HTTPException(400, f"malformed JSON: the body is not UTF-8 (invalid byte at {at}); "
+                            "send JSON encoded as UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_object)
+    except _DuplicateKey as e:  # (repr: a key may hold a line break or an unpaired surrogate)
+        raise HTTPException(400, f"malformed JSON: key {e.args[0]!r} appears twice in one object; "
+                            "give each key once") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise HTTPException(400, f"malformed JSON: {e}") from None
 
 
 async def _client_gone(request: Request) -> None:

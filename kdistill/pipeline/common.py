@@ -3,20 +3,16 @@ histories and the frame of metrics.json."""
 
 from __future__ import annotations
 
-import errno
 import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from kdistill.checkpoint import Checkpoints
 from kdistill.config import RunConfig
 from kdistill.data import DataBundle
-from kdistill.errors import UserError
 from kdistill.measure import machine_info
-from kdistill.io import atomic_write_json
+from kdistill.io import atomic_write_json, output_errors
 from kdistill.training import world_size
 
 
@@ -31,23 +27,11 @@ def training_data(data: DataBundle) -> dict:
     out = {split: data.splits[split].to_dict() for split in ("train", "validation")}
     return out | ({"unlabeled": data.unlabeled} if data.unlabeled else {})
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-@contextmanager
 def writing(run_dir: Path):
-    """Disk full, quota, read-only or permission errors on the run dir become one line naming the path."""
-    hint = f"free space or fix permissions, then continue with --resume {run_dir}"
-    try:
-        yield
-    except OSError as e:
-        inside = e.filename is None or Path(e.filename).resolve().is_relative_to(run_dir.resolve())
-        if e.errno not in WRITE_ERRORS or not inside:
-            raise
-        raise UserError(f"cannot write {e.filename or run_dir}: {e.strerror}; {hint}") from None
-    except SafetensorError as e:  # save_pretrained's weights: the OS error comes inside the message
-        if not str(e).startswith("Error while serializing"):
-            raise
-        raise UserError(f"cannot write model weights in {run_dir}: {e}; {hint}") from None
+    """Disk full, quota, read-only or permission errors on the run dir become one line naming the path
+    (kdistill.io.WriteError); run_dir_for changes its hint when it removes the dir."""
+    return output_errors(run_dir, f"free space or fix permissions, then continue with --resume {run_dir}",
+                         only_inside=True)
 
 def is_saved(model_dir: Path) -> bool:
     """A phase is done once its model dir is saved (save_model writes it atomically)."""

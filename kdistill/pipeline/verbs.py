@@ -12,7 +12,7 @@ from kdistill.config import DataConfig, EvalConfig, RunConfig, parse_override, v
 from kdistill.data import BUILTIN_DATASETS, TOKEN_DATASETS, DataBundle, tokenize_splits
 from kdistill.errors import UserError
 from kdistill.measure import evaluate_model, machine_info
-from kdistill.io import atomic_write_json
+from kdistill.io import atomic_write_json, check_writable, output_errors
 from kdistill.models import ModelDirInfo, inspect_model_dir, load_model_dir
 from kdistill.pipeline.encoder import teacher_run
 from kdistill.task import get_task, task_names
@@ -96,8 +96,11 @@ def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overr
     if task.evaluate_dir is None:
         raise UserError(f"{model_dir}: kdistill evaluate does not measure {info.task} model dirs; a run's report "
                         "does")
+    target = Path(out) if out else Path(model_dir) / "metrics.json"
+    check_writable(target)  # before the model is loaded and measured
     metrics = task.evaluate_dir(info, spec, overrides or [], split=split, teacher=teacher)
     metrics.update({"model": str(model_dir), "task": info.task, "data": spec, "split": split,
                     "machine": machine_info(), "train_wall_time_s": info.meta.get("train_wall_time_s")})
-    atomic_write_json(Path(out) if out else Path(model_dir) / "metrics.json", metrics)
+    with output_errors(target):
+        atomic_write_json(target, metrics)
     return metrics

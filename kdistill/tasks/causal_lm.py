@@ -24,12 +24,14 @@ from transformers import AutoModelForCausalLM
 
 from kdistill.cache import (
     FORMAT_VERSION,
+    SignalError,
     TopKCache,
     build_topk_cache,
     check_signal_dir,
     default_cache_root,
     open_teacher_signal,
     topk_key,
+    vocab_size,
 )
 from kdistill.config import RunConfig
 from kdistill.data import SPLITS, LMBlocks, LMCorpus, encode_blocks, load_lm_corpus, pack_blocks, pad_id_of, text_blocks
@@ -37,7 +39,7 @@ from kdistill.strategies.causal import distill_causal, lm_only_spec, with_alignm
 from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.measure import block_parameters, compare_lm_speed, evaluate_lm_model, machine_info, sample_generations
-from kdistill.io import atomic_write_json
+from kdistill.io import atomic_write_json, check_writable, output_errors
 from kdistill.models import dir_size_mb, load_causal_lm, load_model_dir, load_tokenizer, read_meta, save_model
 from kdistill.pipeline.common import is_saved, phase_checkpoints, run_dir_of, save_history, writing
 from kdistill.pipeline.preflight import preflight
@@ -80,10 +82,17 @@ def run_causal_lm(cfg: RunConfig, out: str | Path | None = None, *, resume: bool
     corpus = load_lm_corpus(cfg.data)
     teacher, tokenizer, teacher_name, teacher_file_mb = load_causal_teacher(cfg)
     data = lm_data(cfg, corpus, teacher, tokenizer)
+    signal = None
+    if cfg.distill.teacher_signal and any(w > 0 for t, w in cfg.distill.losses.items() if t != "lm"):
+        train = data.teacher_blocks["train"]  # verified before the run dir is claimed: a bad one leaves nothing
+        signal = open_prebuilt_signal(cfg.distill.teacher_signal,
+                                      topk_key(teacher, train.input_ids, train.attention_mask,
+                                               k=cfg.distill.cache_top_k, ends=train.ends if data.cross else None),
+                                      vocab_size(teacher))
     fingerprint = run_fingerprint(cfg, {s: corpus.docs[s] for s in ("train", "validation")})
     with run_dir_for(cfg, run_dir, fingerprint, resume=resume, overwrite=overwrite), writing(run_dir):
         return run_lm_phases(cfg, run_dir, corpus, data, teacher, tokenizer, teacher_name, teacher_file_mb, started,
-                             resume=resume, fingerprint=fingerprint)
+                             resume=resume, fingerprint=fingerprint, signal=signal)
 
 @dataclass
 class LMData:
@@ -154,19 +163,31 @@ def signal_run(cfg: RunConfig, out: str | Path | None = None) -> Path:
     check_causal_lm(cfg)
     if out is not None:
         check_signal_dir(out)
+    where = Path(out) if out is not None else default_cache_root()
+    check_writable(where, inside=True)  # before the teacher is loaded; its space once the blocks are known
     corpus = load_lm_corpus(cfg.data)
     teacher, tokenizer, _, _ = load_causal_teacher(cfg)
     data = lm_data(cfg, corpus, teacher, tokenizer)
     t0 = time.perf_counter()
-    signal = build_teacher_signal(cfg, teacher, data, out)  # refuses an --out holding another key's signal
+    with output_errors(where, "free space, fix the permissions or choose another --out"):
+        signal = build_teacher_signal(cfg, teacher, data, out)  # refuses an --out holding another key's signal
     log.info("teacher signal %s: %d blocks, k=%d, %s in %.0f s", signal.path, len(signal), signal.k,
              "already complete" if signal.reused else "written", time.perf_counter() - t0)
     return Path(signal.path)
 
-def open_prebuilt_signal(where: str, key: dict) -> TopKCache:
-    """distill.teacher_signal: the signal at `where` (path or fsspec URL), which must hold exactly this run's key."""
+
+def open_prebuilt_signal(where: str, key: dict, vocab: int | None = None) -> TopKCache:
+    """distill.teacher_signal: the signal at `where` (path or fsspec URL), which must hold exactly this run's key,
+    verified from its manifest and shard footers (`TopKCache.verify`; vocab: the teacher's vocabulary size)."""
     signal = open_teacher_signal(where, key)
     if signal is not None:
+        t0 = time.perf_counter()
+        try:
+            signal.verify(vocab)
+        except SignalError as e:
+            raise SignalError(f"distill.teacher_signal: {str(e).removeprefix('teacher signal ')}") from None
+        log.info("teacher signal %s: %d shard footers verified in %.2f s", where, len(signal.shards),
+                 time.perf_counter() - t0)
         return signal
     found = open_teacher_signal(where)  # whatever it holds, to say what differs
     if found is None:
@@ -177,12 +198,14 @@ def open_prebuilt_signal(where: str, key: dict) -> TopKCache:
     raise UserError(f"distill.teacher_signal: {where} was built for another teacher, data or k ({differ}); "
                     "unset it to build this run's own")
 
+
 def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData, teacher, tokenizer,
                   teacher_name: str, teacher_file_mb: float | None, started: float, *, resume: bool,
-                  fingerprint: dict) -> Path:
+                  fingerprint: dict, signal: TopKCache | None = None) -> Path:
     """Student, KD and no-KD training, evaluation and report of a causal-LM run, in its run dir. A resumed run
     skips the phases whose model is saved and continues the one it was in from its checkpoint. Several processes
-    train together; the main process alone writes and evaluates."""
+    train together; the main process alone writes and evaluates. `signal`: distill.teacher_signal, opened and
+    verified (open_prebuilt_signal) before the run dir was claimed."""
     main = is_main_process()
     blocks, student_tokenizer = data.blocks, data.student_tokenizer
     calibration = blocks["train"].batch(slice(0, 8))
@@ -210,11 +233,8 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
                         "teacher's hidden states; " + ("drop them or the signal" if prebuilt else "use auto or off"))
     if use_cache and kd_terms:
         t0 = time.perf_counter()
-        train = data.teacher_blocks["train"]
         if prebuilt:
-            cache = open_prebuilt_signal(prebuilt, topk_key(teacher, train.input_ids, train.attention_mask,
-                                                            k=cfg.distill.cache_top_k,
-                                                            ends=train.ends if data.cross else None))
+            cache = signal
         else:  # every process computes its share of the shards, then all read the whole signal
             cache = build_teacher_signal(cfg, teacher, data)
         cache_info = {"k": cache.k, "path": str(cache.path), "seconds": time.perf_counter() - t0,

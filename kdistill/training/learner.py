@@ -136,11 +136,18 @@ class LossNotFinite(UserError, FloatingPointError):
     """The loss went NaN/inf: a too high learning rate or bad data; the run stops (exit 2), its checkpoints kept."""
 
 def check_finite(loss: torch.Tensor, step: int, terms: dict[str, float]) -> None:
-    """Stop with a message naming the step and the loss term that went NaN/inf."""
+    """Stop with a message naming the step and the loss term that went NaN/inf, and what can cause it then: at step 1
+    no update has happened, so not the learning rate; checkpoints are kept only where some were saved."""
     if not torch.isfinite(loss):
         bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
-        raise LossNotFinite(f"loss is not finite at step {step} (term: {', '.join(bad)}); "
-                            "lower train.lr or check the data; the last good checkpoint is kept")
+        what = f"loss is not finite at step {step} (term: {', '.join(bad)})"
+        inputs = "the data, the initial weights or the teacher's outputs (a stored teacher signal, where the term " \
+                 "reads one)"
+        if step <= 1:
+            raise LossNotFinite(f"{what}, before any weight update, so not train.lr: check {inputs}; no checkpoint "
+                                "of this phase was saved")
+        raise LossNotFinite(f"{what}; lower train.lr or check {inputs}; checkpoints saved before step {step} "
+                            "(train.checkpoint_every), if any, are kept")
 
 class FastDropout(torch.nn.Dropout):
     """Dropout whose mask comes from 15-bit random integers instead of torch's CPU `bernoulli_`.

@@ -368,3 +368,58 @@ def test_oversized_body_413_reaches_a_urllib_client(server, chunked):
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 413
     assert f"{MAX_BODY}" in json.loads(err.value.read())["detail"]
+
+
+GOOD_BODY = '{"text": "goal match"}'
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "application/json; charset=latin-1", "application/json; charset=utf-16",
+                                          "application/jsonx", "multipart/form-data; boundary=x"])
+def test_a_body_not_sent_as_json_is_415(server, content_type):
+    url, _ = server
+    headers = {"content-type": content_type} if content_type else {}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", content=GOOD_BODY.encode(), headers=headers)
+        assert r.status_code == 415, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith(f"unsupported Content-Type {content_type!r}" if content_type
+                                 else "unsupported Content-Type none") and "application/json" in detail
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON;charset=UTF-8", 'application/json; charset="utf-8"'])
+def test_json_content_types_are_accepted(server, content_type):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", content=GOOD_BODY.encode(), headers={"content-type": content_type})
+        assert r.status_code == 200 and "prediction" in r.json(), r.text
+        bom = c.post("/predict", content=b"\xef\xbb\xbf" + GOOD_BODY.encode(), headers={"content-type": content_type})
+        assert bom.json() == r.json()  # a UTF-8 BOM is ignored, as RFC 8259 allows
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_a_body_that_is_not_utf8_is_400(server, encoding):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", content=GOOD_BODY.encode(encoding), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == ("malformed JSON: the body is not UTF-8 (it looks like UTF-16 or UTF-32); send "
+                                      "JSON encoded as UTF-8")
+        latin = c.post("/predict", content='{"text": "café"}'.encode("latin-1"),
+                       headers={"content-type": "application/json"})
+        assert latin.status_code == 400 and latin.json()["detail"].startswith(
+            "malformed JSON: the body is not UTF-8 (invalid byte at 13)"), latin.text
+
+
+@pytest.mark.parametrize("body, key", [(b'{"text": "goal", "text": "vote"}', "text"),
+                                       (b'{"texts": ["goal"], "texts": ["a", "b"]}', "texts"),
+                                       (b'{"text": "goal", "a\\nb": 1, "a\\nb": 2}', "a\nb")])
+def test_a_key_given_twice_is_400_naming_it(server, body, key):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail == f"malformed JSON: key {key!r} appears twice in one object; give each key once"
+        assert detail.splitlines() == [detail]
