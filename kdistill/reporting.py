@@ -118,6 +118,33 @@ def entity_type_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def weak_teacher_warning(metrics: dict) -> str | None:
+    """A sentence saying that the run's teacher is weak, or None: it scores below the no-KD baseline on the task's
+    headline metric (entity F1 where the models have it, else accuracy), or near chance (accuracy at most 1.5 / the
+    number of classes; entity F1 at most 0.2). A "retained" above 100% then means that the student passed a weak
+    teacher, not that distillation did better than its source."""
+    models = metrics.get("models", {})
+    teacher = models.get("teacher", {})
+    key = "entity_f1" if "entity_f1" in teacher else "accuracy"
+    score, label = teacher.get(key), "entity F1" if key == "entity_f1" else "accuracy"
+    if score is None:
+        return None
+    reasons = []
+    baseline = models.get("baseline", {}).get(key)
+    if baseline is not None and score < baseline:
+        reasons.append(f"scores below the student trained without KD ({label} {score:.4f} < {baseline:.4f})")
+    n_classes = len(metrics.get("data", {}).get("labels") or [])
+    chance = 0.2 if key == "entity_f1" else 1.5 / n_classes if n_classes else None
+    if chance is not None and score <= chance:
+        reasons.append(f"is near chance ({label} {score:.4f}, at most {chance:.4f}"
+                       + (f" = 1.5 / {n_classes} classes)" if key == "accuracy" else ")"))
+    if not reasons:
+        return None
+    return (f"**Weak teacher** ({metrics.get('run', 'run')}): the teacher {' and '.join(reasons)}. Distilling from it "
+            "teaches little; a \"retained\" above 100% below means the student passed a weak teacher, not that it "
+            "learned more than the teacher knew. Train the teacher longer or pick a stronger one.")
+
+
 def summary_table(runs: list[dict]) -> str:
     many = len(runs) > 1
     columns = get_task(runs[0]["metrics"].get("task", DEFAULT_TASK)).report_columns or COLUMNS
@@ -325,6 +352,7 @@ def write_classifier_report(runs: list[dict], out: Path, sections=None) -> Path:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", ""]
+    lines += [w for run in runs for w in (weak_teacher_warning(run["metrics"]), "") if w]
     lines += [summary_table(runs), ""]
     if sections is not None:
         lines += sections(runs)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict
 
+from seqeval.metrics.sequence_labeling import get_entities
+
 from kdistill.config import DataConfig
 from kdistill.data.labels import TRANSFER, UNLABELED, class_labels, label_names
 from kdistill.data.readers import read_table, read_token_file, show
@@ -45,6 +47,14 @@ class DataBundle:
     """data.unlabeled_file's rows (text, [text_pair]; token classification: sentences {"tokens"}), none of them a
     held-out text: the student's transfer rows (augment.with_transfer), kept out of `splits` so that the teacher and
     the no-KD baseline never see them."""
+    test_only_tags: list[str] = field(default_factory=list)
+    """Token classification: test tags that training never saw, ids len(label_names) on in the test split; no
+    model predicts them, so their entities score as misses (`scored_tags`)."""
+
+    @property
+    def scored_tags(self) -> list[str]:
+        """The names of every tag id of the test split: the model's tags, then the test-only ones."""
+        return self.label_names + self.test_only_tags
 
     @property
     def has_pair(self) -> bool:
@@ -58,6 +68,7 @@ class DataBundle:
             "unlabeled_train": sum(1 for y in self.splits["train"]["label"] if y == UNLABELED)
             if "label" in self.splits["train"].column_names else 0,
             "leakage": self.leakage,
+            **({"test_only_tags": self.test_only_tags} if self.test_only_tags else {}),
             "unlabeled_file_rows": len(self.unlabeled),
             "transfer_sentences": sum(1 for tags in self.splits["train"]["tags"] if tags and tags[0] == TRANSFER)
             if "tags" in self.splits["train"].column_names else 0,
@@ -197,6 +208,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
     return DataBundle(DatasetDict(splits), names, str(source), leakage, unlabeled)
 
 
+def entities_with_tags(rows: list[dict], tags: set[str]) -> int:
+    """How many entities of the sentences' tags (seqeval's chunks) hold a tag in `tags`."""
+    return sum(any(t in tags for t in r["tags"][start:end + 1])
+               for r in rows for _, start, end in get_entities(list(r["tags"])))
+
+
 def load_token_data(cfg: DataConfig) -> DataBundle:
     """Sentences of the configured token-classification data, as train / validation / test splits (the dataset's
     own where it has them or files are given; else seeded random splits by `data.test_fraction` and
@@ -224,11 +241,16 @@ def load_token_data(cfg: DataConfig) -> DataBundle:
     if len(names) < 2:
         raise DataError(f"{source}: the training sentences have {len(names)} tag ({', '.join(names)}); token "
                         "classification needs at least two")
-    for split in ("validation", "test"):
-        unseen = sorted({t for r in given[split] for t in r["tags"]} - set(names))
-        if unseen:
-            raise DataError(f"{source}: {split} tag(s) {', '.join(unseen[:5])} never seen in the training data")
-    tag_id = {n: i for i, n in enumerate(names)}
+    unseen = sorted({t for r in given["validation"] for t in r["tags"]} - set(names))
+    if unseen:
+        raise DataError(f"{cfg.validation_file or source}: validation tag(s) {', '.join(unseen[:5])} never seen in "
+                        "the training data")
+    test_only = sorted({t for r in given["test"] for t in r["tags"]} - set(names))
+    if test_only:
+        log.warning("%s: %d test tag(s) never seen in the training data, %d test entities; no model can predict "
+                    "them, so they score as misses: %s", cfg.test_file or source, len(test_only),
+                    entities_with_tags(given["test"], set(test_only)), ", ".join(test_only[:20]))
+    tag_id = {n: i for i, n in enumerate(names + test_only)}
     splits = {}
     for split in SPLITS:
         rows = capped(given[split], cfg.limit, str(source), split)
@@ -245,4 +267,4 @@ def load_token_data(cfg: DataConfig) -> DataBundle:
         if not unlabeled:
             raise DataError(f"{cfg.unlabeled_file}: no sentence of {MIN_TRANSFER_WORDS} or more words "
                             "(data.unlabeled_file)")
-    return DataBundle(DatasetDict(splits), names, str(source), leakage, unlabeled)
+    return DataBundle(DatasetDict(splits), names, str(source), leakage, unlabeled, test_only)

@@ -72,7 +72,7 @@ class Encodings:
             if (key, split._fingerprint) not in self._encoded:
                 self._encoded[key, split._fingerprint] = encode_token_split(
                     split, tokenizer, self.max_length, label_all_subtokens=self.label_all_subtokens,
-                    label_names=bundle.label_names) if "tokens" in split.column_names \
+                    label_names=bundle.scored_tags) if "tokens" in split.column_names \
                     else encode_split(split, tokenizer, self.max_length)
             out[name] = self._encoded[key, split._fingerprint]
         return DatasetDict(out)

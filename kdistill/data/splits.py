@@ -5,6 +5,7 @@ caps of `data.limit`.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
@@ -13,6 +14,8 @@ from sklearn.model_selection import train_test_split
 
 from kdistill.errors import DataError
 
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -76,13 +79,39 @@ def capped(items: list, limit: int | None, source: str, split: str, empty: str =
 
 
 def sentence_split(rows: list[dict], fraction: float, seed: int, source: str, split: str):
-    """(rest, held out): a seeded random `fraction` of the sentences held out, at least one."""
+    """(rest, held out): a seeded random `fraction` of the sentences held out, at least one, such that every tag
+    keeps a sentence in the rest (`kept_for_tags`). A tag in one sentence only is never held out (logged)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(len(rows) * fraction))
-    if n_held >= len(rows):
+    reserved = kept_for_tags(rows, order)
+    free = [i for i in order if i not in reserved]
+    if n_held >= len(rows) or not free:
         raise DataError(f"{source}: {len(rows)} sentences are too few for a {split} split")
-    return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
+    held = set(free[:n_held])
+    single = tag_sentence_counts(rows, only_once=True)
+    if single:
+        log.warning("%s: %d tag(s) occur in one sentence only and stay in train, none in the %s split: %s",
+                    source, len(single), split, ", ".join(f"{t} (1 sentence)" for t in single[:20])
+                    + (", ..." if len(single) > 20 else ""))
+    return [rows[i] for i in order if i not in held], [rows[i] for i in order if i in held]
+
+
+def tag_sentence_counts(rows: list[dict], only_once: bool = False):
+    """How many sentences hold each tag ({tag: count}); with `only_once`, the sorted tags held by one sentence."""
+    counts = Counter(t for r in rows for t in set(r.get("tags", ())))
+    return sorted(t for t, c in counts.items() if c == 1) if only_once else counts
+
+
+def kept_for_tags(rows: list[dict], order: list[int]) -> set[int]:
+    """For every tag, the sentence holding it that comes last in the seeded `order`: kept out of the held-out draw,
+    so that no tag loses all its training sentences. Where every tag is frequent, those sentences are past the
+    held-out prefix of `order` anyway, and the split is the plain random draw."""
+    last: dict[str, int] = {}
+    for i in order:
+        for t in rows[i].get("tags", ()):
+            last[t] = i
+    return set(last.values())
 
 
 def document_split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:

@@ -175,7 +175,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
     for name, model in loaded.items():
         path, history = models[name]
         encoded_test, tokenizer = inputs[name]
-        results[name] = evaluate_model(model, tokenizer, encoded_test, data.label_names, cfg.eval, path,
+        results[name] = evaluate_model(model, tokenizer, encoded_test, data.scored_tags, cfg.eval, path,
                                        speed=False)
         results[name]["train_wall_time_s"] = history.wall_time_s if history else \
             read_meta(path).get("train_wall_time_s")

@@ -82,7 +82,7 @@ def evaluate_classifier_dir(info: ModelDirInfo, spec: str, overrides: list[str],
     model, tokenizer, meta = load_model_dir(info.path)
     max_length = meta.get("max_length") or min(tokenizer.model_max_length, 512)
     encoded = tokenize_splits(data, tokenizer, max_length, ("test",))["test"]
-    return evaluate_model(model, tokenizer, encoded, data.label_names, EvalConfig(), info.path)
+    return evaluate_model(model, tokenizer, encoded, data.scored_tags, EvalConfig(), info.path)
 
 
 def evaluate_dir(model_dir: str | Path, spec: str, *, split: str = "test", overrides: list[str] | None = None,

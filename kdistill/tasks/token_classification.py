@@ -48,6 +48,7 @@ def with_model_tags(model_dir, info, data_cfg, spec):
         raise UserError(f"{model_dir}: model tags {names} differ from the data's {data.label_names} ({spec})")
     if names != data.label_names:
         remap = [names.index(n) for n in data.label_names]
+        remap += range(len(names), len(names) + len(data.test_only_tags))  # test-only tags keep their ids
         data.splits = data.splits.map(lambda r: {"tags": [remap[t] for t in r["tags"]]})
         data.label_names = names
     return data
