@@ -95,23 +95,27 @@ THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THR
 IGNORED_WORDS = {"time", "times", "timing", "timestamp", "latency", "throughput", "speed", "speedup", "seconds",
                  "secs", "s", "ms", "elapsed", "duration", "wall", "machine", "host", "hostname", "thread",
                  "threads", "date", "path", "paths", "dir", "cwd", "version", "versions", "pid"}
-"""A key is dropped when one of its words (split at _ - . and spaces) is one of these: `train_wall_time_s`,
+"""A key is dropped when one of its words (split at _ and spaces) is one of these: `train_wall_time_s`,
 `latency_ms_batch1`, `throughput_per_s`, `ms_per_token_batch1`, `speedup_vs_teacher`, `machine`, `threads`, `path`."""
 
 IGNORED_PARTS = ("time", "latency", "throughput", "speed")
 """... or when it contains one of these anywhere (`runtime`, `wall_time`, `latency_ms`)."""
 
+LABEL_KEYED = {"per_class", "per_type"}
+"""Dicts whose keys are the data's label names (`comp.os.ms-windows.misc`): those keys are never dropped."""
+
 
 def ignored_key(key: str) -> bool:
     """Whether a key holds a measurement of the machine (timing, speed, threads, host, dates, paths, versions)."""
     low = key.lower()
-    return any(part in low for part in IGNORED_PARTS) or bool(set(re.split(r"[_\-.\s]+", low)) & IGNORED_WORDS)
+    return any(part in low for part in IGNORED_PARTS) or bool(set(re.split(r"[_\s]+", low)) & IGNORED_WORDS)
 
 
-def strip(value, replace: dict[str, str] | None = None):
-    """`value` without the ignored keys (at every depth), with the given prefixes replaced inside strings."""
+def strip(value, replace: dict[str, str] | None = None, labels: bool = False):
+    """`value` without the ignored keys (at every depth), with the given prefixes replaced inside strings.
+    labels: `value`'s keys are label names (kept)."""
     if isinstance(value, dict):
-        return {k: strip(v, replace) for k, v in value.items() if not ignored_key(str(k))}
+        return {k: strip(v, replace, k in LABEL_KEYED) for k, v in value.items() if labels or not ignored_key(str(k))}
     if isinstance(value, list):
         return [strip(v, replace) for v in value]
     if isinstance(value, str) and replace:
@@ -265,13 +269,13 @@ def record(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- compare
 
-def flatten(value, prefix: str = "") -> dict:
-    """{"a/b/0/c": leaf} of a JSON value, without the ignored keys."""
+def flatten(value, prefix: str = "", labels: bool = False) -> dict:
+    """{"a/b/0/c": leaf} of a JSON value, without the ignored keys (labels: as in `strip`)."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if not ignored_key(str(k)):
-                out.update(flatten(v, f"{prefix}{k}/"))
+            if labels or not ignored_key(str(k)):
+                out.update(flatten(v, f"{prefix}{k}/", k in LABEL_KEYED))
         return out
     if isinstance(value, list):
         out = {}

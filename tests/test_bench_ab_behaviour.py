@@ -92,6 +92,17 @@ def test_kept_keys(key):
     assert not ignored_key(key)
 
 
+def test_label_names_are_never_dropped():
+    metrics = {"per_class": {"comp.os.ms-windows.misc": {"precision": 0.5}, "time": {"recall": 0.25}},
+               "per_type": {"S": {"f1": 0.125, "threads": 1}}}
+    kept = {"per_class": {"comp.os.ms-windows.misc": {"precision": 0.5}, "time": {"recall": 0.25}},
+            "per_type": {"S": {"f1": 0.125}}}
+    assert strip(metrics) == kept
+    before, after = {"metrics": metrics}, copy.deepcopy({"metrics": metrics})
+    after["metrics"]["per_class"]["comp.os.ms-windows.misc"]["precision"] = 0.75
+    assert compare_recipe(before, after)["first"][0]["key"] == "metrics/per_class/comp.os.ms-windows.misc/precision"
+
+
 def test_strip_drops_ignored_keys_at_every_depth_and_replaces_paths():
     value = {"a": {"latency_ms_batch1": 1.0, "b": [{"threads": 1, "c": "/tmp/run/x"}]}, "seconds": 2}
     assert strip(value, {"/tmp/run": "<run>"}) == {"a": {"b": [{"c": "<run>/x"}]}}
