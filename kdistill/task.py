@@ -104,8 +104,6 @@ class Task:
     """The summary table's columns: (header, metric key, format)."""
     report: Callable[..., Any] | None = None
     """(runs, out dir) -> report.md path: the task's report (runs: report.load_run of each run dir)."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    """Anything else a task's own hooks share."""
 
     def has(self, feature: str) -> bool:
         return feature in self.features

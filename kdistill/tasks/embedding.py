@@ -188,6 +188,11 @@ def evaluate_dir(info, spec: str, overrides: list[str], *, split: str, teacher) 
                              knn=split in ("test", "validation"))["model"]
 
 
+def texts_of(_model_dir, _info, data_cfg, _spec):
+    """`kdistill evaluate` / `export --data`: the data as it is (a sentence encoder has no label ids to match)."""
+    return load_data(data_cfg)
+
+
 def texts(data):
     """Export parity: the test texts (their pooled vectors are compared)."""
     return list(data.splits["test"]["text"]), None
@@ -216,7 +221,7 @@ TASK = Task(
     preflight=preflight,
     claims=claims,
     student_model=whole_student_model,
-    data_for_model=lambda model_dir, info, data_cfg, spec: load_data(data_cfg),
+    data_for_model=texts_of,
     evaluate_dir=evaluate_dir,
     parity_data=texts,
     predictor=predictor,
