@@ -119,7 +119,20 @@ class TeacherConfig(_Section):
     path: str | None = None
     """Reuse an already trained teacher dir (skips teacher training)."""
     epochs: float = Field(3, gt=0)
-    """Fine-tuning epochs."""
+    """Fine-tuning epochs: the most the teacher trains (with `max_steps`, whichever comes first; with `patience`, it
+    stops sooner once validation stops improving)."""
+    max_steps: int | None = Field(None, ge=1)
+    """A cap in optimizer steps, applied with `epochs` (whichever comes first), so one recipe's budget suits a small
+    dataset (many epochs) and a large one (few); the learning rate decays over the capped plan."""
+    patience: int | None = Field(None, ge=1)
+    """Stop after this many validations without a better score (entity F1, accuracy, ...); the best weights are
+    kept. None: train the whole budget (the best validated weights are still kept)."""
+    eval_every: int | None = Field(None, ge=1)
+    """Validate the teacher every N steps. Default: once per epoch, and with `patience` at least 10 times over the
+    budget, so that a small dataset's plateau is seen."""
+    max_minutes: float | None = Field(None, gt=0)
+    """A wall-time cap on the teacher's training: it stops at the first step past it, validated there, the best
+    weights kept. A time cap does not repeat across machines; cap steps for a budget that does."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate of the teacher's fine-tuning."""
     batch_size: int = Field(16, ge=1)
@@ -263,6 +276,10 @@ class TrainConfig(_Section):
     """Stop after this many evaluations without a better validation score; the best weights are kept."""
     eval_every: int | None = Field(None, ge=1)
     """Validate every N steps (default: once per epoch)."""
+    max_minutes: float | None = Field(None, gt=0)
+    """A wall-time cap on each training phase (the student, the baseline): it stops at the first step past it,
+    validated there, the best weights kept. A time cap does not repeat across machines; cap steps for a budget that
+    does."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast for the student's forward and the frozen teacher's (its cache pass too); weights stay float32.
     bf16 also pays on a CPU with AMX-BF16: the default student's step 1.5x faster there (README, Training speed)."""

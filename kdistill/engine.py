@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 
 from kdistill.checkpoint import Checkpoints
 from kdistill.terms import TERMS, step_loss
@@ -62,6 +63,8 @@ class Engine:
     task: Any = None
     """The task (kdistill.tasks): which unit each term counts (its term_units: hidden terms count tokens, or the
     next-token targets of a causal LM)."""
+    max_minutes: float | None = None
+    """A wall-time cap: the phase stops at the first step past it (validated there unless just validated)."""
 
     @property
     def streams(self) -> dict[str, GroupStream]:
@@ -82,6 +85,7 @@ class Engine:
         step, earlier_s = (self.checkpoints.restore(self.learners, self.streams, self.accelerator)
                            if self.checkpoints else (0, 0.0))
         bar = progress(self.total_steps, self.desc, self.accelerator, initial=step)
+        stopped = "budget"
         with Timer() as timer:
             for learner in self.learners:
                 learner.model.train()
@@ -91,15 +95,36 @@ class Engine:
                 take_step(step, group)
                 step += 1
                 bar.update(1)
-                if step in self.evals_at and self.validate_all(step):
+                validated = step in self.evals_at
+                if validated and self.validate_all(step):
+                    stopped = "patience"
                     break
                 if step >= self.total_steps:
+                    break
+                if self.out_of_time(earlier_s + timer.elapsed):
+                    if not validated:  # its last weights may be its best: score them before stopping
+                        self.validate_all(step)
+                    stopped = "time"
+                    log.info("%s: stopped at step %d of %d: train time cap of %g minutes reached", self.desc, step,
+                             self.total_steps, self.max_minutes)
                     break
                 if self.checkpoints and self.checkpoints.due(step, self.stream):
                     self.checkpoints.save(step, self.learners, self.streams, self.accelerator,
                                           wall_time_s=earlier_s + timer.elapsed)
         bar.close()
+        for learner in self.learners:
+            learner.history.record_end(step, self.total_steps, stopped, learner.stopper.score)
         return [learner.finish(earlier_s + timer.seconds) for learner in self.learners]
+
+    def out_of_time(self, elapsed_s: float) -> bool:
+        """Whether the time cap is reached; with several processes, the main one's clock decides for all (each
+        must stop at the same step)."""
+        if self.max_minutes is None:
+            return False
+        over = torch.tensor(float(elapsed_s >= 60 * self.max_minutes), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            over = broadcast(over, from_process=0)
+        return bool(over)
 
     def validate_all(self, step: int) -> bool:
         """Validate every learner (each keeps its best weights); True when the first one's early stopping says

@@ -1,4 +1,12 @@
-"""Errors a user can act on. The CLI prints their one-line message and exits with code 2."""
+"""Errors a user can act on (the CLI prints their one-line message and exits with code 2), and reading a user's
+text files so that a bad byte or character is such an error."""
+
+import re
+
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+"""What ends a line of a user's text file (CoNLL, JSON Lines): \\n (Unix), \\r\\n (Windows) and a lone \\r (old Mac
+OS), read the same. Not str.splitlines(): it also splits at U+2028, U+0085 and other characters that JSON allows
+unescaped inside strings and that str.split() counts as column separators, not line ends."""
 
 
 class UserError(Exception):

@@ -145,6 +145,23 @@ def weak_teacher_warning(metrics: dict) -> str | None:
             "learned more than the teacher knew. Train the teacher longer or pick a stronger one.")
 
 
+STOPPED = {"budget": "its planned steps", "patience": "validation stopped improving", "time": "its time cap"}
+
+
+def budget_line(metrics: dict) -> str | None:
+    """One line saying how long each model trained, the step of its best validation score (the weights kept) and
+    why it stopped (metrics.json models.*.training); None when no model records it."""
+    parts = []
+    for name, m in metrics.get("models", {}).items():
+        t = m.get("training")
+        if not t or t.get("steps_run") is None:
+            continue
+        best = f", best validation at step {t['best_step']:,}" if t.get("best_step") else ""
+        parts.append(f"{name} {t['steps_run']:,} of {t['planned_steps']:,} planned steps{best} "
+                     f"(ended by {STOPPED.get(t['stopped'], t['stopped'])})")
+    return f"Training ({metrics.get('run', 'run')}): " + "; ".join(parts) + "." if parts else None
+
+
 def summary_table(runs: list[dict]) -> str:
     many = len(runs) > 1
     columns = get_task(runs[0]["metrics"].get("task", DEFAULT_TASK)).report_columns or COLUMNS
@@ -368,6 +385,7 @@ def write_classifier_report(runs: list[dict], out: Path, sections=None) -> Path:
     shape = first.get("student_shape")
     if shape:
         lines += [student_line(shape), ""]
+    lines += [b for run in runs for b in (budget_line(run["metrics"]), "") if b]
     trade = draw_or_skip(plot_tradeoff, runs, plots / "tradeoff.png")
     if trade:
         lines += ["## Accuracy against latency and size", "", f"![tradeoff](plots/{trade.name})", ""]

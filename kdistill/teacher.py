@@ -10,6 +10,7 @@ the control differs from the distilled student in the loss alone.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from datasets import DatasetDict
@@ -82,19 +83,42 @@ def train_teacher(cfg: RunConfig, data: DataBundle, encodings: Encodings, out_di
                   checkpoints=None):
     """Build, fine-tune and save the teacher to `out_dir` (main process); returns (model, tokenizer, history)."""
     model, tokenizer, origin = build_teacher(cfg, data)
-    train = cfg.train.model_copy(update={"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
-                                         "batch_size": cfg.teacher.batch_size, "max_steps": None,
-                                         "grad_accum": 1})
     encoded = encodings(data, tokenizer)
     if cfg.data.labeled_limit:  # it learns from labels alone: an unlabeled row would cost a forward and teach nothing
         encoded = DatasetDict({**encoded, "train": encoded["train"].filter(lambda y: y != UNLABELED,
                                                                            input_columns="labels")})
+    train = teacher_budget(cfg, len(encoded["train"]))
+    log.info("teacher: at most %d steps (%s), validated every %d%s", train.max_steps,
+             f"{train.max_steps * train.batch_size / len(encoded['train']):.1f} epochs of "
+             f"{len(encoded['train'])} examples", train.eval_every,
+             f", stopping after {train.early_stopping_patience} validations without a better score"
+             if train.early_stopping_patience else "")
     history = finetune(model, tokenizer, encoded, train, name="teacher", task=cfg.task, log_dir=log_dir,
                        checkpoints=checkpoints)
     if is_main_process():
         save_model(model, tokenizer, out_dir, {"task": cfg.task, "max_length": cfg.data.max_length,
-                                               "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s})
+                                               "role": "teacher", **origin, "train_wall_time_s": history.wall_time_s,
+                                               "training": history.budget()})
     return model, tokenizer, history
+
+
+def teacher_budget(cfg: RunConfig, num_examples: int) -> TrainConfig:
+    """The teacher's training settings: the run's `train` section with the teacher's own budget.
+
+    Steps: `teacher.epochs` over `num_examples`, capped at `teacher.max_steps` (whichever is fewer). Validation:
+    every `teacher.eval_every` steps; by default once per epoch, and with `teacher.patience` at least 10 times over
+    the budget, so that on a small dataset (many short epochs under a step cap, or few long ones) the teacher stops
+    near its best score rather than at a fixed count.
+    """
+    t = cfg.teacher
+    steps_per_epoch = max(1, math.ceil(num_examples / t.batch_size))
+    steps = max(1, math.ceil(steps_per_epoch * t.epochs))
+    if t.max_steps:
+        steps = min(steps, t.max_steps)
+    every = t.eval_every or (min(steps_per_epoch, math.ceil(steps / 10)) if t.patience else steps_per_epoch)
+    return cfg.train.model_copy(update={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
+                                        "max_steps": steps, "grad_accum": 1, "eval_every": every,
+                                        "early_stopping_patience": t.patience, "max_minutes": t.max_minutes})
 
 
 # ------------------------------------------------------------------------------------------------ causal LM

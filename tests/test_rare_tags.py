@@ -78,6 +78,18 @@ def test_split_of_frequent_tags_is_the_plain_random_draw():
         assert sentence_split(rows, fraction, seed, "toy", "validation") == old_sentence_split(rows, fraction, seed)
 
 
+def test_a_given_validation_files_unseen_tag_is_a_warning_and_a_head_output_nothing_teaches(tmp_path, caplog):
+    train = write_conll(tmp_path / "train.conll", toy_sentences(40, seed=1))
+    validation = write_conll(tmp_path / "validation.conll",
+                             [{"tokens": ["red", "coach", "said"], "tags": ["B-NEW", "I-NEW", "O"]}])
+    with caplog.at_level(logging.WARNING):
+        data = load_token_data(DataConfig(train_file=str(train), validation_file=str(validation)))
+    assert "2 validation tag(s) never seen in the training data, 1 validation entities" in caplog.text
+    names = data.label_names
+    assert {"B-NEW", "I-NEW"} <= set(names) and data.test_only_tags == []
+    assert not {names.index("B-NEW"), names.index("I-NEW")} & {t for r in data.splits["train"]["tags"] for t in r}
+
+
 def test_test_only_tag_is_a_warning_and_its_entities_score_as_misses(tmp_path, caplog):
     train_rows = toy_sentences(40, seed=1)
     test_rows = [{"tokens": ["team", "coach", "red", "said"], "tags": ["B-SPO", "I-SPO", "B-NEW", "O"]},

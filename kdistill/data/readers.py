@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from datasets import DatasetDict, load_from_disk
 
 from kdistill.data.tags import to_iob2
-from kdistill.errors import DataError, decode_utf8, encode_utf8
+from kdistill.errors import LINE_BREAK, DataError, decode_utf8, encode_utf8
 
 
 def _decode(path: Path) -> str:
@@ -168,12 +168,6 @@ def _check_tag(tag: str, where: str) -> str:
         raise DataError(f"{where}: tag {tag!r} holds whitespace or a control character; a tag is one printable "
                         "word (O, B-TYPE or I-TYPE)")
     return tag
-
-
-LINE_BREAK = re.compile(r"\r\n|\r|\n")
-"""What ends a line of a CoNLL or JSON Lines file: \\n (Unix), \\r\\n (Windows) and a lone \\r (old Mac OS), read
-the same. Not str.splitlines(): it also splits at U+2028, U+0085 and other characters that JSON allows unescaped
-inside strings and that str.split() counts as column separators, not line ends."""
 
 
 def _lines(text: str) -> list[str]:

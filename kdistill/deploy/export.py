@@ -388,7 +388,8 @@ def _lm_parity(model, tokenizer, task: str, tmp: Path, texts: list[str], max_len
     worst, agree, total = 0.0, 0, 0
     with torch.inference_mode():
         for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt",
+                            split_special_tokens=True)["input_ids"]  # user text: "[SEP]" in it is text
             a, b = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
             worst = max(worst, float((a - b).abs().max()))
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())

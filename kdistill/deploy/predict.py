@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kdistill.errors import UserError, decode_utf8, encode_utf8
+from kdistill.errors import LINE_BREAK, UserError, decode_utf8, encode_utf8
 from kdistill.io import atomic_write_text, check_writable, output_errors
 from kdistill.task import get_task, task_names
 from kdistill.models import (
@@ -494,8 +494,8 @@ def read_jsonl_texts(path: str | os.PathLike, *, text_field: str = "text") -> tu
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
     rows, texts = [], []
-    # as data.py reads JSONL: a BOM is dropped, and lines split on \n only (U+2028 may sit inside a JSON string)
-    for lineno, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), start=1):
+    # a BOM is dropped; lines end at \r\n, \r or \n (never raw inside a JSON string), not at U+2028 (which may be)
+    for lineno, line in enumerate(LINE_BREAK.split(decode_utf8(path.read_bytes(), str(path))), start=1):
         if not line.strip():
             continue
         try:

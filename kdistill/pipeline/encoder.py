@@ -179,6 +179,9 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, models: dict, data: DataBundle, 
                                        speed=False)
         results[name]["train_wall_time_s"] = history.wall_time_s if history else \
             read_meta(path).get("train_wall_time_s")
+        budget = history.budget() if history else read_meta(path).get("training")
+        if budget:
+            results[name]["training"] = budget
     speed = compare_speed(loaded, inputs, cfg.eval)
     for name, numbers in speed.items():
         results[name].update(numbers)

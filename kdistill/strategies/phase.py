@@ -64,4 +64,4 @@ class Phase:
         """The phase's engine: its learners (the first one's early stopping decides), data, plan and validation;
         gradient clipping, checkpoints and the task's units from the phase."""
         return Engine(accelerator, learners, stream, total_steps, evals_at, validate, self.train.max_grad_norm, desc,
-                      self.checkpoints, side_streams or {}, task=self.task)
+                      self.checkpoints, side_streams or {}, task=self.task, max_minutes=self.train.max_minutes)

@@ -50,6 +50,12 @@ class History:
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
+    steps_run: int | None = None
+    planned_steps: int | None = None
+    stopped: str | None = None
+    """Why training ended: "budget" (the planned steps), "patience" (validation stopped improving), "time"."""
+    best_step: int | None = None
+    """The step of the best validation score (whose weights are kept); None without validation."""
     writer: object | None = None
     log_dir: Path | None = None
 
@@ -78,8 +84,25 @@ class History:
             self.writer.close()
             self.writer = None
 
+    def record_end(self, steps_run: int, planned_steps: int, stopped: str,
+                   score: Callable[[dict[str, float]], tuple[float, ...]]) -> None:
+        """How training ended: steps run of the planned ones, why it stopped, and the step whose validation
+        `score` was best (the first of equals, as early stopping keeps it)."""
+        self.steps_run, self.planned_steps, self.stopped = steps_run, planned_steps, stopped
+        best = None
+        for e in self.evals:
+            if best is None or score(e) > score(best):
+                best = e
+        self.best_step = best["step"] if best else None
+
+    def budget(self) -> dict:
+        """The training budget as run, for metrics.json."""
+        return {"steps_run": self.steps_run, "planned_steps": self.planned_steps, "stopped": self.stopped,
+                "best_step": self.best_step}
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "steps": self.steps, "evals": self.evals, "wall_time_s": self.wall_time_s}
+        return {"name": self.name, "steps": self.steps, "evals": self.evals, "wall_time_s": self.wall_time_s,
+                **self.budget()}
 
     def load_dict(self, saved: dict) -> None:
         """Continue from a checkpoint's history (`to_dict`)."""

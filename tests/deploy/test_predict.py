@@ -250,6 +250,12 @@ def test_an_input_file_is_read_as_the_data_files_are_bom_dropped_bad_bytes_named
     path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(UserError, match=r"in\.jsonl: line 2: not valid UTF-8"):
         read_jsonl_texts(path)
+    for ending in (b"\r", b"\r\n"):  # old Mac and Windows line ends: two rows, and errors name the right line
+        path.write_bytes(ending.join([b'{"text": "a"}', b'{"text": "b"}', b'', b'{"text": 3}']))
+        with pytest.raises(UserError, match=r"in\.jsonl:4: field 'text' missing or not a string"):
+            read_jsonl_texts(path)
+        path.write_bytes(ending.join([b'{"text": "a"}', b'{"text": "b"}']) + ending)
+        assert read_jsonl_texts(path)[1] == ["a", "b"]
 
 
 def test_one_model_dir_reader_for_training_and_deployment(tiny_bert_dir, tmp_path, capsys):
