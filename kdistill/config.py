@@ -3,6 +3,9 @@
 Each group is one concern of the pipeline. The attribute docstrings are the documentation: `kdistill validate`
 and the README's recipe reference come from them. An unknown key or a bad value is a `ConfigError` whose one-line
 message names the dotted key (and the closest valid key for a typo).
+
+Why one module: it is the whole recipe schema, read top to bottom as the generated reference is, and RunConfig's
+validators check rules across its sections.
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ class DataConfig(_Section):
     """Remove test texts that also appear in train (leakage inflates accuracy); they are always reported."""
     block_size: int = Field(128, ge=8)
     """causal-lm only: tokens per packed training block."""
+    max_prompt_tokens: int = Field(128, ge=8)
+    """instruction only: tokens of a rendered prompt (its chat template included); a longer prompt loses its first
+    tokens, counted in the log."""
+    max_response_tokens: int = Field(48, ge=1)
+    """instruction only: tokens of a response (its end of turn included): gold responses are cut there, and the
+    teacher's and every model's answers stop there."""
 
 
 class FromScratchConfig(_Section):
@@ -174,7 +183,8 @@ class DistillConfig(_Section):
     """Optional final temperature of a schedule from `temperature` to this value."""
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     losses: dict[str, float] = Field(default_factory=lambda: {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0})
-    """Loss term -> weight (the terms are the rows of kdistill/terms.py). Terms: kd, ce, hidden_mse, embedding_mse,
+    """Loss term -> weight (the terms are the rows of kdistill/terms.py); unset, the task's default (instruction:
+    lm on the teacher's responses; the others: this one). Terms: kd, ce, hidden_mse, embedding_mse,
     hidden_cosine, attention_kl, attention_mse, minilm_qq, minilm_kk, minilm_vv, cls_pkd (causal-lm: forward_kl,
     reverse_kl, jsd, skew_kl, skew_reverse_kl, lm, hidden_mse, hidden_cosine, embedding_mse; and, for a student.model
     with another tokenizer than the teacher's, uld or aligned_kd)."""
@@ -301,6 +311,14 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    scorer: str | None = None
+    """instruction only: the task score of a response, in [0, 1]: a built-in scorer (`exact_match`, `pattern`,
+    `label`, `entity_f1`) or your own `module:function` taking (response, row fields); default: the built-in
+    dataset's own scorer."""
+    scorer_options: dict[str, Any] = Field(default_factory=dict)
+    """Options of the scorer (e.g. `pattern` for `pattern`, `labels` for `label`)."""
+    samples: int = Field(6, ge=0)
+    """instruction only: test prompts whose responses the report shows side by side, model by model."""
     latency_batch_size: int = Field(1, ge=1)
     throughput_batch_size: int = Field(32, ge=1)
     warmup: int = Field(3, ge=0)
@@ -344,6 +362,14 @@ class RunConfig(_Section):
     def _known_task(cls, task: str) -> str:
         get_task(task)  # ValueError naming the known tasks
         return task
+
+    @model_validator(mode="after")
+    def _task_default_losses(self):
+        # a recipe that names no terms gets its task's (the encoder terms above do not apply to every task)
+        default = get_task(self.task).default_losses
+        if default is not None and "losses" not in self.distill.model_fields_set:
+            self.distill.losses = dict(default)
+        return self
 
     @model_validator(mode="after")
     def _data_source(self):

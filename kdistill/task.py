@@ -27,6 +27,7 @@ BUILTIN_MODULES = {
     "token-classification": "kdistill.tasks.token_classification",
     "embedding": "kdistill.tasks.embedding",
     "causal-lm": "kdistill.tasks.causal_lm",
+    "instruction": "kdistill.tasks.instruction",
 }
 """Built-in task name -> the module that defines it (imported on first use)."""
 
@@ -100,6 +101,8 @@ class Task:
     teacher_signal: Callable[..., Any] | None = None
     """(RunConfig, out) -> the signal's dir: store the teacher's outputs once (`kdistill teacher-signal`); None:
     the task has no stored teacher signal."""
+    default_losses: Mapping[str, float] | None = None
+    """The distill.losses of a recipe that sets none; None: the config's default (the encoder terms)."""
     report_columns: list = field(default_factory=list)
     """The summary table's columns: (header, metric key, format)."""
     report: Callable[..., Any] | None = None

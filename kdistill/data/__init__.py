@@ -29,11 +29,13 @@ The modules, each one job:
   tags       token classification: IOB2, tags aligned to sub-words, transfer sentences
   encodings  splits through a tokenizer, once per tokenizer (`Encodings`)
   lm         causal LM: documents, packed or per-piece token blocks, next-token targets
+  chat       instruction: chat rows (prompt -> response) read and encoded with a model's chat template
 """
 
 import datasets
 
 from kdistill.data.bundle import DataBundle, load_data, load_token_data
+from kdistill.data.chat import ROLES, ChatExample, EncodedChat, encode_chat, read_chat_file
 from kdistill.data.encodings import Encodings, encode_split, tokenize_splits, tokenizer_key
 from kdistill.data.labels import TRANSFER, UNLABELED
 from kdistill.data.lm import (
@@ -63,8 +65,8 @@ from kdistill.data.registry import (
     TEXTS,
     TOKEN_DATASETS,
     BuiltinDataset,
-    list_datasets,
 )
+from kdistill.data.instructions import INSTRUCTION_DATASETS, InstructionData, list_datasets, load_instruction_data
 from kdistill.data.splits import SPLITS, text_key
 from kdistill.data.tags import (
     MIN_TRANSFER_WORDS,
@@ -94,17 +96,24 @@ __all__ = [
     "TRANSFER_WORD",
     "UNLABELED",
     "BuiltinDataset", "SENTENCES", "TEXTS",
+    "ROLES",
+    "ChatExample",
     "DataBundle",
+    "EncodedChat",
     "Encodings",
     "LMBlocks",
     "LMCorpus",
     "align_tags",
     "continuation_ids",
     "encode_blocks",
+    "encode_chat",
     "encode_split",
     "encode_token_split",
     "join_words",
     "list_datasets",
+    "INSTRUCTION_DATASETS",
+    "InstructionData",
+    "load_instruction_data",
     "load_data",
     "load_lm_corpus",
     "load_token_data",
@@ -112,6 +121,7 @@ __all__ = [
     "pack_blocks",
     "pad_id_of",
     "peoples_daily_sentence",
+    "read_chat_file",
     "read_conll",
     "read_orange_tab",
     "read_table",

@@ -55,6 +55,9 @@ class LMBlocks:
     attention_mask: Tensor
     texts: list[str] | None = None
     ends: Tensor | None = None
+    prompt_lengths: Tensor | None = None
+    """(N,) int64: rows that are a prompt followed by its response (task instruction), right-padded: the prompt's
+    length in tokens; only the response is a target (`next_token_targets`). None: packed text, every token is."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -64,7 +67,11 @@ class LMBlocks:
         return int(self.attention_mask.sum())
 
     def batch(self, rows) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]}
+        """input_ids, attention_mask (B, L) of `rows` (and prompt_length (B,) for prompt + response rows)."""
+        out = {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]}
+        if self.prompt_lengths is not None:
+            out["prompt_length"] = self.prompt_lengths[rows]
+        return out
 
 
 def _file_texts(path: str, column: str, key: str) -> list[str]:
@@ -188,18 +195,23 @@ def encode_blocks(pieces: list[str], tokenizer, block_size: int | None = None) -
     return LMBlocks(ids, mask, list(pieces), ends)
 
 
-def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length: int = 0) -> tuple[Tensor, Tensor]:
+def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length: int | Tensor = 0
+                       ) -> tuple[Tensor, Tensor]:
     """labels (B, L): labels[:, t] = input_ids[:, t+1]; valid (B, L) bool: position t counts.
 
-    A position counts when it and the next one are real tokens and the next one lies at or after
-    `prompt_length` (for generated continuations only the generated tokens are targets); the last position of
-    a block predicts nothing.
+    A position counts when it and the next one are real tokens and the next one lies at or after the prompt:
+    valid[b, t] = mask[b, t] ∧ mask[b, t+1] ∧ t + 1 ≥ P_b, with P_b = `prompt_length` (an int for every row: for
+    generated continuations only the generated tokens are targets; or (B,) per row: an instruction row's prompt,
+    so that only its response is learned and scored). The last position of a block predicts nothing.
     """
     mask = attention_mask.bool()
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
     valid = torch.zeros_like(mask)
     valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    if prompt_length > 1:
+    if isinstance(prompt_length, Tensor):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        valid &= positions.unsqueeze(0) + 1 >= prompt_length.to(input_ids.device).unsqueeze(1)
+    elif prompt_length > 1:
         valid[:, : prompt_length - 1] = False
     return labels, valid

@@ -69,6 +69,8 @@ class _Blocks(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = {"input_ids": self.blocks.input_ids[i], "attention_mask": self.blocks.attention_mask[i],
                "idx": torch.tensor(i)}
+        if self.blocks.prompt_lengths is not None:  # a prompt + response row: only the response is learned
+            row["prompt_length"] = self.blocks.prompt_lengths[i]
         if self.teacher_ends is not None:  # a teacher over another vocabulary: where both models' tokens end
             row.update(ends=self.blocks.ends[i], teacher_ends=self.teacher_ends[i])
         return row
@@ -90,8 +92,11 @@ def make_block_loader(blocks: LMBlocks, batch_size: int, *, seed: int, shuffle: 
 
 
 def with_targets(batch: dict, prompt_length: int = 0) -> dict:
-    """Add labels (B, L) and the target mask valid (B, L) (see data.next_token_targets)."""
-    labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"], prompt_length)
+    """Add labels (B, L) and the target mask valid (B, L) (see data.next_token_targets): after `prompt_length`, or
+    after each row's own prompt_length (B,) where the batch has one (it is dropped: the models do not read it)."""
+    batch = dict(batch)
+    labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                       batch.pop("prompt_length", prompt_length))
     return {**batch, "labels": labels, "valid": valid}
 
 
@@ -104,6 +109,44 @@ def with_alignment(batch: dict) -> dict:
     rows, t_pos, s_pos = pairs_of_ends(batch["teacher_ends"], batch["ends"])
     keep = batch["valid"][rows, s_pos]  # the student's last token predicts nothing in this block
     return {**batch, "aligned": torch.stack([rows[keep], t_pos[keep], s_pos[keep]])}
+
+
+@torch.no_grad()
+def generate_responses(model, batch: dict, *, pad_id: int, eos_id: int | None) -> dict:
+    """Instruction rows (a batch with prompt_length (B,)): keep each row's prompt and sample a new response from
+    `model` (T = 1, full vocabulary), as long as the row's room allows (the batch's length L).
+
+    The prompts are left-padded for generation (a decoder continues from its last real token), then each row is
+    rebuilt right-padded as prompt + generated tokens up to and including the first EOS, so that the same rows
+    and targets serve every term: only the generated tokens are targets. No `idx`: no cache row matches.
+    """
+    input_ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["prompt_length"]
+    rows, length = input_ids.shape
+    width = int(lengths.max())
+    prompts = torch.full((rows, width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    prompt_mask = torch.zeros_like(prompts)
+    for r, n in enumerate(lengths.tolist()):
+        prompts[r, width - n:] = input_ids[r, :n]
+        prompt_mask[r, width - n:] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=max(1, length - width), pad_token_id=pad_id,
+                             eos_token_id=eos_id)
+    finally:
+        model.train(was_training)
+    generated = out[:, width:]
+    ids = torch.full_like(input_ids, pad_id)
+    new_mask = torch.zeros_like(mask)
+    for r, n in enumerate(lengths.tolist()):
+        new = generated[r]
+        if eos_id is not None and bool((new == eos_id).any()):  # up to and including the first EOS
+            new = new[: int((new == eos_id).nonzero()[0]) + 1]
+        new = new[: length - n]
+        ids[r, :n], ids[r, n: n + len(new)] = input_ids[r, :n], new
+        new_mask[r, : n + len(new)] = 1
+    return with_targets({"input_ids": ids, "attention_mask": new_mask, "prompt_length": lengths})
 
 
 @torch.no_grad()
@@ -242,7 +285,8 @@ def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_i
             group = [with_alignment(with_targets(b)) for b in group]
         else:  # generated continuations, scored by the live teacher
             generator = accelerator.unwrap_model(student) if kind == "student" else teacher
-            group = [generate_continuations(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
+            generate = generate_responses if "prompt_length" in group[0] else generate_continuations
+            group = [generate(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
         # on-policy steps drop the lm term: its targets would be the student's own samples
         skip = ("lm",) if kind == "student" and kd else ()
         weights = {t: w for t, w in spec.active.items() if t not in skip}

@@ -141,7 +141,8 @@ def perplexity(model, blocks: LMBlocks, batch_size: int = 8, byte_lengths: Tenso
     try:
         for start in range(0, len(blocks), batch_size):
             batch = blocks.batch(slice(start, start + batch_size))
-            labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"])
+            labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                               batch.pop("prompt_length", 0))
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
             s, c = losses.lm_ce_tokens(logits, labels.to(device), mask=valid.to(device))
             total += float(s)

@@ -1,0 +1,169 @@
+"""Task instruction on tiny models: chat rows in, a teacher's responses stored once, the three ways to learn from
+it, task scores of every model, the report; response-only targets."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from kdistill.config import RunConfig, load_config
+from kdistill.errors import UserError
+from kdistill.pipeline import run
+from tests.conftest import OBJECTS, SUBJECTS, VERBS
+from tests.helpers import write_recipe
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        verb = rng.choice(VERBS)
+        story = f"{rng.choice(SUBJECTS).capitalize()} {verb} {rng.choice(OBJECTS)}."
+        rows.append({"messages": [{"role": "user", "content": f"{story} Which verb? One word."},
+                                  {"role": "assistant", "content": verb}], "answer": verb, "labels": VERBS})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    texts = [m["content"] for r in chat_rows(200) for m in r["messages"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts + ["user\nassistant\nsystem\n"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                        model_max_length=128)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def chat_model_dir(path, tokenizer, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def scorer_module(tmp_path, monkeypatch) -> str:
+    """A user's scorer as module:function (the verb named as the first word, case-insensitive)."""
+    (tmp_path / "my_scores.py").write_text(
+        "def first_word(response, fields):\n"
+        "    words = response.split()\n"
+        "    return float(bool(words) and words[0].strip('.').lower() == fields['answer'])\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_scores", None)
+    return "my_scores:first_word"
+
+
+def instruction_recipe(tmp_path, tokenizer, **sections):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(60)), encoding="utf-8")
+    teacher = chat_model_dir(tmp_path / "teacher", tokenizer)
+    return write_recipe(tmp_path / "instruct.yaml", {
+        "name": "instruct", "task": "instruction",
+        "data": {"train_file": str(data), "labeled_limit": 8, "max_prompt_tokens": 40, "max_response_tokens": 6,
+                 "test_fraction": 0.2, "validation_fraction": 0.1},
+        "teacher": {"model": str(teacher)},
+        "student": {"layers": 1},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3},
+        "eval": {"scorer": "label", "samples": 2},
+        **sections})
+
+
+@pytest.mark.parametrize("sections", [
+    {"distill": {"losses": {"lm": 1.0}}},                                   # sequence-level (teacher responses)
+    {"distill": {"losses": {"forward_kl": 1.0, "lm": 0.5}, "temperature": 1.0}},   # token-level
+    {"distill": {"losses": {"reverse_kl": 1.0}, "temperature": 1.0, "on_policy_fraction": 1.0}},  # on-policy
+], ids=["sequence-level", "token-level", "on-policy"])
+def test_each_way_of_learning_runs_end_to_end_and_scores_every_model(tmp_path, chat_tokenizer, sections,
+                                                                    monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(instruction_recipe(tmp_path, chat_tokenizer, **sections))
+    run_dir = run(cfg, tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"teacher", "untrained", "student", "baseline"}
+    for m in metrics["models"].values():
+        assert 0.0 <= m["task_score"] <= 1.0 and 0.0 <= m["agreement_with_teacher"] <= 1.0
+    data = metrics["data"]
+    assert data["gold_rows"] == 8 and data["transfer_prompts"] == data["sizes"]["train"] - 8
+    assert metrics["teacher_responses"]["prompts"] == data["transfer_prompts"]
+    # the baseline trains on the gold rows alone for as many steps as the student
+    assert metrics["models"]["baseline"]["training"]["steps_run"] == metrics["models"]["student"]["training"][
+        "planned_steps"] == 3
+    report = (run_dir / "report.md").read_text()
+    assert "Distillation" in report and "## Sample responses" in report and "*gold*" in report
+
+
+def test_the_teachers_responses_are_stored_once_and_reused_across_seeds(tmp_path, chat_tokenizer, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = instruction_recipe(tmp_path, chat_tokenizer, distill={"losses": {"lm": 1.0}, "baseline": False})
+    first = json.loads((run(load_config(recipe), tmp_path / "a") / "metrics.json").read_text())
+    second = json.loads((run(load_config(recipe, ["train.seed=7"]), tmp_path / "b") / "metrics.json").read_text())
+    assert first["teacher_responses"]["calls"] == first["data"]["transfer_prompts"] > 0
+    assert second["teacher_responses"]["calls"] == 0 and second["teacher_responses"]["reused"]
+    assert second["teacher_responses"]["path"] == first["teacher_responses"]["path"]
+
+
+def test_a_users_scorer_given_as_module_function(tmp_path, chat_tokenizer, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    spec = scorer_module(tmp_path, monkeypatch)
+    recipe = instruction_recipe(tmp_path, chat_tokenizer, distill={"losses": {"lm": 1.0}, "baseline": False})
+    metrics = json.loads((run(load_config(recipe, [f"eval.scorer={spec}"]), tmp_path / "run") /
+                          "metrics.json").read_text())
+    assert metrics["scorer"] == spec and 0.0 <= metrics["models"]["student"]["task_score"] <= 1.0
+
+
+def test_token_level_terms_refuse_a_student_over_another_tokenizer(tmp_path, chat_tokenizer, bpe_tokenizer):
+    other = tmp_path / "other"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tokenizer), n_positions=128, n_embd=32, n_layer=1,
+                               n_head=2)).save_pretrained(other)
+    bpe_tokenizer.chat_template = CHATML
+    bpe_tokenizer.save_pretrained(other)
+    recipe = instruction_recipe(tmp_path, chat_tokenizer, student={"model": str(other)},
+                                distill={"losses": {"forward_kl": 1.0}})
+    with pytest.raises(UserError, match="another tokenizer than the teacher.*sequence-level"):
+        run(load_config(recipe), tmp_path / "run")
+
+
+@pytest.mark.parametrize("bad_row, says", [
+    ({"messages": [{"role": "system", "content": "be brief"}]}, "user"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}, "robot"),
+    ({"prompt": "hi", "completion": "  "}, "empty"),
+], ids=["no user turn", "unknown role", "empty response"])
+def test_bad_chat_rows_exit_2_with_one_line_naming_file_and_line(tmp_path, chat_tokenizer, bad_row, says, capsys):
+    from kdistill.cli import main
+
+    recipe = instruction_recipe(tmp_path, chat_tokenizer)
+    rows = chat_rows(60)
+    rows[6] = bad_row
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    capsys.readouterr()  # (the test's own model saving)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(recipe), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "chat.jsonl" in err and "line 7" in err and says in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_naming_no_terms_gets_the_tasks_own():
+    data = {"dataset": "bbc-topics"}
+    assert RunConfig(task="instruction", data=data).distill.losses == {"lm": 1.0}
+    assert RunConfig(task="instruction", data=data, distill={"losses": {"forward_kl": 1.0}}).distill.losses == {
+        "forward_kl": 1.0}
+    assert RunConfig().distill.losses == {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0}  # the encoder tasks' default
