@@ -142,6 +142,9 @@ class TeacherConfig(_Section):
     max_minutes: float | None = Field(None, gt=0)
     """A wall-time cap on the teacher's training: it stops at the first step past it, validated there, the best
     weights kept. A time cap does not repeat across machines; cap steps for a budget that does."""
+    shots: int = Field(0, ge=0)
+    """instruction only: the teacher answers every prompt after this many gold rows shown as earlier turns
+    (in-context examples); the student learns to answer without them (context distillation)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate of the teacher's fine-tuning."""
     batch_size: int = Field(16, ge=1)

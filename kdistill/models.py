@@ -120,12 +120,19 @@ def load_classifier(name: str, label_names: list[str] | None = None, *, task: st
 
 
 def load_causal_lm(name: str, **kwargs):
+    """A causal LM in fp32 (a GGUF file dequantised), as a plain Hugging Face model: the GGUF loader's
+    quantization_config is dropped, since the weights are already fp32 and the model, or a student copied from
+    its config, must save and load like any other."""
     source, extra = _local_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, torch_dtype=torch.float32,
                                                      **extra, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load causal LM '{name}': {str(e).splitlines()[0]}") from None
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if qc is not None and str(getattr(method, "value", method)) == "gguf":
+        del model.config.quantization_config
     return model
 
 

@@ -123,15 +123,6 @@ def teacher_budget(cfg: RunConfig, num_examples: int) -> TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ causal LM
 
-def _plain_config(model) -> None:
-    """Drop a GGUF loader's quantization_config: the weights are already dequantised fp32, and students copied
-    from this config must save and load as plain Hugging Face models."""
-    qc = getattr(model.config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if qc is not None and str(getattr(method, "value", method)) == "gguf":
-        del model.config.quantization_config
-
-
 def load_causal_teacher(cfg: RunConfig):
     """A causal LM's teacher as the recipe names it: (teacher in eval mode, tokenizer, description, on-disk MB of
     its source or None)."""
@@ -154,7 +145,6 @@ def load_causal_teacher(cfg: RunConfig):
             file_mb = dir_size_mb(source) if Path(source).is_dir() else None
     if not getattr(teacher, "can_generate", lambda: True)() or teacher.get_output_embeddings() is None:
         raise UserError(f"teacher: {name} is not a causal language model")
-    _plain_config(teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     teacher.eval().requires_grad_(False)

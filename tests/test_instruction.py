@@ -13,8 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from kdistill.config import RunConfig, load_config
+from kdistill.data import ChatExample
 from kdistill.errors import UserError
 from kdistill.pipeline import run
+from kdistill.tasks.instruction import with_shots
 from tests.conftest import OBJECTS, SUBJECTS, VERBS
 from tests.helpers import write_recipe
 
@@ -78,18 +80,30 @@ def instruction_recipe(tmp_path, tokenizer, **sections):
         "name": "instruct", "task": "instruction",
         "data": {"train_file": str(data), "labeled_limit": 8, "max_prompt_tokens": 40, "max_response_tokens": 6,
                  "test_fraction": 0.2, "validation_fraction": 0.1},
-        "teacher": {"model": str(teacher)},
+        "teacher": {"model": str(teacher), **sections.pop("teacher", {})},
         "student": {"layers": 1},
         "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3},
         "eval": {"scorer": "label", "samples": 2},
         **sections})
 
 
+def test_the_teacher_answers_after_its_in_context_gold_rows_the_student_without():
+    shot = ChatExample(({"role": "user", "content": "Q1"},), "A1", {}, "f:1")
+    question = ChatExample(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2"}), None,
+                           {}, "f:2")
+    seen, = with_shots([question], [shot, shot])
+    assert [(m["role"], m["content"]) for m in seen.prompt] == [
+        ("system", "Be brief."), ("user", "Q1"), ("assistant", "A1"), ("user", "Q1"), ("assistant", "A1"),
+        ("user", "Q2")]
+    assert with_shots([question], []) == [question]
+
+
 @pytest.mark.parametrize("sections", [
     {"distill": {"losses": {"lm": 1.0}}},                                   # sequence-level (teacher responses)
+    {"distill": {"losses": {"lm": 1.0}}, "teacher": {"shots": 2}},         # ... answered with 2 gold rows in context
     {"distill": {"losses": {"forward_kl": 1.0, "lm": 0.5}, "temperature": 1.0}},   # token-level
     {"distill": {"losses": {"reverse_kl": 1.0}, "temperature": 1.0, "on_policy_fraction": 1.0}},  # on-policy
-], ids=["sequence-level", "token-level", "on-policy"])
+], ids=["sequence-level", "sequence-level-2-shots", "token-level", "on-policy"])
 def test_each_way_of_learning_runs_end_to_end_and_scores_every_model(tmp_path, chat_tokenizer, sections,
                                                                     monkeypatch):
     monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
@@ -167,3 +181,41 @@ def test_a_recipe_naming_no_terms_gets_the_tasks_own():
     assert RunConfig(task="instruction", data=data, distill={"losses": {"forward_kl": 1.0}}).distill.losses == {
         "forward_kl": 1.0}
     assert RunConfig().distill.losses == {"kd": 1.0, "ce": 0.1, "hidden_mse": 1.0}  # the encoder tasks' default
+
+
+def test_a_run_killed_mid_on_policy_phase_resumes_to_the_uninterrupted_result(tmp_path, chat_tokenizer,
+                                                                            monkeypatch):
+    """Killed after on-policy step 3 of the student (checkpoints every 2 steps), `run --resume` continues from step
+    2: the student's history (its sampled responses drawn again from the checkpointed generators) and every
+    model's task score equal the uninterrupted run's."""
+    from kdistill.checkpoint import resume_config
+    from kdistill.training import Learner
+    from tests.helpers import assert_same_steps, history
+    from tests.test_resume import Killed, newest_checkpoint_step
+
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = instruction_recipe(tmp_path, chat_tokenizer, train={"max_steps": 6, "batch_size": 8, "lr": 1e-3,
+                                                                 "checkpoint_every": 2},
+                                distill={"losses": {"reverse_kl": 1.0}, "temperature": 1.0,
+                                         "on_policy_fraction": 1.0})
+    cfg = load_config(recipe)
+    reference = run(cfg, tmp_path / "reference")
+    original = Learner.step
+
+    def die_mid_student(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
+        if self.history.name == "student" and step == 3:
+            raise Killed
+
+    monkeypatch.setattr(Learner, "step", die_mid_student)
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "killed")
+    monkeypatch.setattr(Learner, "step", original)
+    assert newest_checkpoint_step(tmp_path / "killed", "student") == 2
+    resumed = run(resume_config(tmp_path / "killed"), tmp_path / "killed", resume=True)
+    steps = history(resumed, "student")["steps"]
+    assert [s["on_policy"] for s in steps] == [1.0] * 6
+    assert_same_steps(steps, history(reference, "student")["steps"], rel=1e-6)
+    scores = [{n: m["task_score"] for n, m in json.loads((d / "metrics.json").read_text())["models"].items()}
+              for d in (resumed, reference)]
+    assert scores[0] == scores[1]

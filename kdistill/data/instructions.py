@@ -55,9 +55,10 @@ class InstructionDataset:
     scorer_options: dict = field(default_factory=dict)
 
 
-BBC_WORDS = 80
-"""Words of an article the bbc-topics prompt shows (its opening: ~120 tokens), so that a prompt fits the
-machine-sized budget of 128 prompt tokens."""
+BBC_WORDS = 60
+"""Words of an article the bbc-topics prompt shows (its opening: ~80 tokens), so that a prompt with its question
+and a chat template's default system turn fits 160 tokens. The question comes last: a prompt cut from the left
+loses the article's first words, never the question."""
 
 
 def _bbc_topics() -> dict[str, list[ChatExample]]:
@@ -67,7 +68,7 @@ def _bbc_topics() -> dict[str, list[ChatExample]]:
     out = []
     for i, r in enumerate(rows):
         article = " ".join(r["text"].split()[:BBC_WORDS])
-        out.append(ChatExample(({"role": "user", "content": f"{question}\n\nArticle: {article}"},), r["label"],
+        out.append(ChatExample(({"role": "user", "content": f"Article: {article}\n\n{question}"},), r["label"],
                                {"answer": r["label"], "labels": topics}, f"bbc-topics:{i + 1}"))
     return {"train": out}
 
@@ -84,7 +85,7 @@ def _conll_entities() -> dict[str, list[ChatExample]]:
             names = [join_words(r["tokens"][a: b + 1]) for kind, a, b in get_entities(list(r["tags"]))
                      if kind in ("PER", "ORG", "LOC")]
             sentence = join_words(r["tokens"])
-            examples.append(ChatExample(({"role": "user", "content": f"{question}\n\nSentence: {sentence}"},),
+            examples.append(ChatExample(({"role": "user", "content": f"Sentence: {sentence}\n\n{question}"},),
                                         json.dumps(names, ensure_ascii=False), {"entities": names},
                                         f"conll-entities:{split}:{i + 1}"))
         out[split] = examples

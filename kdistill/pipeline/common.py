@@ -3,6 +3,7 @@ histories and the frame of metrics.json."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from kdistill.config import RunConfig
 from kdistill.data import DataBundle
 from kdistill.measure import machine_info
 from kdistill.io import atomic_write_json, output_errors
+from kdistill.models import load_model_dir
 from kdistill.training import world_size
+
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -36,6 +40,14 @@ def writing(run_dir: Path):
 def is_saved(model_dir: Path) -> bool:
     """A phase is done once its model dir is saved (save_model writes it atomically)."""
     return (model_dir / "model.safetensors").is_file()
+
+def saved_phase(cfg: RunConfig, run_dir: Path, name: str, resume: bool):
+    """The model phase `name` of a resumed run saved before the kill (its dir is whole), else None: train it."""
+    if not (resume and is_saved(run_dir / name)):
+        return None
+    log.info("%s: trained before the run was resumed (%s)", name, run_dir / name)
+    return load_model_dir(run_dir / name, task=cfg.task)[0]
+
 
 def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool,
                       fingerprint: dict | None) -> Checkpoints:

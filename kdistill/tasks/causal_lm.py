@@ -40,8 +40,8 @@ from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.measure import block_parameters, compare_lm_speed, evaluate_lm_model, machine_info, sample_generations
 from kdistill.io import atomic_write_json, check_writable, output_errors
-from kdistill.models import dir_size_mb, load_causal_lm, load_model_dir, load_tokenizer, read_meta, save_model
-from kdistill.pipeline.common import is_saved, phase_checkpoints, run_dir_of, save_history, writing
+from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta, save_model
+from kdistill.pipeline.common import phase_checkpoints, run_dir_of, saved_phase, save_history, writing
 from kdistill.pipeline.preflight import preflight
 from kdistill.pipeline.students import make_student, term_spec
 from kdistill.reporting import LM_COLUMNS, write_lm_report, write_report
@@ -248,9 +248,9 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
                               {**meta, "role": "no-KD baseline", "losses": {"lm": 1.0}})
     models, histories = {"teacher": teacher}, {"teacher": None}
     for name, (model, phase_spec, phase_teacher, phase_cache, phase_meta) in phases.items():
-        if resume and is_saved(run_dir / name):
-            log.info("%s: trained before the run was resumed (%s)", name, run_dir / name)
-            models[name], histories[name] = load_model_dir(run_dir / name, task=cfg.task)[0], None
+        saved = saved_phase(cfg, run_dir, name, resume)
+        if saved is not None:
+            models[name], histories[name] = saved, None
             continue
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         phase = Phase(model, [phase_teacher] if phase_teacher is not None else [], student_tokenizer, blocks,

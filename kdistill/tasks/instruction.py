@@ -29,7 +29,7 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,8 +44,8 @@ from kdistill.errors import UserError
 from kdistill.generation import generate
 from kdistill.io import atomic_write_json
 from kdistill.measure import machine_info
-from kdistill.models import dir_size_mb, load_causal_lm, load_model_dir, load_tokenizer, read_meta, save_model
-from kdistill.pipeline.common import is_saved, phase_checkpoints, run_dir_of, save_history, writing
+from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta, save_model
+from kdistill.pipeline.common import phase_checkpoints, run_dir_of, saved_phase, save_history, writing
 from kdistill.pipeline.preflight import preflight
 from kdistill.pipeline.students import make_student, term_spec
 from kdistill.io import atomic_write_text
@@ -87,11 +87,15 @@ class Reader:
         end = encode_chat(tokenizer, probe, max_prompt_tokens=64, max_response_tokens=64).response_ids[-1]
         return cls(tokenizer, end, pad_id_of(tokenizer))
 
-    def prompts(self, examples: list[ChatExample], cfg) -> tuple[list[list[int]], int]:
-        """Each example's rendered prompt (ids), and how many were cut from the left."""
-        encoded = [encode_chat(self.tokenizer, e, max_prompt_tokens=cfg.max_prompt_tokens,
-                               max_response_tokens=cfg.max_response_tokens) for e in examples]
-        return [e.prompt_ids for e in encoded], sum(e.prompt_truncated > 0 for e in encoded)
+    def prompts(self, examples: list[ChatExample], max_prompt_tokens: int) -> list[list[int]]:
+        """Each example's rendered prompt (ids), cut from the left to `max_prompt_tokens` (logged)."""
+        encoded = [encode_chat(self.tokenizer, e, max_prompt_tokens=max_prompt_tokens, max_response_tokens=1)
+                   for e in examples]
+        cut = sum(e.prompt_truncated > 0 for e in encoded)
+        if cut:
+            log.info("%d of %d prompts longer than %d tokens lost their first tokens", cut, len(encoded),
+                     max_prompt_tokens)
+        return [e.prompt_ids for e in encoded]
 
     def blocks(self, examples: list[ChatExample], responses: list[str | None], cfg, what: str) -> LMBlocks:
         """Prompt + response rows, right-padded to the longest: only the response tokens are targets."""
@@ -115,6 +119,28 @@ class Reader:
     def text(self, ids: list[int]) -> str:
         """A response's text: its end of turn dropped."""
         return self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True).strip()
+
+
+def with_shots(examples: list[ChatExample], shots: list[ChatExample]) -> list[ChatExample]:
+    """The teacher's view of `examples` (teacher.shots): each prompt after the `shots` gold rows as earlier (user,
+    assistant) turns, a system message kept first. The student answers without them: what it learns is the
+    teacher's in-context behaviour (context distillation, Snell et al. 2022)."""
+    if not shots:
+        return examples
+    turns = tuple(m for shot in shots for m in (*(t for t in shot.prompt if t["role"] != "system"),
+                                                {"role": "assistant", "content": shot.response}))
+    out = []
+    for e in examples:
+        system = tuple(e.prompt[:1]) if e.prompt[0]["role"] == "system" else ()
+        out.append(replace(e, prompt=system + turns + tuple(e.prompt[len(system):])))
+    return out
+
+
+def teacher_prompts(reader: Reader, examples: list[ChatExample], data: InstructionData, cfg: RunConfig):
+    """The teacher's rendered prompts: with its in-context gold rows (teacher.shots), each shot adding
+    data.max_prompt_tokens of room."""
+    shots = data.gold[: cfg.teacher.shots]
+    return reader.prompts(with_shots(examples, shots), cfg.data.max_prompt_tokens * (1 + len(shots)))
 
 
 def student_reader(cfg: RunConfig, teacher_reader: Reader) -> Reader:
@@ -150,7 +176,7 @@ def run_instruction(cfg: RunConfig, out: str | Path | None = None, *, resume: bo
     gold, transfer = data.gold, data.transfer
     answered, answer_info = [], None
     if transfer:  # the teacher answers the prompts without a gold response, once (stored, reused)
-        prompts, _ = teacher_reader.prompts(transfer, cfg.data)
+        prompts = teacher_prompts(teacher_reader, transfer, data, cfg)
         ids, answer_info = teacher_responses(teacher, prompts, pad_id=teacher_reader.pad_id,
                                              stop_ids=teacher_reader.stop_ids,
                                              max_new_tokens=cfg.data.max_response_tokens,
@@ -197,9 +223,9 @@ def train_phases(cfg: RunConfig, run_dir: Path, blocks: dict[str, LMBlocks], tea
                               {**meta, "role": "no-KD baseline", "losses": {"lm": 1.0}})
     models, histories = {"teacher": teacher, "untrained": untrained}, {"teacher": None, "untrained": None}
     for name, (model, phase_spec, train_blocks, train, phase_meta) in phases.items():
-        if resume and is_saved(run_dir / name):
-            log.info("%s: trained before the run was resumed (%s)", name, run_dir / name)
-            models[name], histories[name] = load_model_dir(run_dir / name, task=cfg.task)[0], None
+        saved = saved_phase(cfg, run_dir, name, resume)
+        if saved is not None:
+            models[name], histories[name] = saved, None
             continue
         checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         phase = Phase(model, [teacher] if any(TERMS[t].reads for t in phase_spec.active) else [],
@@ -217,14 +243,16 @@ def train_phases(cfg: RunConfig, run_dir: Path, blocks: dict[str, LMBlocks], tea
 
 # -------------------------------------------------------------------------------------------------- evaluate
 
-def answer(name: str, model, reader: Reader, examples: list[ChatExample], cfg: RunConfig):
+def answer(name: str, model, reader: Reader, data: InstructionData, cfg: RunConfig):
     """A model's greedy responses to the test prompts (token ids) and the generation's cost. The teacher's are
-    stored and reused like its training answers."""
-    prompts, _ = reader.prompts(examples, cfg.data)
+    stored and reused like its training answers, and made with its in-context gold rows (teacher.shots)."""
+    test = data.splits["test"]
     if name == "teacher":
+        prompts = teacher_prompts(reader, test, data, cfg)
         ids, info = teacher_responses(model, prompts, pad_id=reader.pad_id, stop_ids=reader.stop_ids,
                                       max_new_tokens=cfg.data.max_response_tokens, batch_size=cfg.train.batch_size)
         return ids, {"generate_tokens_per_s": info["generate_tokens_per_s"], "reused": info["reused"]}
+    prompts = reader.prompts(test, cfg.data.max_prompt_tokens)
     made = generate(model, prompts, pad_id=reader.pad_id, stop_ids=reader.stop_ids,
                     max_new_tokens=cfg.data.max_response_tokens, batch_size=cfg.train.batch_size,
                     progress=f"{name} answers")
@@ -242,7 +270,7 @@ def evaluate_instruction_run(cfg: RunConfig, run_dir: Path, data: InstructionDat
     for name, model in models.items():
         r = teacher_reader if name == "teacher" else reader
         torch.set_num_threads(cfg.eval.num_threads or torch.get_num_threads())
-        ids, speed = answer(name, model, r, test, cfg)
+        ids, speed = answer(name, model, r, data, cfg)
         texts[name] = [r.text(x) for x in ids]
         scored = score(scorer, texts[name], fields)
         results[name] = {"task_score": scored["mean"], "extracted": scored["extracted"],
@@ -270,7 +298,8 @@ def evaluate_instruction_run(cfg: RunConfig, run_dir: Path, data: InstructionDat
         "scorer": cfg.eval.scorer or data.scorer,
         "data": {**data.summary(), "max_prompt_tokens": cfg.data.max_prompt_tokens,
                  "max_response_tokens": cfg.data.max_response_tokens},
-        "teacher_responses": answer_info, "losses": cfg.distill.losses,
+        "teacher_responses": answer_info, "teacher_shots": min(cfg.teacher.shots, len(data.gold)),
+        "losses": cfg.distill.losses,
         "on_policy_fraction": cfg.distill.on_policy_fraction,
         "student_shape": shapes, "models": results, "samples": samples,
         "machine": {**machine_info(), "host": socket.gethostname(),
@@ -320,8 +349,10 @@ def verdict(metrics: dict) -> str:
                  f"({', '.join(f'{t} {w:g}' for t, w in metrics['losses'].items() if w)}"
                  f"{', on-policy fraction ' + format(metrics['on_policy_fraction'], 'g') if metrics['on_policy_fraction'] else ''}).")
     answers = metrics.get("teacher_responses")
+    shots = metrics.get("teacher_shots")
     if answers:
         line += (f" The teacher answered {answers['prompts']:,} transfer prompts "
+                 + (f"with {shots} gold rows in context " if shots else "")
                  + ("(read from its stored responses)." if answers["reused"] else
                     f"in {answers['generate_seconds']:.0f} s ({answers['calls']:,} calls, stored for reuse)."))
     return line
