@@ -133,6 +133,7 @@ def load_causal_lm(name: str, **kwargs):
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if qc is not None and str(getattr(method, "value", method)) == "gguf":
         del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False  # what save_pretrained refuses a GGUF model by
     return model
 
 

@@ -281,7 +281,7 @@ def test_classification_terms_are_refused_for_causal_lm(tmp_path, tiny_teacher_d
 
 
 @pytest.mark.slow
-def test_gguf_teacher_loads_dequantised_and_predicts_english():
+def test_gguf_teacher_loads_dequantised_and_predicts_english(tmp_path):
     from kdistill.config import RunConfig
     from kdistill.student import build_student
 
@@ -297,3 +297,5 @@ def test_gguf_teacher_loads_dequantised_and_predicts_english():
     assert perplexity(teacher, blocks)["perplexity"] < 60  # a random model would be near 49152
     student = build_student(teacher, num_layers=10)
     assert block_parameters(student) * 3 <= block_parameters(teacher)
+    teacher.save_pretrained(tmp_path / "whole")  # a GGUF model taken whole (e.g. a student.model) saves too
+    assert (tmp_path / "whole" / "model.safetensors").is_file()
