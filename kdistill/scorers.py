@@ -7,8 +7,8 @@ response (None: none), so that a student's answers can be compared with its teac
 Built-in scorers, by name (`get_scorer`):
   exact_match  the whole response equals fields["answer"], both normalised (`normalise`)
   pattern      the first match of the regex option `pattern` (one group: the answer) equals fields["answer"]
-  label        the allowed label (option `labels`, else fields["labels"]) that occurs first in the response, as a
-               whole word, equals fields["answer"]; a response naming none scores 0
+  label        the one allowed label (option `labels`, else fields["labels"]) the response names, as a whole word,
+               equals fields["answer"]; a response naming none, or several (a list of the options), scores 0
   entity_f1    the first JSON list of strings in the response (a ```json block and text around it are fine),
                compared as a set with fields["entities"]: F1 per row; no such list scores 0
 A user's scorer is "module:function": `function(response, fields)` returns a number in [0, 1] or a bool; its
@@ -144,8 +144,11 @@ def _label(labels=None) -> Scorer:
         allowed = fixed or _check_labels(_field(fields, "labels", "label", "the allowed labels, or give the "
                                                 "scorer option labels"), "scorer 'label': 'labels'", DataError)
         text = normalise(response)
-        found = [(at, -len(x), x) for x in allowed if (at := _find_word(x, text)) is not None]
-        return min(found)[2] if found else None  # the earliest; of two starting together, the longer
+        spans = [(at, at + len(x), x) for x in allowed if (at := _find_word(x, text)) is not None]
+        # a label inside a longer one found ("negative" in "very negative") is that one; a response naming
+        # several labels ("business, tech or sport") commits to none of them
+        named = {x for a, b, x in spans if not any(c <= a and b <= d and (c, d) != (a, b) for c, d, _ in spans)}
+        return named.pop() if len(named) == 1 else None
 
     return _compared("label", extract)
 

@@ -53,17 +53,18 @@ def test_pattern_options_are_checked_when_the_scorer_is_made(options, message):
         get_scorer("pattern", **options)
 
 
-def test_label_takes_the_earliest_allowed_label_that_is_a_whole_word():
+def test_label_reads_the_one_allowed_label_named_as_a_whole_word():
     scorer = get_scorer("label", labels=["positive", "negative", "very negative"])
     assert scorer("Negative, clearly.", {"answer": "negative"}) == 1.0
-    assert scorer.extract("It is positive, not negative.", {}) == "positive"  # the earliest, not the first listed
-    assert scorer.extract("Very negative!", {}) == "very negative"  # two starting together: the longer
+    assert scorer.extract("It is positive, not negative.", {}) is None  # two labels named: no answer
+    assert scorer("Positive, negative or very negative?", {"answer": "positive"}) == 0.0  # listing the options
+    assert scorer.extract("Very negative!", {}) == "very negative"  # the longer label holding the shorter
     assert scorer.extract("positively negatives", {}) is None  # whole words only
     assert scorer("I cannot tell.", {"answer": "negative"}) == 0.0
     from_fields = get_scorer("label")
     fields = {"answer": "sport", "labels": ["sport", "tech"]}
     assert from_fields("Topic: SPORT.", fields) == 1.0 and from_fields("tech", fields) == 0.0
-    assert from_fields.extract("10 or 1", {"labels": ["1", "10"]}) == "10"  # "1" inside "10" is no word
+    assert from_fields.extract("10 points", {"labels": ["1", "10"]}) == "10"  # "1" inside "10" is no word
     chinese = {"answer": "体育", "labels": ["体育", "科技"]}  # no spaces between words: any occurrence counts
     assert from_fields("这篇文章是关于体育的。", chinese) == 1.0
     assert from_fields.extract("答案是tech。", {"labels": ["sport", "tech"]}) == "tech"

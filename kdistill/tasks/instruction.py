@@ -211,6 +211,8 @@ def train_phases(cfg: RunConfig, run_dir: Path, blocks: dict[str, LMBlocks], tea
     student, init_layers = make_student(cfg, teacher, calibration)
     untrained = copy.deepcopy(student)
     shapes = describe_student(teacher, student)
+    if shapes["init"] is None:  # a student.model taken whole
+        shapes["init"] = {"pretrained": cfg.student.model}
     baseline = copy.deepcopy(student) if cfg.distill.baseline else None  # same init: the loss is the only change
     spec = term_spec(cfg, teacher, student, init_layers)
     steps = plan_steps(-(-len(blocks["train"]) // (cfg.train.batch_size // cfg.train.grad_accum)),
