@@ -175,6 +175,12 @@ class StudentConfig(_Section):
     layers / widths / init set here it is pruned as a teacher-derived student would be (e.g. `layers: 2`: two layers
     of a general-purpose encoder that never saw the task). causal-lm: a causal LM (built-in alias such as
     `smollm2-135m`, GGUF file or model dir); across tokenizers the terms are uld or aligned_kd."""
+    trim_vocab: bool = False
+    """Encoder tasks: once trained, the student keeps only the vocabulary its training and transfer texts tokenize
+    to, plus the special tokens and every single character (bare and `##`): the word-embedding table (MiniLM-L6:
+    11.7M of 22.7M parameters) shrinks to the rows the task reads. Text made of kept tokens reads exactly as before;
+    an unseen word whose pieces were dropped splits into smaller kept pieces, at worst characters, which the
+    student may read less well. The no-KD baseline keeps the whole vocabulary."""
 
 
 class DistillConfig(_Section):
@@ -436,6 +442,13 @@ class RunConfig(_Section):
             raise ValueError("distill.intermediate_epochs: two-stage distillation needs an intermediate term (e.g. "
                              "hidden_mse, attention_kl) and a prediction term (kd, ce) in distill.losses; got "
                              f"{', '.join(t for t, w in self.distill.losses.items() if w > 0)}")
+        return self
+
+    @model_validator(mode="after")
+    def _trim_vocab_scope(self):
+        if self.student.trim_vocab and not get_task(self.task).has("trim_vocab"):
+            scope = _tasks_with(lambda t: t.has("trim_vocab"))
+            raise ValueError(f"student.trim_vocab: trims the WordPiece vocabulary of {scope} students, not {self.task}")
         return self
 
     @model_validator(mode="after")

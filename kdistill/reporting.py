@@ -323,8 +323,9 @@ def draw_or_skip(plot, *args) -> Path | None:
 
 
 def student_line(shape: dict) -> str:
-    """The student's shape against the teacher's (metrics.json "student_shape"), one line of the report; where
-    student.layer_map importance chose the layers, a paragraph with every teacher block's Block Influence follows."""
+    """The student's shape against the teacher's (metrics.json "student_shape"; with student.trim_vocab, the
+    vocabulary it kept), one line of the report; where student.layer_map importance chose the layers, a paragraph
+    with every teacher block's Block Influence follows."""
     s, t = shape["student"], shape["teacher"]
     init = shape.get("init")
     scores = init.get("block_influence") if isinstance(init, dict) else None
@@ -336,6 +337,10 @@ def student_line(shape: dict) -> str:
     else:
         detail = (f", {s['heads']} heads, FFN {s['ffn']} (teacher: {t['layers']} x {t['hidden']}, {t['heads']} "
                   f"heads, FFN {t['ffn']})")
+    vocab = shape.get("vocab")  # student.trim_vocab
+    if vocab:
+        detail += (f"; vocabulary trimmed to {vocab['student']:,} of {vocab['teacher']:,} tokens, those of its "
+                   f"training texts ({vocab['params_before']:,} -> {vocab['params_after']:,} parameters)")
     line = f"Student: {s['layers']} layers x {s['hidden']} hidden{detail}; init {init}."
     if scores is None:
         return line

@@ -70,7 +70,8 @@ class Task:
     """The BERT class of a teacher trained from scratch (teacher.from_scratch); None: not supported."""
     features: frozenset[str] = frozenset()
     """Optional abilities the generic layers ask about: "fsdp" (sharded students), "two_stage"
-    (distill.intermediate_epochs), "prune_student_model" (a student.model cut to the recipe's shape)."""
+    (distill.intermediate_epochs), "prune_student_model" (a student.model cut to the recipe's shape), "trim_vocab"
+    (student.trim_vocab: the trained student's WordPiece vocabulary cut to its texts' tokens)."""
     length_key: str = "data.max_length"
     """The recipe key that bounds an example's length in tokens (checked against the teacher's positions)."""
     check_config: Callable[..., None] = _no_check

@@ -1,5 +1,6 @@
 """The pipeline of the encoder tasks (classification, token classification; sentence embeddings with phases of its
-own): the teacher, the student and its no-KD baseline, then evaluation, export and the report."""
+own): the teacher, the student (its vocabulary trimmed to its texts' tokens with student.trim_vocab) and its no-KD
+baseline, then evaluation, export and the report."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from kdistill.pipeline.preflight import preflight
 from kdistill.pipeline.students import make_student, student_reads
 from kdistill.reporting import write_report
 from kdistill.rundir import run_dir_for, run_fingerprint
-from kdistill.student import describe_student
+from kdistill.student import check_trimmable, describe_student, trim_vocabulary
 from kdistill.task import get_task
 from kdistill.teacher import finetune, train_teacher
 from kdistill.training import is_main_process, world_size
@@ -98,6 +99,7 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
         teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
 
     student_tokenizer, cross, calibration = student_reads(cfg, data, encodings, tokenizer)
+    check_trim_vocab(cfg, student_tokenizer)
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
     baseline_init = {k: v.clone() for k, v in student.state_dict().items()} if cfg.distill.baseline else None
@@ -121,7 +123,8 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
                 "train_wall_time_s": history.wall_time_s}
         if main:
             save_history(run_dir, history)
-            save_model(student, student_tokenizer, run_dir / "student", {"role": "student", **meta})
+            saved, saved_tokenizer, trimmed = trimmed_student(cfg, student, student_tokenizer, student_data)
+            save_model(saved, saved_tokenizer, run_dir / "student", {"role": "student", **meta, **trimmed})
             checkpoints.clear()
         if teacher_history is not None:
             if main:
@@ -154,8 +157,49 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
     metrics = evaluate_run(cfg, run_dir, models, student_data, shapes, encodings)  # (data summary: transfer rows)
     return finish_run(cfg, run_dir, data, metrics, started)
 
+def check_trim_vocab(cfg: RunConfig, student_tokenizer) -> None:
+    """student.trim_vocab needs a WordPiece student tokenizer: checked before training, not after it."""
+    if cfg.student.trim_vocab:
+        try:
+            check_trimmable(student_tokenizer)
+        except ValueError as e:
+            raise UserError(f"student.trim_vocab: {e}") from None
+
+def learned_texts(data: DataBundle) -> list:
+    """The texts of the student's train split (its transfer rows included): texts, text pairs, or pre-split
+    sentences (token classification). The held-out splits are never read."""
+    train = data.splits["train"]
+    return [row for column in ("text", "text_pair", "tokens") if column in train.column_names
+            for row in train[column]]
+
+def trimmed_student(cfg: RunConfig, student, tokenizer, data: DataBundle) -> tuple:
+    """(model, tokenizer, meta) to save as the run's student: with student.trim_vocab a copy over the vocabulary of
+    the texts it learned from (`data`: its training data; student.trim_vocabulary) and {"vocab": sizes and
+    parameters before and after} for its kdistill.json; else `student`, `tokenizer` and {}. The no-KD baseline
+    is not trimmed: it keeps the whole vocabulary its init came with."""
+    if not cfg.student.trim_vocab:
+        return student, tokenizer, {}
+    model, trimmed, info = trim_vocabulary(getattr(student, "module", student), tokenizer, learned_texts(data))
+    log.info("student.trim_vocab: %d of %d tokens kept; %d -> %d parameters", info["student"], info["teacher"],
+             info["params_before"], info["params_after"])
+    return model, trimmed, {"vocab": info}
+
+def record_vocab(metrics: dict, student_dir: Path) -> None:
+    """A trimmed student's vocabulary (its kdistill.json "vocab") into metrics.json: under models.student, and the
+    student's shape (its parameters after trimming, for the report's student line)."""
+    vocab = read_meta(student_dir).get("vocab") if student_dir.is_dir() else None
+    if not vocab or "student" not in metrics.get("models", {}):
+        return
+    metrics["models"]["student"]["vocab"] = vocab
+    shape = metrics.get("student_shape")
+    if shape:
+        shape["vocab"] = vocab
+        shape["student"]["params"] = vocab["params_after"]
+        shape["param_ratio"] = vocab["params_after"] / shape["teacher"]["params"]
+
 def finish_run(cfg: RunConfig, run_dir: Path, data: DataBundle, metrics: dict, started: float) -> Path:
     """An encoder run's last steps (main process): export the student, then metrics.json and the report."""
+    record_vocab(metrics, run_dir / "student")
     if cfg.export.formats:
         metrics["exports"] = export_student(cfg, run_dir, data)
     metrics["total_wall_time_s"] = time.perf_counter() - started

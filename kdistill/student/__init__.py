@@ -6,6 +6,7 @@ Two independent reductions, applied together by `build_student`:
                (decoders with grouped-query attention: `kdistill.decoder_width`)
   calibration  the calibration batch both rank the teacher's units on
   build        `build_student` (the `init` names) and `describe_student`
+  vocab        `trim_vocabulary`: a trained student's WordPiece vocabulary cut to the tokens its texts use
 """
 
 from kdistill.student.build import INIT_CHOICES, build_student, count_parameters, describe_student
@@ -27,6 +28,7 @@ from kdistill.student.width import (
     resolve_width,
     resolve_widths,
 )
+from kdistill.student.vocab import check_trimmable, trim_vocabulary
 
 __all__ = [
     "INIT_CHOICES",
@@ -37,6 +39,7 @@ __all__ = [
     "block_influence",
     "build_student",
     "check_layers",
+    "check_trimmable",
     "count_parameters",
     "describe_student",
     "find_layer_list",
@@ -47,4 +50,5 @@ __all__ = [
     "resolve_width",
     "resolve_widths",
     "select_layers",
+    "trim_vocabulary",
 ]

@@ -32,7 +32,7 @@ from kdistill.models import (
 )
 from kdistill.pipeline.common import is_saved, phase_checkpoints, run_metrics, save_history
 from kdistill.pipeline.distillation import distill_student
-from kdistill.pipeline.encoder import finish_run, run_encoder
+from kdistill.pipeline.encoder import check_trim_vocab, finish_run, run_encoder, trimmed_student
 from kdistill.pipeline.students import make_student, student_reads
 from kdistill.pipeline.verbs import data_config_for, select_split
 from kdistill.reporting import EMBEDDING_COLUMNS, write_embedding_report
@@ -76,11 +76,12 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
     pooling = read_pooling(teacher_dir)
     teacher, tokenizer, _ = load_model_dir(teacher_dir, task=TASK_NAME)
     student_tokenizer, cross, calibration = student_reads(cfg, data, encodings, tokenizer)
+    check_trim_vocab(cfg, student_tokenizer)
     student, init_layers = make_student(cfg, teacher, calibration)
     shapes = describe_student(teacher, student)
 
-    def save(model, name: str, meta: dict) -> None:
-        save_sentence_encoder(model, student_tokenizer, run_dir / name, {"task": cfg.task,
+    def save(model, name: str, meta: dict, its_tokenizer=student_tokenizer) -> None:
+        save_sentence_encoder(model, its_tokenizer, run_dir / name, {"task": cfg.task,
                               "max_length": cfg.data.max_length,
                               "student_init": shapes["init"], **meta}, pooling, cfg.data.max_length)
 
@@ -103,8 +104,9 @@ def run_embedding_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, res
         models["student"] = (run_dir / "student", history)
         if main:
             save_history(run_dir, history)
-            save(student, "student", {"role": "student", "strategy": cfg.distill.strategy,
-                                      "losses": cfg.distill.losses, "train_wall_time_s": history.wall_time_s})
+            saved, saved_tokenizer, trimmed = trimmed_student(cfg, student, student_tokenizer, student_data)
+            save(saved, "student", {"role": "student", "strategy": cfg.distill.strategy, "losses": cfg.distill.losses,
+                                    "train_wall_time_s": history.wall_time_s, **trimmed}, saved_tokenizer)
             checkpoints.clear()
     if not main:
         return run_dir
@@ -217,6 +219,7 @@ TASK = Task(
     run=run,
     load_data=load_data,
     auto_model=AutoModel,  # the base model, pooled by its dir's Pooling (read_pooling)
+    features=frozenset({"trim_vocab"}),
     check_config=check_config,
     preflight=preflight,
     claims=claims,
