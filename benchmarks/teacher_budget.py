@@ -3,7 +3,7 @@ recipe's budget (a step cap, validation often, patience), under a fixed 2 epochs
 validation score kept (the reference), for each seed.
 
     python -m benchmarks.teacher_budget make-data --out DIR [--sentences 2000]
-    python -m benchmarks.teacher_budget run --data DIR [--seeds 1 2] [--reference-epochs 40] > teacher_budget.json
+    python -m benchmarks.teacher_budget run --data DIR [--seeds 1 2] [--reference-epochs 40] [--budgets ...]
 
 `make-data` writes DIR/train.txt (whole CoNLL-2003 training documents, from the first, until --sentences
 sentences: real newswire text ~7x smaller than the set the recipe was sized for) and DIR/test.txt (the CoNLL-2003
@@ -26,7 +26,8 @@ BUDGETS = {
     "recipe": [],
     "fixed 2 epochs": ["teacher.epochs=2", "teacher.max_steps=null", "teacher.patience=null"],
 }
-"""Overrides on the ner recipe per budget; the reference is added with --reference-epochs."""
+"""Overrides on the ner recipe per budget; the reference (`--reference-epochs`, no cap, no patience, the best
+validation weights kept) is added to them."""
 
 
 def make_data(out: Path, sentences: int) -> dict:
@@ -65,18 +66,20 @@ def train_one(data: Path, seed: int, overrides: list[str]) -> dict:
     return {"entity_f1": teacher["entity_f1"], "training": teacher.get("training"), "seconds": seconds}
 
 
-def run(data: Path, seeds: list[int], reference_epochs: float) -> dict:
-    budgets = {**BUDGETS, f"reference ({reference_epochs:g} epochs, best validation kept)": [
-        f"teacher.epochs={reference_epochs}", "teacher.max_steps=null", "teacher.patience=null"]}
+def run(data: Path, seeds: list[int], reference_epochs: float, only: list[str] | None = None) -> dict:
+    budgets = {**BUDGETS, "reference": [f"teacher.epochs={reference_epochs}", "teacher.max_steps=null",
+                                        "teacher.patience=null"]}
     results = {}
     for name, overrides in budgets.items():
+        if only and name not in only:
+            continue
         runs = []
         for seed in seeds:
             runs.append(train_one(data, seed, overrides))
             print(f"{name}, seed {seed}: entity F1 {runs[-1]['entity_f1']:.4f}, {runs[-1]['training']}, "
                   f"{runs[-1]['seconds']:.0f} s", file=sys.stderr)
         results[name] = {"entity_f1": spread([r["entity_f1"] for r in runs]), "runs": runs}
-    return {"seeds": seeds, "budgets": results}
+    return {"seeds": seeds, "reference_epochs": reference_epochs, "budgets": results}
 
 
 def main() -> None:
@@ -89,11 +92,12 @@ def main() -> None:
     go.add_argument("--data", type=Path, required=True)
     go.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     go.add_argument("--reference-epochs", type=float, default=40)
+    go.add_argument("--budgets", nargs="+", choices=[*BUDGETS, "reference"], help="only these (default: all)")
     args = parser.parse_args()
     if args.cmd == "make-data":
         print(json.dumps(make_data(args.out, args.sentences)))
     else:
-        print(json.dumps(run(args.data, args.seeds, args.reference_epochs)))
+        print(json.dumps(run(args.data, args.seeds, args.reference_epochs, args.budgets)))
 
 
 if __name__ == "__main__":
