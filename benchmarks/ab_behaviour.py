@@ -72,6 +72,8 @@ OVERRIDES: dict[str, list[str]] = {
     "chinese-transfer": encoder() + ["teacher.epochs=2", "data.labeled_limit=32"],
     "default": encoder() + ["teacher.epochs=1", "data.labeled_limit=32"],
     "embedding": encoder(),  # the teacher is the pretrained encoder, not trained; the ONNX export stays
+    "instruct": ["data.limit=6", "data.labeled_limit=3", "train.max_steps=2", "train.eval_every=2",
+                 "eval.samples=2"],  # Qwen2.5-0.5B answers 3 prompts and 6 test prompts; SmolLM2 student
     "kd-attention": encoder() + ["teacher.epochs=1"],
     "kd-hidden": encoder() + ["teacher.epochs=1"],
     "kd-logits": encoder() + ["teacher.epochs=1"],
