@@ -219,3 +219,11 @@ def test_a_run_killed_mid_on_policy_phase_resumes_to_the_uninterrupted_result(tm
     scores = [{n: m["task_score"] for n, m in json.loads((d / "metrics.json").read_text())["models"].items()}
               for d in (resumed, reference)]
     assert scores[0] == scores[1]
+
+
+def test_own_data_without_a_scorer_is_a_config_error_naming_eval_scorer(tmp_path, chat_tokenizer):
+    from kdistill.errors import ConfigError
+
+    recipe = instruction_recipe(tmp_path, chat_tokenizer, eval={"samples": 2})
+    with pytest.raises(ConfigError, match="eval.scorer: your own data has no built-in scorer"):
+        load_config(recipe)

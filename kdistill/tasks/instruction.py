@@ -402,6 +402,9 @@ def check_config(cfg) -> None:
     if cfg.distill.seq_kd_fraction:
         raise ValueError("distill.seq_kd_fraction: the instruction task learns the teacher's stored responses to its "
                          "transfer prompts instead (sequence-level KD with the lm term)")
+    if cfg.data.train_file and not cfg.eval.scorer:
+        raise ValueError("eval.scorer: your own data has no built-in scorer; name one (exact_match, pattern, label, "
+                         "entity_f1) or your module:function")
     if cfg.distill.teacher_signal or cfg.distill.extra_teachers:
         raise ValueError("distill.teacher_signal and distill.extra_teachers: not supported by the instruction task")
 
