@@ -67,6 +67,10 @@ class DataConfig(_Section):
     the losses and the metrics) or on all its sub-tokens (true: a B- tag becomes I- after the first)."""
     limit: int | None = Field(None, ge=1)
     """Cap on examples per split, for quick runs."""
+    held_out_limit: int | None = Field(None, ge=1)
+    """instruction only: cap on the validation rows and on the test prompts, each (default: data.limit). Every
+    model answers each test prompt and is validated on every validation row, so held-out rows cost far more time
+    than training rows: a run can use many transfer prompts and score on fewer."""
     labeled_limit: int | None = Field(None, ge=1)
     """Keep the labels of only this many training examples (the first of the shuffled training split); the rest
     become unlabeled transfer data: the student learns the teacher's soft targets on them, label terms (`ce`, and
@@ -442,6 +446,14 @@ class RunConfig(_Section):
             raise ValueError("distill.intermediate_epochs: two-stage distillation needs an intermediate term (e.g. "
                              "hidden_mse, attention_kl) and a prediction term (kd, ce) in distill.losses; got "
                              f"{', '.join(t for t, w in self.distill.losses.items() if w > 0)}")
+        return self
+
+    @model_validator(mode="after")
+    def _held_out_limit_scope(self):
+        if self.data.held_out_limit and not get_task(self.task).has("held_out_limit"):
+            scope = _tasks_with(lambda t: t.has("held_out_limit"))
+            raise ValueError(f"data.held_out_limit: caps the held-out splits of {scope}, not {self.task}; data.limit "
+                             "caps every split")
         return self
 
     @model_validator(mode="after")

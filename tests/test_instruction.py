@@ -227,3 +227,24 @@ def test_own_data_without_a_scorer_is_a_config_error_naming_eval_scorer(tmp_path
     recipe = instruction_recipe(tmp_path, chat_tokenizer, eval={"samples": 2})
     with pytest.raises(ConfigError, match="eval.scorer: your own data has no built-in scorer"):
         load_config(recipe)
+
+
+def test_held_out_limit_caps_validation_and_test_not_the_training_prompts(tmp_path):
+    from kdistill.config import DataConfig
+    from kdistill.data.instructions import load_instruction_data
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(100)), encoding="utf-8")
+    cfg = DataConfig(train_file=str(data), labeled_limit=5, held_out_limit=3, test_fraction=0.2,
+                     validation_fraction=0.1)
+    loaded = load_instruction_data(cfg)
+    assert loaded.summary()["sizes"] == {"train": 72, "validation": 3, "test": 3}
+    assert (len(loaded.gold), len(loaded.transfer)) == (5, 67)
+    capped = load_instruction_data(cfg.model_copy(update={"limit": 10}))
+    assert capped.summary()["sizes"] == {"train": 10, "validation": 3, "test": 3}
+
+
+def test_held_out_limit_is_a_config_error_for_a_task_without_it():
+    with pytest.raises(ValueError, match="data.held_out_limit: caps the held-out splits of instruction, not "
+                                         "classification"):
+        RunConfig(task="classification", data={"held_out_limit": 10})
