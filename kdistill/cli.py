@@ -132,19 +132,23 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="One or more run 
 
 
 @app.command("export")
-def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf | onnx")] = "onnx",
+def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf | onnx | gguf")] = "onnx",
            quantize: Annotated[Optional[str], typer.Option(help="int8 (ONNX dynamic quantization)")] = None,
            out: Annotated[Optional[Path], typer.Option(help="Output dir (default <model>-<format>)")] = None,
            data: Annotated[Optional[str], typer.Option(help="Dataset whose test split checks parity")] = None,
            fuse: Annotated[bool, typer.Option(help="Fuse attention/LayerNorm/GELU for onnxruntime (BERT-like "
                                                    "encoders); --no-fuse keeps a portable plain ONNX graph")] = True,
+           outtype: Annotated[Optional[str], typer.Option(help="GGUF weights: f32 (default) | f16 (half the size, "
+                                                                     "outputs rounded)")] = None,
            set: SetOpt = None) -> dict:
-    """Export a model dir as a self-contained HF dir or ONNX (optionally int8), with a parity check."""
+    """Export a model dir as a self-contained HF dir, ONNX (optionally int8) or, for a Llama / Qwen2 causal LM, a
+    GGUF file for llama.cpp and Ollama; each with a parity check."""
     from kdistill.deploy.export import check_export, export_model
 
     source = model.resolve()  # `export .` names its output after the folder, not after ""
-    out = out or source.with_name(f"{source.name}-{format}{'-' + quantize if quantize else ''}")
-    check_export(model, fmt=format, out_dir=out, quantize=quantize)  # before the data is read
+    suffix = quantize or outtype
+    out = out or source.with_name(f"{source.name}-{format}{'-' + suffix if suffix else ''}")
+    check_export(model, fmt=format, out_dir=out, quantize=quantize, outtype=outtype)  # before the data is read
     texts = labels = None
     if data:
         from kdistill.pipeline import data_for_model
@@ -152,7 +156,7 @@ def export(model: Path, format: Annotated[str, typer.Option("--format", help="hf
         bundle = data_for_model(model, data, set or [])
         texts, labels = list(bundle.splits["test"]["text"]), list(bundle.splits["test"]["label"])
     parity = export_model(model, fmt=format, out_dir=out, quantize=quantize, parity_texts=texts,
-                          parity_labels=labels, fuse=fuse)
+                          parity_labels=labels, fuse=fuse, outtype=outtype)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in parity.items() if not isinstance(v, dict)}},
                           default=str))
     return parity
@@ -185,13 +189,20 @@ def predict(model: Path, texts: Annotated[Optional[list[str]], typer.Argument(he
 @app.command("serve")
 def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           api_key: Annotated[Optional[str], typer.Option(envvar="KDISTILL_API_KEY",
-                                                         help="Require this X-API-Key header")] = None,
+                                                         help="Require this key (X-API-Key header or "
+                                                              "Authorization: Bearer)")] = None,
           request_timeout: Annotated[float, typer.Option(
-              help="Seconds a request may take, queue wait included, before it gets 503")] = 30.0) -> None:
-    """HTTP service: POST /predict, GET /health, GET /metadata (loopback unless --host says otherwise)."""
+              help="Seconds a request may take, queue wait included, before it gets 503")] = 30.0,
+          max_tokens: Annotated[int, typer.Option(
+              help="Causal LM: the most tokens a request may ask to generate")] = 1024,
+          default_max_tokens: Annotated[int, typer.Option(
+              help="Causal LM: tokens generated for a request that sets no max_tokens")] = 256) -> None:
+    """HTTP service: POST /predict, GET /health, GET /metadata (loopback unless --host says otherwise); a causal-LM
+    dir answers the OpenAI-compatible API instead: /v1/models, /v1/completions, /v1/chat/completions."""
     from kdistill.deploy.serve import run_server
 
-    run_server(model, host=host, port=port, workers=workers, api_key=api_key, request_timeout_s=request_timeout)
+    run_server(model, host=host, port=port, workers=workers, api_key=api_key, request_timeout_s=request_timeout,
+               max_tokens=max_tokens, default_max_tokens=default_max_tokens)
 
 
 @app.command("recipes")

@@ -1,4 +1,5 @@
-"""Export a model dir as a self-contained Hugging Face dir or ONNX dir, and prove it still gives the same answers.
+"""Export a model dir as a self-contained Hugging Face dir, ONNX dir or (causal LMs) GGUF file, and prove it still
+gives the same answers.
 
     export_model("runs/demo/student", fmt="onnx", out_dir="exports/student-onnx", quantize="int8")
 
@@ -12,12 +13,16 @@ Exported dir layouts (each one is a model dir that `load_predictor` and `kdistil
       parity.json                           kdistill.json
                                             parity.json
 
+fmt="gguf" (a Llama or Qwen2 causal LM, for llama.cpp and Ollama) writes model.gguf, kdistill.json and parity.json;
+kdistill/deploy/gguf.py describes the file and its parity check.
+
 The int8 model sits next to the fp32 one in the same dir: parity needs the fp32 graph anyway, and the user can
 pick either (`load_predictor(dir)` takes int8 when present; backend="onnx" forces fp32).
 
 Parity is part of every export: the source model in PyTorch and the exported model (reloaded from the new dir,
 tokenizer included) predict the same texts; parity.json records the max |Δlogit|, argmax agreement and, given
-labels, each backend's accuracy. An fp32 export whose logits differ by more than `parity_atol` is an error.
+labels, each backend's accuracy. An fp32 export whose logits differ by more than `parity_atol` is an error (for
+GGUF: next-token log-probs, and the tokenizer rebuilt from the file must give the same ids).
 
 Writes are atomic: everything is built in a temp dir beside out_dir and renamed into place at the end, so a
 failure leaves no out_dir (and an existing out_dir untouched).
@@ -40,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kdistill import __version__
+from kdistill.deploy import gguf
 from kdistill.deploy.predict import (
     Predictor,
     _TorchRunner,
@@ -79,27 +85,34 @@ SAMPLE_TEXTS = [
 def export_model(
     model_dir: str | os.PathLike,
     *,
-    fmt: Literal["hf", "onnx"],
+    fmt: Literal["hf", "onnx", "gguf"],
     out_dir: str | os.PathLike,
     quantize: Literal["int8"] | None = None,
     parity_texts: Sequence[str] | None = None,
     parity_labels: Sequence[int] | None = None,
     overwrite: bool = False,
     opset: int = ONNX_OPSET,
-    parity_atol: float = 1e-3,
+    parity_atol: float | None = None,
     fuse: bool = True,
+    outtype: Literal["f16", "f32"] | None = None,
 ) -> dict[str, Any]:
-    """Export `model_dir` to `out_dir` as fmt "hf" or "onnx" (optionally also int8-quantized); return parity.json.
+    """Export `model_dir` to `out_dir` as fmt "hf", "onnx" (optionally also int8-quantized) or "gguf"; return
+    parity.json.
 
     parity_labels: gold label ids for parity_texts, to record accuracy of each backend.
     overwrite: replace an existing non-empty out_dir (otherwise that is an error).
-    parity_atol: largest |Δlogit| accepted between PyTorch and the fp32 export.
+    parity_atol: largest |Δlogit| accepted between PyTorch and the fp32 export (default 1e-3); for GGUF the largest
+    |Δ log-prob| against the weights the file stores (default gguf.PARITY_ATOL).
     fuse: for encoder families onnxruntime knows (FUSABLE_MODEL_TYPES), fuse attention, LayerNorm and GELU into
     its contrib ops (see _fuse_onnx); the graph then runs on onnxruntime only. Off: a plain ONNX graph.
+    outtype: GGUF only, the weights' type: "f32" (default) or "f16".
     """
     if opset < 17:
         raise UserError(f"ONNX opset must be >= 17, got {opset}")
-    info, out = check_export(model_dir, fmt=fmt, out_dir=out_dir, quantize=quantize, overwrite=overwrite)
+    info, out = check_export(model_dir, fmt=fmt, out_dir=out_dir, quantize=quantize, overwrite=overwrite,
+                             outtype=outtype)
+    outtype = outtype or (gguf.DEFAULT_OUTTYPE if fmt == "gguf" else None)
+    atol = parity_atol if parity_atol is not None else gguf.PARITY_ATOL if fmt == "gguf" else 1e-3
     task = get_task(info.task)
     texts, labels = _parity_inputs(parity_texts, parity_labels, len(info.labels))
 
@@ -116,32 +129,35 @@ def export_model(
     }
 
     with output_errors(out), atomic_dir(out) as tmp:  # disk full, read-only: one line naming out, nothing left
-        tokenizer.save_pretrained(str(tmp))
+        if fmt == "gguf":  # the file holds the tokenizer and the config
+            meta["export"].update(gguf.write_gguf(model, tokenizer, info.path, tmp / gguf.GGUF_FILE, outtype=outtype))
+        else:
+            tokenizer.save_pretrained(str(tmp))
         if fmt == "hf":
             model.save_pretrained(str(tmp))
             unsafe = sorted(p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
             if unsafe:  # save_pretrained writes safetensors in transformers 5; guard against a change
                 raise RuntimeError(f"export wrote pickle-based files {unsafe}; only safetensors are allowed")
-        else:
+        elif fmt == "onnx":
             model.config.save_pretrained(str(tmp))
             meta["export"].update(_write_onnx(model, tokenizer, tmp, opset, max_length, fuse=fuse, quantize=quantize))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
         if task.export_files is not None:  # e.g. a sentence encoder's module files: the pooling it applies
             task.export_files(tmp, info, model, max_length)
-        if task.predictor is not None:  # its predictor's logits (a row per token for a token classifier)
+        if fmt == "gguf":  # raises itself past atol, and when the file's tokenizer gives other ids
+            parity = gguf.gguf_parity(model, tokenizer, tmp, texts, max_length, outtype=outtype, atol=atol)
+        elif task.predictor is not None:  # its predictor's logits (a row per token for a token classifier)
             parity = _predictor_parity(task, model, tokenizer, info, max_length, tmp, fmt, quantize, texts, labels)
         else:
             parity = _lm_parity(model, tokenizer, info.task, tmp, texts, max_length)
         parity.update(format=fmt, quantize=quantize, source=str(info.path), n_texts=len(texts),
                       texts="given" if parity_texts is not None else "built-in samples", max_length=max_length,
-                      atol=parity_atol, versions=_versions())
+                      atol=atol, versions=_versions(fmt))
         worst = parity["backends"].get("onnx" if fmt == "onnx" else "hf", {}).get("max_abs_logit_diff", 0.0)
-        if worst > parity_atol:
-            raise RuntimeError(
-                f"parity check failed: exported logits differ from PyTorch by up to {worst:.3g} "
-                f"(> atol {parity_atol:g}); nothing was written"
-            )
+        if worst > atol:
+            raise RuntimeError(f"parity check failed: exported logits differ from PyTorch by up to {worst:.3g} "
+                               f"(> atol {atol:g}); nothing was written")
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
     parity["out_dir"] = str(out)
     logger.info("exported %s to %s", info.path, out)
@@ -149,18 +165,22 @@ def export_model(
 
 
 def check_export(model_dir: str | os.PathLike, *, fmt: str, out_dir: str | os.PathLike, quantize: str | None = None,
-                 overwrite: bool = False) -> tuple[ModelDirInfo, Path]:
+                 overwrite: bool = False, outtype: str | None = None) -> tuple[ModelDirInfo, Path]:
     """(the model dir's info, the out dir) once the arguments, the model dir and the out dir are checked, before any
     work: the out dir is new or empty (or `overwrite`), can be written, and its file system has the space
     `export_bytes` says the export takes."""
-    if fmt not in ("hf", "onnx"):
-        raise UserError(f"unknown export format {fmt!r}; choose hf or onnx")
+    if fmt not in ("hf", "onnx", "gguf"):
+        raise UserError(f"unknown export format {fmt!r}; choose hf, onnx or gguf")
     if quantize not in (None, "int8"):
         raise UserError(f"unknown quantization {quantize!r}; choose int8 or none")
     if quantize and fmt != "onnx":
         raise UserError("quantize='int8' needs fmt='onnx' (int8 is onnxruntime dynamic quantization)")
+    if outtype is not None and fmt != "gguf":
+        raise UserError(f"outtype={outtype!r} is for fmt='gguf' (the GGUF weights' type)")
     info = inspect_model_dir(model_dir)
     task = get_task(info.task)
+    if fmt == "gguf":
+        gguf.check_gguf_source(info, outtype or gguf.DEFAULT_OUTTYPE)
     if fmt == "onnx" and task.predictor is None:
         able = ", ".join(n for n in task_names() if get_task(n).predictor is not None)
         raise UserError(f"{info.path}: ONNX export supports {able} model dirs only (task={info.task!r})")
@@ -407,13 +427,13 @@ def _size(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else None
 
 
-def _versions() -> dict:
-    import onnxruntime
+def _versions(fmt: str) -> dict:
     import torch
     import transformers
 
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if fmt == "gguf":
+        return {**versions, "gguf": gguf.gguf_version()}
+    import onnxruntime
+
+    return {**versions, "onnxruntime": onnxruntime.__version__}

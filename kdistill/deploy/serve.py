@@ -1,4 +1,6 @@
-"""HTTP server for a classification model dir: FastAPI app with dynamic micro-batching, launched by uvicorn.
+"""HTTP server for a model dir: FastAPI app with dynamic micro-batching, launched by uvicorn. A causal-LM dir
+(task causal-lm or instruction) answers the OpenAI-compatible API instead of /predict
+(kdistill.deploy.openai_api: /v1/models, /v1/completions, /v1/chat/completions).
 
 Endpoints
     GET  /health     {"status": "ok"}                         (never needs the API key: for load balancers)
@@ -8,7 +10,8 @@ Endpoints
 
     GET  /docs, /redoc, /openapi.json                          (need the API key when one is set)
 
-Exactly one of "text" (a string) and "texts" (a non-empty list of strings) is accepted; {"text": [...]} is a
+The API key (`api_key`) is sent as the X-API-Key header or as `Authorization: Bearer KEY` (what OpenAI clients
+send). Exactly one of "text" (a string) and "texts" (a non-empty list of strings) is accepted; {"text": [...]} is a
 422 that points to "texts", so each field has one meaning. A body is JSON in UTF-8 and says so: Content-Type
 `application/json` (charset utf-8 or none; a leading UTF-8 BOM is ignored). Every error is JSON
 {"detail": "<one clear line>"}: 400 malformed JSON (a body that is not UTF-8, such as UTF-16 or UTF-32, and a key
@@ -35,6 +38,9 @@ factory in each worker; the app config travels in the KDISTILL_SERVE_CONFIG envi
 
 A bad model dir or setting (a limit, the worker count) is a kdistill.errors.UserError naming it, raised before any
 port is opened.
+
+This module holds the app, its /predict route and the micro-batcher; reading a body (its size, Content-Type and
+strict JSON, DRAIN_LIMIT_BYTES) is kdistill.deploy.request_body's, shared with the OpenAI-compatible API.
 """
 
 from __future__ import annotations
@@ -54,9 +60,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
-from starlette.requests import ClientDisconnect
 
+from kdistill.deploy.lm_worker import LMWorker, is_causal_lm
+from kdistill.deploy.openai_api import add_routes
 from kdistill.deploy.predict import Backend, EmbeddingPredictor, load_predictor
+from kdistill.deploy.request_body import CLIENT_CLOSED_REQUEST, client_gone, read_json
 from kdistill.errors import UserError, encode_utf8
 from kdistill.models import inspect_model_dir
 
@@ -65,12 +73,7 @@ logger = logging.getLogger(__name__)
 CONFIG_ENV = "KDISTILL_SERVE_CONFIG"
 API_KEY_HEADER = "X-API-Key"
 LIMITS = ("max_batch_texts", "max_body_bytes", "max_text_chars", "batch_wait_ms", "max_queue", "max_queue_bytes",
-          "request_timeout_s")  # fmt: skip
-DRAIN_LIMIT_BYTES = 64 * 2**20
-"""An oversized body is read and dropped up to this many bytes before the 413 goes out: a client that sends the
-whole body before reading the answer (Python's urllib, requests) sees a broken pipe, not the 413, when the
-connection closes under it. A larger body is not worth the bandwidth: its connection is just closed."""
-CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client hung up first"; nobody reads it, the log does
+          "request_timeout_s", "max_tokens", "default_max_tokens")  # fmt: skip
 
 
 class PredictRequest(BaseModel):
@@ -280,6 +283,8 @@ def create_app(
     max_queue: int = 1024,
     max_queue_bytes: int = 32_000_000,
     request_timeout_s: float = 30.0,
+    max_tokens: int = 1024,
+    default_max_tokens: int = 256,
     backend: Backend = "auto",
     num_threads: int | None = None,
 ) -> FastAPI:
@@ -288,13 +293,16 @@ def create_app(
     max_queue, max_queue_bytes: most requests, and most UTF-8 bytes of their texts, held at once (queued or being
     computed); past either, 503. request_timeout_s: a request not answered within this many seconds (queue wait
     included) gets 503 and is dropped.
+    A causal LM's API (openai_api): max_tokens, the most a request may ask to generate; default_max_tokens, what
+    one that does not say gets (at most max_tokens); max_batch_texts, the most choices (prompts x n) per request.
 
     Why one long function: FastAPI's routes are closures over this app's predictor, batcher and limits; they read
     best beside the state they share, in the order a request meets them.
     """
     for name, value in [("max_batch_texts", max_batch_texts), ("max_body_bytes", max_body_bytes),
                         ("max_text_chars", max_text_chars), ("max_queue", max_queue),
-                        ("max_queue_bytes", max_queue_bytes)]:  # fmt: skip
+                        ("max_queue_bytes", max_queue_bytes), ("max_tokens", max_tokens),
+                        ("default_max_tokens", default_max_tokens)]:  # fmt: skip
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if max_queue_bytes < max_body_bytes:  # a body's texts never take more bytes than the body
@@ -304,15 +312,26 @@ def create_app(
         raise UserError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
     if not request_timeout_s > 0:
         raise UserError(f"request_timeout_s must be > 0, got {request_timeout_s!r}")
-    predictor = load_predictor(model_dir, backend=backend, num_threads=num_threads)
-    truncation_log = _TruncationLog(predictor.max_length)
-    batcher = MicroBatcher(
-        lambda texts: truncation_log.record(*predictor.predict_counted(texts, batch_size=max_batch_texts)),
-        max_batch_texts=max_batch_texts,
-        batch_wait_ms=batch_wait_ms,
-        max_queue=max_queue,
-        max_queue_bytes=max_queue_bytes,
-    )
+    default_max_tokens = min(default_max_tokens, max_tokens)  # so that `--max-tokens 100` alone is a setting
+    info = inspect_model_dir(model_dir)
+    if is_causal_lm(info):
+        if backend not in ("auto", "torch"):
+            raise UserError(f"{info.path}: a causal LM is served with PyTorch (backend auto or torch), not {backend!r}")
+        worker = LMWorker(info, max_queue=max_queue, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
+                          num_threads=num_threads)
+        predictor = batcher = None
+    else:
+        worker = None
+        predictor = load_predictor(model_dir, backend=backend, num_threads=num_threads)
+        truncation_log = _TruncationLog(predictor.max_length)
+        batcher = MicroBatcher(
+            lambda texts: truncation_log.record(*predictor.predict_counted(texts, batch_size=max_batch_texts)),
+            max_batch_texts=max_batch_texts,
+            batch_wait_ms=batch_wait_ms,
+            max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
+        )
+    running = worker or batcher  # what runs the model: started and stopped with the app
     limits = {
         "max_batch_texts": max_batch_texts,
         "max_body_bytes": max_body_bytes,
@@ -321,30 +340,38 @@ def create_app(
         "max_queue": max_queue,
         "max_queue_bytes": max_queue_bytes,
         "request_timeout_s": request_timeout_s,
+        "max_tokens": max_tokens,
+        "default_max_tokens": default_max_tokens,
     }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.start()
+        await running.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            await running.stop()
 
     # FastAPI's own docs routes cannot take a dependency; the ones below are the same pages behind require_key
-    app = FastAPI(title="kdistill", summary="Text classification with a distilled model", lifespan=lifespan,
-                  openapi_url=None, docs_url=None, redoc_url=None)  # fmt: skip
+    summary = "Text generation with a distilled model" if worker else "Text classification with a distilled model"
+    app = FastAPI(title="kdistill", summary=summary, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)  # fmt: skip
     app.state.predictor = predictor
     app.state.batcher = batcher
+    app.state.worker = worker
 
     def require_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get(API_KEY_HEADER)
+        given, where = request.headers.get(API_KEY_HEADER), API_KEY_HEADER
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if given is None and scheme.lower() == "bearer":  # how OpenAI clients send the key
+            given, where = token.strip(), "API key in Authorization: Bearer"
         if given is None:
-            raise HTTPException(401, f"missing {API_KEY_HEADER} header", headers={"WWW-Authenticate": "ApiKey"})
+            raise HTTPException(401, f"missing {API_KEY_HEADER} header (or Authorization: Bearer KEY)",
+                                headers={"WWW-Authenticate": "ApiKey"})
         if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, f"wrong {API_KEY_HEADER}", headers={"WWW-Authenticate": "ApiKey"})
+            raise HTTPException(401, f"wrong {where}", headers={"WWW-Authenticate": "ApiKey"})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -369,6 +396,8 @@ def create_app(
 
     @app.get("/metadata", dependencies=[Depends(require_key)])
     async def metadata() -> dict:
+        if worker is not None:
+            return {**worker.metadata, "limits": limits, "generation": dict(worker.stats), "pid": os.getpid()}
         return {
             **predictor.metadata,
             "limits": limits,
@@ -376,6 +405,15 @@ def create_app(
             "truncated_texts": truncation_log.count,
             "pid": os.getpid(),
         }
+
+    async def read_body_json(request: Request) -> Any:
+        """A request's JSON body, through the size, content-type and strict-JSON checks."""
+        return await read_json(request, max_body_bytes)
+
+    if worker is not None:
+        add_routes(app, worker, require_key=require_key, read_json=read_body_json,
+                   request_timeout_s=request_timeout_s, max_choices=max_batch_texts)
+        return app
 
     texts_body = {"requestBody": {"required": True,
                                   "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
@@ -404,11 +442,7 @@ def create_app(
     async def answer(request: Request) -> tuple[list[dict], str] | Response:
         """A request's texts through every check (body size, JSON, one of text / texts, each text) and the batcher:
         (results in input order, "text" or "texts"), or the 499 response to a client that hung up."""
-        body = await _read_body(request, max_body_bytes)
-        _check_content_type(request.headers.get("content-type"))
-        if not body.strip():
-            raise HTTPException(400, "malformed JSON: the request body is empty")
-        payload = _parse_json(body)
+        payload = await read_body_json(request)
         try:
             req = PredictRequest.model_validate(payload)
         except ValidationError as e:
@@ -431,7 +465,7 @@ def create_app(
             except UserError as e:
                 raise HTTPException(422, str(e)) from None
         job = asyncio.ensure_future(batcher.submit(texts, n_bytes))
-        gone = asyncio.ensure_future(_client_gone(request))
+        gone = asyncio.ensure_future(client_gone(request))
         try:
             await asyncio.wait({job, gone}, timeout=request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -452,97 +486,6 @@ def create_app(
 
     return app
 
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 when the declared or received size passes `limit` bytes.
-
-    An oversized body is drained (read and dropped, up to DRAIN_LIMIT_BYTES past the limit) before the 413, unless
-    the client asked "Expect: 100-continue" and so has not sent it yet.
-    """
-    declared = request.headers.get("content-length")
-    size = None
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise HTTPException(400, "invalid Content-Length header") from None
-    too_big = (f"request body is {size} bytes (at most {limit})" if size is not None
-               else f"request body is over {limit} bytes")  # fmt: skip
-    if size is not None and size > limit and (
-        size > limit + DRAIN_LIMIT_BYTES or request.headers.get("expect", "").lower() == "100-continue"
-    ):
-        raise HTTPException(413, too_big)
-    chunks, received = [], 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received <= limit:
-                chunks.append(chunk)
-            elif received > limit + DRAIN_LIMIT_BYTES:
-                break
-    except ClientDisconnect:
-        raise HTTPException(CLIENT_CLOSED_REQUEST, "client disconnected while sending the body") from None
-    if received > limit or (size is not None and size > limit):
-        raise HTTPException(413, too_big)
-    return b"".join(chunks)
-
-
-def _check_content_type(value: str | None) -> None:
-    """415 unless the request says its body is JSON in UTF-8: `application/json`, with no charset or utf-8."""
-    media, *params = (value or "").split(";")
-    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params)
-                    if k.strip().lower() == "charset"), "utf-8")
-    if media.strip().lower() != "application/json" or charset != "utf-8":
-        got = repr(value) if value is not None else "none"
-        raise HTTPException(415, f"unsupported Content-Type {got}; send the body as application/json "
-                            "(charset utf-8, or none)")
-
-
-UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
-"""Byte order marks of UTF-16 (LE, BE) and UTF-32 (LE starts with UTF-16 LE's; BE): a body that starts with one
-is not UTF-8. (json.loads on bytes would guess such encodings; an API that says UTF-8 does not.)"""
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict:
-    # json.loads keeps the last of two equal keys; which text was meant is the client's call, not ours
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen.add(key)
-    return dict(pairs)
-
-
-def _parse_json(body: bytes) -> Any:
-    """The JSON value of a request body that must be UTF-8 (a leading UTF-8 BOM is ignored, as RFC 8259 allows);
-    400 with one line for another encoding, invalid bytes, malformed JSON or a key given twice in one object."""
-    if body.startswith(UTF16_32_BOMS) or b"\x00" in body:  # (JSON text never holds a raw NUL; UTF-16/32 ASCII does)
-        raise HTTPException(400, "malformed JSON: the body is not UTF-8 (it looks like UTF-16 or UTF-32); "
-                            "send JSON encoded as UTF-8")
-    try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        at = e.start + len(body) - len(e.object)  # e.object lacks the BOM the decoder dropped
-        raise HTTPException(400, f"malformed JSON: the body is not UTF-8 (invalid byte at {at}); "
-                            "send JSON encoded as UTF-8") from None
-    try:
-        return json.loads(text, object_pairs_hook=_object)
-    except _DuplicateKey as e:  # (repr: a key may hold a line break or an unpaired surrogate)
-        raise HTTPException(400, f"malformed JSON: key {e.args[0]!r} appears twice in one object; "
-                            "give each key once") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise HTTPException(400, f"malformed JSON: {e}") from None
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns once the client has hung up. Called after the body was read, so the next ASGI message is the
-    disconnect (servers send it when the connection drops, or after the response)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def app_from_env() -> FastAPI:
@@ -568,7 +511,7 @@ def run_server(
     """Serve `model_dir` with uvicorn until interrupted.
 
     limits: create_app's max_batch_texts, max_body_bytes, max_text_chars, batch_wait_ms, max_queue,
-    max_queue_bytes, request_timeout_s.
+    max_queue_bytes, request_timeout_s, max_tokens, default_max_tokens.
     num_threads: compute threads per worker; by default the CPU count divided among the workers.
     """
     import uvicorn
