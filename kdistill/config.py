@@ -124,9 +124,67 @@ class FromScratchConfig(_Section):
         return self
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class EndpointConfig(_Section):
+    """A teacher behind an OpenAI-compatible API (teacher.endpoint): where it is, how to ask it, how hard to try."""
+
+    url: str = Field(min_length=1)
+    """The API's base URL, the part before /chat/completions, e.g. `http://127.0.0.1:8000/v1`."""
+    model: str = Field(min_length=1)
+    """The served model's name, sent as `model` (what the server's GET /models lists)."""
+    api_key_env: str | None = None
+    """The environment variable that holds the API key, sent as `Authorization: Bearer KEY` (e.g.
+    `OPENAI_API_KEY`); the key itself never goes in a recipe. A run stops before reading any data when the variable
+    is not set. None: no key is sent."""
+    concurrency: int = Field(4, ge=1, le=256)
+    """Requests in flight at once; the rest wait for one to finish."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of a request that timed out, lost its connection, or got a 408, 409, 429, 5xx or an unreadable answer
+    (not JSON, no choices); a request still failing after them stops the run (exit 2) naming the URL, the status
+    and what the server said. Other errors (401, 404, a 400) stop it at once."""
+    backoff_s: float = Field(1.0, gt=0)
+    """Wait before the first retry, doubled for each further one (up to 60 s, with jitter); the `Retry-After` of a
+    retried answer (a 429, a 503) is waited instead (one over 300 s stops the run: a spent quota)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """The most one request may take, from sending it to its whole answer; past it the request is retried."""
+    requests_per_minute: float | None = Field(None, gt=0)
+    """A rate limit: requests (retries included) start at least 60 / requests_per_minute seconds apart. None: as
+    fast as `concurrency` allows."""
+    temperature: float = Field(0.0, ge=0, le=2)
+    """Sent as `temperature`: 0 is greedy (the answers of an in-process teacher, on the same weights), above 0 a
+    draw (stored as drawn: a rerun reads the same answers back)."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL; give the API's base, e.g. "
+                             "http://127.0.0.1:8000/v1")
+        return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        # a key pasted here would be written into config.yaml and every metrics.json: refuse it, say where it goes
+        if name is not None and not ENV_NAME.fullmatch(name):
+            raise ValueError("names the environment variable that holds the key (e.g. OPENAI_API_KEY), not the key "
+                             "itself; export the key in a variable and name that variable here")
+        return name
+
+
 class TeacherConfig(_Section):
     model: str | None = "minilm-l6"
-    """Built-in alias (`minilm-l6`, `smollm2-135m`), a local Hugging Face model dir, a GGUF file, or a hub id."""
+    """Built-in alias (`minilm-l6`, `smollm2-135m`), a local Hugging Face model dir, a GGUF file, or a hub id. Not
+    used with `endpoint`."""
+    endpoint: EndpointConfig | None = None
+    """instruction: a teacher behind an OpenAI-compatible API (vLLM, SGLang, llama.cpp's server, `kdistill serve`, a
+    hosted API), asked over HTTP instead of loaded, e.g. `{url: http://127.0.0.1:8000/v1, model:
+    Qwen/Qwen2.5-7B-Instruct}`. Each prompt goes to POST `url`/chat/completions as its messages (the server's own
+    chat template renders them), after the teacher.shots gold rows as earlier turns. What comes back is text:
+    sequence-level distillation (the `lm` term, no on-policy steps) into a student.model; teacher.model, path and
+    from_scratch are not set."""
     from_scratch: FromScratchConfig | None = None
     """Train a teacher from scratch instead of fine-tuning `model`."""
     path: str | None = None
@@ -382,6 +440,23 @@ class RunConfig(_Section):
         default = get_task(self.task).default_losses
         if default is not None and "losses" not in self.distill.model_fields_set:
             self.distill.losses = dict(default)
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_endpoint(self):
+        t = self.teacher
+        if t.endpoint is None:
+            return self
+        if not get_task(self.task).has("teacher_endpoint"):
+            raise ValueError(f"teacher.endpoint: a teacher behind an endpoint answers prompts of "
+                             f"{_tasks_with(lambda task: task.has('teacher_endpoint'))}, not {self.task}")
+        loaded = [k for k in ("path", "from_scratch") if getattr(t, k) is not None]
+        if "model" in t.model_fields_set and t.model is not None:
+            loaded.insert(0, "model")
+        if loaded:
+            raise ValueError(f"teacher.{loaded[0]}: the teacher is the one behind teacher.endpoint "
+                             f"({t.endpoint.model}); nothing is loaded here, so remove teacher.{loaded[0]}")
+        t.model = None  # the default alias is not the teacher either: nothing downstream may load it
         return self
 
     @model_validator(mode="after")

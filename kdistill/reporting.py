@@ -331,7 +331,9 @@ def student_line(shape: dict) -> str:
     scores = init.get("block_influence") if isinstance(init, dict) else None
     if scores is not None:  # a list as long as the teacher: its own paragraph, not inside the init's dict
         init = {k: v for k, v in init.items() if k != "block_influence"}
-    if "student_block_params" in shape:  # causal LM: its transformer blocks, the shared embeddings aside
+    if t is None:  # a teacher behind an endpoint: its shape is not known here
+        detail = f", {s['heads']} heads, FFN {s['ffn']}, {s['params']:,} parameters (the teacher's shape is unknown)"
+    elif "student_block_params" in shape:  # causal LM: its transformer blocks, the shared embeddings aside
         detail = (f" (teacher: {t['layers']} x {t['hidden']}); block parameters {shape['student_block_params']:,} "
                   f"vs {shape['teacher_block_params']:,} ({shape['block_param_ratio']:.1%})")
     else:

@@ -72,7 +72,8 @@ class Task:
     """Optional abilities the generic layers ask about: "fsdp" (sharded students), "two_stage"
     (distill.intermediate_epochs), "prune_student_model" (a student.model cut to the recipe's shape), "trim_vocab"
     (student.trim_vocab: the trained student's WordPiece vocabulary cut to its texts' tokens), "held_out_limit"
-    (data.held_out_limit: a cap of its own on the validation and test splits)."""
+    (data.held_out_limit: a cap of its own on the validation and test splits), "teacher_endpoint" (teacher.endpoint:
+    a teacher behind an OpenAI-compatible API)."""
     length_key: str = "data.max_length"
     """The recipe key that bounds an example's length in tokens (checked against the teacher's positions)."""
     check_config: Callable[..., None] = _no_check

@@ -131,7 +131,8 @@ def config_rows(model, prefix: str = "") -> list[list[str]]:
         doc = field.description or ""
         if sub is not None:  # an optional sub-section (None by default): its keys below
             doc = (doc + " " if doc else "") + f"A mapping of the keys `{key}.*` below, or null."
-        rows.append([code(key), md(kind), code(yaml_value(default)), md(doc)])
+        shown = "(required)" if field.is_required() else code(yaml_value(default))
+        rows.append([code(key), md(kind), shown, md(doc)])
         if sub is not None:
             rows += config_rows(sub, f"{key}.")
     return rows

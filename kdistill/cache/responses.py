@@ -9,6 +9,13 @@ at the first missing shard, paying for no prompt twice.
 
 The key holds everything the responses depend on: the teacher's weights (a fingerprint), the prompts' token ids,
 the stop ids, the generation settings (greedy or sampled, temperature, seed, max new tokens) and the format.
+
+A teacher behind an OpenAI-compatible endpoint answers in text, one prompt per request, in any order: its store
+(`TextResponses`) has the same layout with columns `row`, `response` string and `tokens` (the completion's tokens
+as the server counted them, null where it did not say), keyed by the endpoint's URL and model name, the
+conversations sent and the request's settings (the weights behind the name are not seen: a server that swaps them
+keeps its name's answers). An unfinished shard holds the rows answered so far, rewritten at most every
+`FLUSH_SECONDS` and whenever it fills, so a killed pass asks again only for what was not stored.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ RESPONSES_FORMAT = 1
 SHARD_PROMPTS = 64
 """Prompts per shard: the unit of resume."""
 FOOTER = b"kdistill.teacher_responses"
+FLUSH_SECONDS = 1.0
+"""How long a text response may wait in memory before its unfinished shard is rewritten: what a kill can lose."""
 
 
 def responses_root() -> Path:
@@ -53,8 +62,9 @@ def responses_key(teacher, prompts: Sequence[Sequence[int]], *, stop_ids: set[in
             "temperature": float(temperature) if sample else None, "seed": int(seed) if sample else None}
 
 
-def _read_shard(file: Path, key: dict, rows: range) -> list[list[int]] | None:
-    """The responses of a finished shard of `key` holding `rows`, else None (absent, partial, another key)."""
+def _read_shard(file: Path, key: dict, rows: range) -> pa.Table | None:
+    """The table of a shard of `key` holding `rows`: the rows stored so far, in order (all of them once finished),
+    else None (absent, partial write, another key)."""
     try:
         table = pq.read_table(file)
         meta = json.loads((table.schema.metadata or {}).get(FOOTER, b"null"))
@@ -62,15 +72,14 @@ def _read_shard(file: Path, key: dict, rows: range) -> list[list[int]] | None:
         return None
     if meta != {"key": key, "first_row": rows.start, "num_rows": len(rows)}:
         return None
-    if table.column("row").to_pylist() != list(rows):
+    held = table.column("row").to_pylist()
+    if held != sorted(set(held)) or any(r not in rows for r in held):
         return None
-    return table.column("response").to_pylist()
+    return table
 
 
-def _write_shard(file: Path, key: dict, rows: range, responses: list[list[int]]) -> None:
-    table = pa.table({"row": pa.array(list(rows), pa.int64()),
-                      "response": pa.array(responses, pa.list_(pa.int32()))})
-    table = table.replace_schema_metadata(
+def _write_shard(file: Path, key: dict, rows: range, columns: dict[str, pa.Array]) -> None:
+    table = pa.table(columns).replace_schema_metadata(
         {FOOTER: json.dumps({"key": key, "first_row": rows.start, "num_rows": len(rows)}).encode()})
     with output_errors(file), atomic_file(file) as f:
         pq.write_table(table, f, compression="zstd")
@@ -81,7 +90,7 @@ def teacher_responses(teacher, prompts: Sequence[Sequence[int]], *, pad_id: int,
                       batch_size: int = 16, root: str | Path | None = None) -> tuple[list[list[int]], dict]:
     """The teacher's response to every prompt (token ids, in order), read from the store where it holds them and
     generated (and stored, shard by shard) where it does not. Returns (responses, info): the store's path, how many
-    prompts the teacher answered now ("calls"), the generation time and tokens/s, and whether it was reused."""
+    prompts the teacher answered now ("calls") and read from the store ("reused"), the generation time and tokens/s."""
     key = responses_key(teacher, prompts, stop_ids=stop_ids, max_new_tokens=max_new_tokens, sample=sample,
                         temperature=temperature, seed=seed)
     path = Path(root or responses_root()) / f"responses-{key_digest(key)}"
@@ -93,21 +102,99 @@ def teacher_responses(teacher, prompts: Sequence[Sequence[int]], *, pad_id: int,
     for s, first in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
         rows = range(first, min(len(prompts), first + SHARD_PROMPTS))
         file = path / f"shard-{s:05d}.parquet"
-        stored = _read_shard(file, key, rows)
+        table = _read_shard(file, key, rows)
+        # a batch of prompts is generated at once: a shard is stored whole or not at all
+        stored = table.column("response").to_pylist() if table is not None and len(table) == len(rows) else None
         if stored is None:
             made = generate(teacher, [prompts[i] for i in rows], pad_id=pad_id, stop_ids=stop_ids,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, sample=sample,
                             temperature=temperature, seed=seed + s,
                             progress=f"teacher responses {rows.start}-{rows.stop} of {len(prompts)}")
-            _write_shard(file, key, rows, made.responses)
+            _write_shard(file, key, rows, {"row": pa.array(list(rows), pa.int64()),
+                                           "response": pa.array(made.responses, pa.list_(pa.int32()))})
             stored, calls = made.responses, calls + len(rows)
             new_tokens, seconds = new_tokens + made.new_tokens, seconds + made.seconds
         responses += stored
     atomic_write_json(path / "manifest.json", {"key": key, "shards": -(-len(prompts) // SHARD_PROMPTS)})
-    info = {"path": str(path), "prompts": len(prompts), "calls": calls, "reused": calls == 0,
+    info = {"path": str(path), "prompts": len(prompts), "calls": calls, "reused": len(prompts) - calls,
             "generate_seconds": seconds, "generate_tokens_per_s": new_tokens / seconds if seconds else None,
             "seconds": time.perf_counter() - started, "key": key}
     log.info("teacher responses %s: %d prompts, %s", path, len(prompts),
              "all read from the store" if calls == 0 else f"{calls} answered now in {seconds:.0f} s "
              f"({info['generate_tokens_per_s']:.1f} tokens/s)")
     return responses, info
+
+
+def text_responses_key(*, url: str, model: str, conversations: Sequence[Sequence[dict]], max_tokens: int,
+                       temperature: float) -> dict:
+    """Everything an endpoint's text responses depend on that kdistill can see: the server (its URL and the
+    model's name), the conversations sent, and the request's settings."""
+    h = hashlib.sha256()
+    for messages in conversations:
+        h.update(json.dumps(list(messages), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return {"format": RESPONSES_FORMAT, "endpoint": url, "model": model, "conversations": h.hexdigest()[:32],
+            "num_prompts": len(conversations), "max_tokens": int(max_tokens), "temperature": float(temperature)}
+
+
+class TextResponses:
+    """The stored text responses of one `text_responses_key`, shard by shard: what the store held when opened is
+    read at once; `record` keeps a new answer, on disk once its shard fills or at the next `flush` (which whoever
+    asks the endpoint calls every FLUSH_SECONDS, and when it stops)."""
+
+    def __init__(self, key: dict, root: str | Path | None = None):
+        self.key = key
+        self.path = Path(root or responses_root()) / f"responses-{key_digest(key)}"
+        check_writable(self.path, inside=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.texts: dict[int, str] = {}
+        self.tokens: dict[int, int | None] = {}
+        for s in range(self.shards):
+            table = _read_shard(self._file(s), key, self._rows(s))
+            if table is not None:
+                for row, text, tokens in zip(*(table.column(c).to_pylist() for c in ("row", "response", "tokens"))):
+                    self.texts[row], self.tokens[row] = text, tokens
+        self.reused = len(self.texts)
+        """Prompts whose responses were read from the store."""
+        self._unwritten: set[int] = set()
+
+    @property
+    def shards(self) -> int:
+        return -(-self.key["num_prompts"] // SHARD_PROMPTS)
+
+    def _rows(self, shard: int) -> range:
+        return range(shard * SHARD_PROMPTS, min(self.key["num_prompts"], (shard + 1) * SHARD_PROMPTS))
+
+    def _file(self, shard: int) -> Path:
+        return self.path / f"shard-{shard:05d}.parquet"
+
+    def missing(self) -> list[int]:
+        """The prompts (row numbers, in order) the store holds no response to."""
+        return [i for i in range(self.key["num_prompts"]) if i not in self.texts]
+
+    def record(self, row: int, text: str, tokens: int | None) -> None:
+        """Keep the response to prompt `row` (its text, and its completion tokens or None)."""
+        self.texts[row], self.tokens[row] = text, tokens
+        shard = row // SHARD_PROMPTS
+        self._unwritten.add(shard)
+        if all(i in self.texts for i in self._rows(shard)):
+            self._write(shard)
+
+    def flush(self) -> None:
+        """Write every shard that holds a response not yet on disk: what was answered so far."""
+        for shard in sorted(self._unwritten):
+            self._write(shard)
+
+    def _write(self, shard: int) -> None:
+        rows = [i for i in self._rows(shard) if i in self.texts]
+        _write_shard(self._file(shard), self.key, self._rows(shard),
+                     {"row": pa.array(rows, pa.int64()),
+                      "response": pa.array([self.texts[i] for i in rows], pa.string()),
+                      "tokens": pa.array([self.tokens[i] for i in rows], pa.int32())})
+        self._unwritten.discard(shard)
+
+    def finish(self) -> tuple[list[str], list[int | None]]:
+        """Every prompt's response text and token count, in order, once the store holds them all; writes the
+        manifest."""
+        atomic_write_json(self.path / "manifest.json", {"key": self.key, "shards": self.shards})
+        n = self.key["num_prompts"]
+        return [self.texts[i] for i in range(n)], [self.tokens[i] for i in range(n)]

@@ -179,15 +179,16 @@ def _shape(model: nn.Module) -> dict:
     }
 
 
-def describe_student(teacher: nn.Module, student: nn.Module) -> dict:
+def describe_student(teacher: nn.Module | None, student: nn.Module) -> dict:
     """Sizes for a report: {"teacher": {...}, "student": {...}, "param_ratio": student/teacher, "init": {...}}.
 
-    Each side holds layers, hidden, heads, ffn (None where the config has no such notion) and params.
+    Each side holds layers, hidden, heads, ffn (None where the config has no such notion) and params. teacher None
+    (one behind an endpoint, its weights not here): its side and the ratio are None.
     """
-    t, s = _shape(teacher), _shape(student)
+    t, s = (_shape(teacher) if teacher is not None else None), _shape(student)
     return {
         "teacher": t,
         "student": s,
-        "param_ratio": s["params"] / t["params"],
+        "param_ratio": s["params"] / t["params"] if t is not None else None,
         "init": getattr(student, "kdistill_init", None),
     }
