@@ -10,6 +10,9 @@ Tables, one per group of peers:
                    distillation, all scored against the recipe's teacher
   peers-fewlabel   recipe default (few labels + a transfer set): kdistill vs SetFit and SetFit's distillation
   peers-kd         recipe default: kdistill vs a hand-written Trainer-subclass KD and TextBrewer
+  peers-instruct   recipe instruct with one tokenizer (a student cut from the teacher, GKD's jsd, half the batches
+                   on-policy; trl_peer.SAME_TOKENIZER): kdistill vs TRL's GKDTrainer, by task score and response
+                   tokens learned per second (trl_peer.py's doc)
 
 How: for each recipe a table needs, kdistill runs it (<out>/<recipe>/kdistill; reused while its config.yaml is the
 one this command would run), and its data, read by kdistill's own loader, is exported as JSON Lines
@@ -22,6 +25,12 @@ that fails or runs out of time becomes a row `failed: <one line>`; the others go
 in rounds, each round timing every system once in turn (common.measure_speed), each in its own venv by its own
 library's inference call, from raw text to output, with --threads threads: batch-1 latency and batch throughput,
 medians after warm-up (the warm-up, repeats and batch size are the recipe's eval settings).
+
+The instruction table differs (trl_peer.py): kdistill's run is counted while it trains (the response tokens each step
+learns), its training rows are rebuilt by kdistill's functions, checked against the run's data fingerprint and
+exported as chat `messages`, its teacher and untrained student are saved for the worker to load, and every system is
+scored by its greedy responses to the test prompts through kdistill's generation and scorer; no speed rounds (both
+students have one architecture): its numbers are training throughput, train wall time and task score.
 
 Outputs:
   <out>/<table>/peers.json          per table, for programs (the format below)
@@ -43,9 +52,12 @@ run's models:
                            <the task's quality keys, as in metrics.json>, "train_wall_time_s", "size_mb",
                            "latency_ms_batch1", "throughput_per_s", "throughput_batch_size", "threads", ...},
               "<failed system>": {"system", "label", "failed": "<one line>"}}}
-System names: kdistill:teacher, kdistill:student, kdistill:baseline (the no-KD control), and each peer's own
-(model2vec, st-distill, setfit, setfit-distilled, hf-trainer-kd, textbrewer). Quality keys: classification
-accuracy, macro_f1, weighted_f1, ..., per_class, confusion_matrix (measure.quality_metrics); embedding
+System names: kdistill:teacher, kdistill:student, kdistill:baseline (the no-KD control), kdistill:untrained
+(instruction: the student before training), and each peer's own (model2vec, st-distill, setfit, setfit-distilled,
+hf-trainer-kd, textbrewer, trl). An instruction table's peers.json has "speed": null, "data" with its gold rows and
+transfer prompts, "budget" with steps and GKD's settings, and per system task_score, agreement_with_teacher,
+targets (response tokens learned), tokens_per_s, batches and on_policy_batches (trl_peer.UNITS). Quality keys:
+classification accuracy, macro_f1, weighted_f1, ..., per_class, confusion_matrix (measure.quality_metrics); embedding
 spearman_agreement, recall_at_10, knn_accuracy, knn_k, n_held_out, dim (measure.embedding_metrics). Size: every
 file of the model dir (weights, tokenizer, config, head), MiB. A system that trained but could not be timed has
 "speed_failed": "<one line>" instead of the speed keys. Peers also record steps, examples, samples_per_s (training
@@ -60,11 +72,12 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._common import stdout_to_stderr
-from benchmarks.peers import hf_trainer_kd, model2vec_peer, setfit_peer, st_distill, textbrewer_peer
+from benchmarks.peers import hf_trainer_kd, model2vec_peer, setfit_peer, st_distill, textbrewer_peer, trl_peer
 from benchmarks.peers.common import (
     ROOT,
     PeerFailed,
@@ -82,10 +95,13 @@ from benchmarks.peers.common import (
 from benchmarks.render_results import RESULTS_DIR
 
 PEERS = {p.name: p for p in (model2vec_peer.PEER, st_distill.PEER, setfit_peer.PEER, hf_trainer_kd.PEER,
-                             textbrewer_peer.PEER)}
+                             textbrewer_peer.PEER, trl_peer.PEER)}
+RECIPE_SETS = {trl_peer.RECIPE: trl_peer.SAME_TOKENIZER}
+"""Overrides a table's recipe always runs with (before --quick's and the user's)."""
 QUICK = {
     "default": ["data.limit=48", "data.labeled_limit=16", "teacher.epochs=1", "train.epochs=1"],
     "embedding": ["data.limit=48", "train.epochs=1", "export.formats=[]"],
+    trl_peer.RECIPE: trl_peer.QUICK,
 }
 """--quick: the recipes' overrides for a smoke run (every peer follows them: they read the run's config and data)."""
 QUICK_EVAL = ["eval.warmup=1", "eval.repeats=3", "eval.throughput_batch_size=8"]
@@ -160,14 +176,31 @@ TABLES = {t.id: t for t in (
           "teacher, the same student (the same layers of the same pretrained encoder), the same labeled and "
           "transfer rows, epochs, batch size, lr, temperature and loss weights. train samples/s = training rows x "
           "epochs / train wall time."),
+    Table("peers-instruct", 29, trl_peer.RECIPE, "Peers: instruction distillation (TRL GKD)",
+          ("teacher", "untrained", "student"),
+          ("system", "task score", "agrees with teacher", "tokens learned", "tokens learned/s", "train wall",
+           "on-policy batches", "size on disk"),
+          lambda n: [fmt(n, "task_score", pct), fmt(n, "agreement_with_teacher", pct),
+                     fmt(n, "targets", lambda x: f"{x:,.0f}"), fmt(n, "tokens_per_s", lambda x: f"{x:.1f}"),
+                     fmt(n, "train_wall_time_s", seconds),
+                     DASH if "batches" not in n else f"{n.get('on_policy_batches', 0)} of {n['batches']}",
+                     fmt(n, "size_mb", lambda x: f"{x:.1f} MiB")],
+          "kdistill's instruction distillation against TRL's GKDTrainer on the same work: the instruct recipe with "
+          "a student cut from the teacher (one tokenizer, which GKD needs), the same chat rows (gold responses and "
+          "the teacher's stored responses to the transfer prompts), the same starting weights, teacher, steps, "
+          "batch, lr and max lengths; the same loss (generalized JSD) and share of on-policy batches. Task score: "
+          "the recipe's scorer on greedy test responses; tokens learned/s: response tokens learned per second of "
+          "training, generation included."),
 )}
 
 
 # ---------------------------------------------------------------------------------------------------- kdistill
 
 def kdistill_overrides(recipe: str, args) -> list[str]:
-    """The --set overrides of kdistill's run of `recipe`: --quick's, the thread count, then the user's."""
-    items = [*QUICK[recipe], *QUICK_EVAL] if args.quick else []
+    """The --set overrides of kdistill's run of `recipe`: its table's own, --quick's, the thread count, then the
+    user's."""
+    items = list(RECIPE_SETS.get(recipe, []))
+    items += [*QUICK[recipe], *QUICK_EVAL] if args.quick else []
     items += [f"train.num_threads={args.threads}", f"eval.num_threads={args.threads}"]
     return items + [item.split(":", 1)[1] for item in args.set if item.split(":", 1)[0] == recipe]
 
@@ -199,12 +232,19 @@ def prepare(recipe: str, args) -> Setup:
     cfg = load_config(recipe, overrides)
     work = args.out / recipe
     run_dir = work / "kdistill"
-    if reusable(run_dir, cfg):
+    instruction = cfg.task == "instruction"
+    counted = work / trl_peer.TOKENS_FILE
+    if reusable(run_dir, cfg) and (not instruction or trl_peer.has_counts(counted)):
         print(f"peers: reusing kdistill's run {run_dir}", file=sys.stderr)
     else:
         print(f"peers: kdistill run {recipe} {' '.join(overrides)} -> {run_dir}", file=sys.stderr)
-        with stdout_to_stderr():  # stdout keeps the tables alone
+        counted.unlink(missing_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        # stdout keeps the tables alone; an instruction run's learned tokens are counted as it trains
+        with stdout_to_stderr(), trl_peer.counting(counted) if instruction else nullcontext():
             kdistill.run(recipe, set=overrides, out=str(run_dir), overwrite=True)
+    if instruction:
+        return trl_peer.prepare(recipe, cfg, run_dir, work, quick=args.quick, threads=args.threads)
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     data = load_data(cfg.data)
     if data.summary()["sizes"] != metrics["data"]["sizes"]:
@@ -292,8 +332,10 @@ def run_recipe(recipe: str, tables: list[Table], peers: list, args) -> dict:
     """Every system of `tables` (all on `recipe`): {"setup": the recipe's Setup, "entries": system name -> its
     peers.json entry}."""
     setup = prepare(recipe, args)
+    instruction = setup.cfg.task == "instruction"
+    roles = {role for t in tables for role in t.kdistill_rows}
     systems = {name: ("kdistill", numbers, model_dir) for name, (numbers, model_dir) in
-               kdistill_systems(setup, {role for t in tables for role in t.kdistill_rows}).items()}
+               (trl_peer.kdistill_systems if instruction else kdistill_systems)(setup, roles).items()}
     targets = {name: SpeedTarget(Path(sys.executable), kdistill_speed_worker(setup), model_dir)
                for name, (_, _, model_dir) in systems.items()}
     for peer in peers:
@@ -302,6 +344,9 @@ def run_recipe(recipe: str, tables: list[Table], peers: list, args) -> dict:
             systems[name] = (peer.name, numbers, model_dir)
             if python is not None:
                 targets[name] = SpeedTarget(python, peer.worker, model_dir)
+    if instruction:  # scored by generation, one architecture: no speed rounds
+        return {"setup": setup, "entries": {name: {"system": system, **numbers}
+                                            for name, (system, numbers, _) in systems.items()}}
     ev = setup.cfg.eval
     print(f"peers: timing {', '.join(targets)} ({args.speed_rounds} round(s))", file=sys.stderr)
     speed = measure_speed(targets, setup.data_dir / "test.jsonl", setup.work / "speed", rounds=args.speed_rounds,
@@ -321,16 +366,19 @@ def peers_json(table: Table, setup: Setup, entries: dict, names: list[str], args
     from kdistill.measure import machine_info
 
     ev = setup.cfg.eval
+    head = {"table": table.id, "recipe": table.recipe, "task": setup.cfg.task, "quick": args.quick,
+            "kdistill_run": str(setup.run_dir), "command": command, "commit": git_commit(),
+            "date": datetime.date.today().isoformat(),
+            "machine": {**machine_info(), "torch_threads": torch.get_num_threads(), "threads": args.threads}}
+    if setup.cfg.task == "instruction":
+        return {**head, "data": trl_peer.data_summary(setup), "budget": trl_peer.budget(setup), "speed": None,
+                "units": trl_peer.UNITS, "models": {name: entries[name] for name in names}}
     units = {"latency_ms_batch1": "ms", "throughput_per_s": "examples/s", "size_mb": "MiB", "train_wall_time_s": "s",
              "samples_per_s": "training examples/s"}
     if setup.cfg.task == "embedding":
         units.update(spearman_agreement="Spearman rho", recall_at_10="fraction", knn_accuracy="fraction")
     return {
-        "table": table.id, "recipe": table.recipe, "task": setup.cfg.task, "quick": args.quick,
-        "kdistill_run": str(setup.run_dir), "command": command, "commit": git_commit(),
-        "date": datetime.date.today().isoformat(),
-        "machine": {**machine_info(), "torch_threads": torch.get_num_threads(), "threads": args.threads},
-        "data": setup.data.summary(), "budget": budget(setup),
+        **head, "data": setup.data.summary(), "budget": budget(setup),
         "speed": {"scope": "text in, output out (tokenization included)", "rounds": args.speed_rounds,
                   "warmup": ev.warmup, "repeats": ev.repeats, "throughput_batch_size": ev.throughput_batch_size,
                   "threads": args.threads},
@@ -348,6 +396,23 @@ def table_row(table: Table, numbers: dict) -> list[str]:
 
 def summary(table: Table, doc: dict, args) -> dict:
     """The results page's summary of one table (benchmarks/render_results.py's format)."""
+    notes = trl_peer.notes(table.about, doc) if doc["task"] == "instruction" else speed_table_notes(table, doc)
+    failed = [f"{e.get('label', name)}: {e['speed_failed']}" for name, e in doc["models"].items()
+              if "speed_failed" in e]
+    if failed:
+        notes.append("Timing failed for " + "; ".join(failed) + ".")
+    title = table.title + (" (quick smoke run: tiny sizes, not a measurement)" if args.quick else "")
+    return {
+        "id": table.id, "order": table.order, "title": title, "recipe": table.recipe, "command": doc["command"],
+        "commit": doc["commit"], "machine": machine_line(args.threads), "date": doc["date"],
+        "source": f"benchmarks/peers/run.py, {display(args.out / table.id / 'peers.json')}",
+        "notes": notes, "columns": list(table.columns),
+        "rows": [table_row(table, e) for e in doc["models"].values()],
+    }
+
+
+def speed_table_notes(table: Table, doc: dict) -> list[str]:
+    """The notes of a table whose systems were timed in speed rounds (classification, embedding)."""
     data, b, speed = doc["data"], doc["budget"], doc["speed"]
     sizes = data["sizes"]
     rows_read = (f"{sizes['train']:,} training rows ({sizes['train'] - data['unlabeled_train']:,} labeled)"
@@ -367,18 +432,7 @@ def summary(table: Table, doc: dict, args) -> dict:
         f"{speed['rounds']} round(s) in which every system took its turn. Size: every file of the model dir. "
         "Wall times on a shared machine are noisy: compare within this table.",
     ]
-    failed = [f"{e.get('label', name)}: {e['speed_failed']}" for name, e in doc["models"].items()
-              if "speed_failed" in e]
-    if failed:
-        notes.append("Timing failed for " + "; ".join(failed) + ".")
-    title = table.title + (" (quick smoke run: tiny sizes, not a measurement)" if args.quick else "")
-    return {
-        "id": table.id, "order": table.order, "title": title, "recipe": table.recipe, "command": doc["command"],
-        "commit": doc["commit"], "machine": machine_line(args.threads), "date": doc["date"],
-        "source": f"benchmarks/peers/run.py, {display(args.out / table.id / 'peers.json')}",
-        "notes": notes, "columns": list(table.columns),
-        "rows": [table_row(table, e) for e in doc["models"].values()],
-    }
+    return notes
 
 
 def display(path: Path) -> str:
@@ -403,7 +457,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS), metavar="PEER",
                         help=f"which peers (default: all): {', '.join(PEERS)}")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes (data.limit=48, 1 epoch, short timings): a smoke run of minutes")
+                        help="tiny sizes (data.limit=48, 1 epoch, short timings; instruct: trl_peer.QUICK): a smoke "
+                             "run of minutes")
     parser.add_argument("--out", type=Path, help="work dir (default: runs/peers, --quick: runs/peers-quick)")
     parser.add_argument("--results-dir", type=Path,
                         help="where the tables' summaries go (default: docs/results; --quick: <out>/results)")
@@ -412,7 +467,7 @@ def parse_args(argv: list[str] | None = None):
                         help="timing rounds, every system timed once per round (default 3; --quick: 1)")
     parser.add_argument("--timeout", type=int, help="seconds each peer may train (default: the peer's own limit)")
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:KEY=VALUE",
-                        help="an override of kdistill's run of RECIPE (embedding or default), which every peer of "
+                        help=f"an override of kdistill's run of RECIPE ({', '.join(QUICK)}), which every peer of "
                              "its tables then follows")
     parser.add_argument("--install-only", action="store_true", help="build the peers' venvs and stop")
     args = parser.parse_args(argv)
