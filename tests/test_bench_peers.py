@@ -244,13 +244,12 @@ def instruction_run(tmp_path_factory, chat_tokenizer):
 def rebuilt_rows(setup):
     """kdistill's training rows as its run built them, read back by kdistill's loaders (the teacher reloaded from
     the dir the harness saved: the same weights, so the same stored responses)."""
-    from benchmarks.peers import trl_peer
     from kdistill.models import load_causal_lm, load_tokenizer
-    from kdistill.tasks.instruction import Reader
+    from kdistill.tasks.instruction import Reader, training_rows
 
     teacher = load_causal_lm(str(setup.teacher_dir)).eval()
     reader = Reader.of(load_tokenizer(str(setup.teacher_dir)))
-    return trl_peer.training_rows(setup.cfg, setup.data, teacher, reader), reader
+    return training_rows(setup.cfg, setup.data, teacher, reader)[:2], reader
 
 
 def test_instruction_export_is_the_runs_training_data(instruction_run):

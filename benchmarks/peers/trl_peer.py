@@ -115,20 +115,6 @@ def has_counts(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------- the rows
 
-def training_rows(cfg, data, teacher, teacher_reader) -> tuple[list, list[str]]:
-    """(examples, responses): kdistill's training rows of an instruction run, as run_instruction builds them: the gold
-    rows with their responses, then the transfer prompts with the teacher's stored responses (teacher_answers reads
-    them from its store: the run made them), those it answered with nothing left out."""
-    from kdistill.tasks.instruction import teacher_answers
-
-    gold, transfer, answered = list(data.gold), list(data.transfer), []
-    if transfer:
-        texts, _, _ = teacher_answers(cfg, teacher, teacher_reader, transfer, data, "transfer prompts")
-        kept = [(e, a) for e, a in zip(transfer, texts) if a]
-        transfer, answered = [e for e, _ in kept], [a for _, a in kept]
-    return gold + transfer, [e.response for e in gold] + answered
-
-
 def check_rows(cfg, data, examples: list, responses: list[str], run_dir: Path) -> None:
     """UserError unless `examples` and `responses` are the training data of the run in `run_dir`: the data half of
     its fingerprint (kdistill-run.json) hashes exactly these rows and the validation prompts."""
@@ -174,7 +160,7 @@ def prepare(recipe: str, cfg, run_dir: Path, work: Path, *, quick: bool, threads
     from kdistill.pipeline.students import make_student
     from kdistill.rundir import MANIFEST
     from kdistill.scorers import score
-    from kdistill.tasks.instruction import Reader, answer, student_reader
+    from kdistill.tasks.instruction import Reader, answer, student_reader, training_rows
     from kdistill.teacher import load_causal_teacher
 
     if cfg.teacher.endpoint is not None:
@@ -188,7 +174,7 @@ def prepare(recipe: str, cfg, run_dir: Path, work: Path, *, quick: bool, threads
         teacher, tokenizer, _, _ = load_causal_teacher(cfg)
         teacher_reader = Reader.of(tokenizer)
         reader = student_reader(cfg, teacher_reader)
-        examples, responses = training_rows(cfg, data, teacher, teacher_reader)
+        examples, responses, _ = training_rows(cfg, data, teacher, teacher_reader)
         check_rows(cfg, data, examples, responses, run_dir)
         data_dir = export_rows(work / "data", data, examples, responses)
         texts, _, _ = answer("teacher", teacher, teacher_reader, data, cfg)

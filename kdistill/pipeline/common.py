@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from kdistill.config import RunConfig
 from kdistill.data import DataBundle
 from kdistill.measure import machine_info
 from kdistill.io import atomic_write_json, output_errors
-from kdistill.models import load_model_dir
+from kdistill.models import load_model_dir, save_model
+from kdistill.strategies.causal import distill_causal
+from kdistill.strategies.phase import Phase
 from kdistill.training import world_size
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,24 @@ def phase_checkpoints(cfg: RunConfig, run_dir: Path, phase: str, resume: bool,
                       fingerprint: dict | None) -> Checkpoints:
     return Checkpoints(run_dir / "checkpoints" / phase, every=cfg.train.checkpoint_every, resume=resume,
                        fingerprint=fingerprint)
+
+def train_lm_phase(cfg: RunConfig, run_dir: Path, phase: Phase, *, resume: bool, fingerprint: dict, meta: dict,
+                   main: bool = True, **distill_kwargs):
+    """One phase of an LM run (the student, the no-KD baseline), trained from `phase` and saved with its history, or
+    read back when a resumed run saved it before the kill: (the model, its history or None). Only the main process
+    writes; `distill_kwargs` go to strategies.causal.distill_causal (pad_id, eos_id, cache)."""
+    saved = saved_phase(cfg, run_dir, phase.name, resume)
+    if saved is not None:
+        return saved, None
+    checkpoints = phase_checkpoints(cfg, run_dir, phase.name, resume, fingerprint)
+    history = distill_causal(replace(phase, log_dir=run_dir / "logs", checkpoints=checkpoints), **distill_kwargs)
+    if main:
+        save_history(run_dir, history)
+        save_model(phase.student, phase.tokenizer, run_dir / phase.name,
+                   {**meta, "train_wall_time_s": history.wall_time_s, "training": history.budget()})
+        checkpoints.clear()
+    return phase.student, history
+
 
 def save_history(run_dir: Path, history) -> None:
     atomic_write_json(run_dir / "logs" / f"history_{history.name}.json", history.to_dict())

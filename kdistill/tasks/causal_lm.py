@@ -35,13 +35,13 @@ from kdistill.cache import (
 )
 from kdistill.config import RunConfig
 from kdistill.data import SPLITS, LMBlocks, LMCorpus, encode_blocks, load_lm_corpus, pack_blocks, pad_id_of, text_blocks
-from kdistill.strategies.causal import distill_causal, lm_only_spec, with_alignment, with_targets
+from kdistill.strategies.causal import lm_only_spec, with_alignment, with_targets
 from kdistill.strategies.phase import Phase
 from kdistill.errors import UserError
 from kdistill.measure import block_parameters, compare_lm_speed, evaluate_lm_model, machine_info, sample_generations
 from kdistill.io import atomic_write_json, check_writable, output_errors
-from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta, save_model
-from kdistill.pipeline.common import phase_checkpoints, run_dir_of, saved_phase, save_history, writing
+from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta
+from kdistill.pipeline.common import run_dir_of, train_lm_phase, writing
 from kdistill.pipeline.preflight import preflight
 from kdistill.pipeline.students import make_student, term_spec
 from kdistill.reporting import LM_COLUMNS, write_lm_report, write_report
@@ -248,22 +248,12 @@ def run_lm_phases(cfg: RunConfig, run_dir: Path, corpus: LMCorpus, data: LMData,
                               {**meta, "role": "no-KD baseline", "losses": {"lm": 1.0}})
     models, histories = {"teacher": teacher}, {"teacher": None}
     for name, (model, phase_spec, phase_teacher, phase_cache, phase_meta) in phases.items():
-        saved = saved_phase(cfg, run_dir, name, resume)
-        if saved is not None:
-            models[name], histories[name] = saved, None
-            continue
-        checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         phase = Phase(model, [phase_teacher] if phase_teacher is not None else [], student_tokenizer, blocks,
-                      phase_spec, cfg.distill, cfg.train, cfg.task, name=name, log_dir=run_dir / "logs",
-                      checkpoints=checkpoints)
-        history = distill_causal(phase, cache=phase_cache, pad_id=pad_id_of(student_tokenizer),
-                                 eos_id=student_tokenizer.eos_token_id)
-        if main:
-            save_history(run_dir, history)
-            save_model(model, student_tokenizer, run_dir / name,
-                       {**phase_meta, "train_wall_time_s": history.wall_time_s})
-            checkpoints.clear()
-        models[name], histories[name] = model, history
+                      phase_spec, cfg.distill, cfg.train, cfg.task, name=name)
+        models[name], histories[name] = train_lm_phase(cfg, run_dir, phase, resume=resume, fingerprint=fingerprint,
+                                                       meta=phase_meta, main=main, cache=phase_cache,
+                                                       pad_id=pad_id_of(student_tokenizer),
+                                                       eos_id=student_tokenizer.eos_token_id)
     if not main:  # evaluation and report: the main process alone
         return run_dir
     return evaluate_lm_run(cfg, run_dir, corpus, data, models, histories, spec, shapes, cache, cache_info,

@@ -32,7 +32,7 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,21 +41,21 @@ from transformers import AutoModelForCausalLM
 from kdistill.cache.responses import teacher_responses
 from kdistill.config import RunConfig
 from kdistill.data import LMBlocks, pad_id_of
-from kdistill.data.chat import ChatExample, encode_chat
+from kdistill.data.chat import ChatExample, encode_chat, with_shots
 from kdistill.data.instructions import InstructionData, load_instruction_data
 from kdistill.errors import UserError
 from kdistill.generation import generate
 from kdistill.io import atomic_write_json
 from kdistill.measure import machine_info
-from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta, save_model
-from kdistill.pipeline.common import phase_checkpoints, run_dir_of, saved_phase, save_history, writing
+from kdistill.models import dir_size_mb, load_causal_lm, load_tokenizer, read_meta
+from kdistill.pipeline.common import run_dir_of, train_lm_phase, writing
 from kdistill.pipeline.preflight import preflight
 from kdistill.pipeline.students import make_student, term_spec
 from kdistill.io import atomic_write_text
 from kdistill.reporting import budget_line, student_line, summary_table, write_report
 from kdistill.rundir import run_dir_for, run_fingerprint
 from kdistill.scorers import agreement, get_scorer, score
-from kdistill.strategies.causal import distill_causal, lm_only_spec
+from kdistill.strategies.causal import lm_only_spec
 from kdistill.strategies.phase import Phase
 from kdistill.student import describe_student
 from kdistill.task import Task
@@ -125,21 +125,6 @@ class Reader:
         return self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True).strip()
 
 
-def with_shots(examples: list[ChatExample], shots: list[ChatExample]) -> list[ChatExample]:
-    """The teacher's view of `examples` (teacher.shots): each prompt after the `shots` gold rows as earlier (user,
-    assistant) turns, a system message kept first. The student answers without them: what it learns is the
-    teacher's in-context behaviour (context distillation, Snell et al. 2022)."""
-    if not shots:
-        return examples
-    turns = tuple(m for shot in shots for m in (*(t for t in shot.prompt if t["role"] != "system"),
-                                                {"role": "assistant", "content": shot.response}))
-    out = []
-    for e in examples:
-        system = tuple(e.prompt[:1]) if e.prompt[0]["role"] == "system" else ()
-        out.append(replace(e, prompt=system + turns + tuple(e.prompt[len(system):])))
-    return out
-
-
 def teacher_prompts(reader: Reader, examples: list[ChatExample], data: InstructionData, cfg: RunConfig):
     """The teacher's rendered prompts: with its in-context gold rows (teacher.shots), each shot adding
     data.max_prompt_tokens of room."""
@@ -188,6 +173,23 @@ def teacher_answers(cfg: RunConfig, teacher, reader: Reader | None, examples: li
 
 # ------------------------------------------------------------------------------------------------------- run
 
+def training_rows(cfg: RunConfig, data: InstructionData, teacher, teacher_reader: Reader | None):
+    """(examples, responses, the teacher's answer info): the rows the student learns, the gold rows with their
+    responses, then the transfer prompts with the teacher's responses (made once, stored, reused), a prompt it
+    answered with nothing left out. None for the info when there is no transfer prompt."""
+    gold, transfer = list(data.gold), list(data.transfer)
+    answered, answer_info = [], None
+    if transfer:
+        answered, _, answer_info = teacher_answers(cfg, teacher, teacher_reader, transfer, data, "transfer prompts")
+        empty = sum(not a for a in answered)
+        if empty:
+            log.warning("teacher: %d of %d transfer prompts got an empty response; they are left out", empty,
+                        len(answered))
+        kept = [(e, a) for e, a in zip(transfer, answered) if a]
+        transfer, answered = [e for e, _ in kept], [a for _, a in kept]
+    return gold + transfer, [e.response for e in gold] + answered, answer_info
+
+
 def run_instruction(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False,
                     overwrite: bool = False) -> Path:
     """`kdistill run` for the instruction task: chat rows -> the teacher's responses to the transfer prompts (once)
@@ -203,23 +205,13 @@ def run_instruction(cfg: RunConfig, out: str | Path | None = None, *, resume: bo
     else:  # nothing to load: the teacher answers over HTTP, in text
         teacher, teacher_reader, teacher_name = None, None, endpoint_name(cfg)
     reader = student_reader(cfg, teacher_reader)
-    gold, transfer = data.gold, data.transfer
-    answered, answer_info = [], None
-    if transfer:  # the teacher answers the prompts without a gold response, once (stored, reused)
-        answered, _, answer_info = teacher_answers(cfg, teacher, teacher_reader, transfer, data, "transfer prompts")
-        empty = sum(not a for a in answered)
-        if empty:
-            log.warning("teacher: %d of %d transfer prompts got an empty response; they are left out", empty,
-                        len(answered))
-        transfer, answered = zip(*[(e, a) for e, a in zip(transfer, answered) if a]) if empty < len(answered) \
-            else ((), ())
-    kd_rows = list(gold) + list(transfer)
-    blocks = {"train": reader.blocks(kd_rows, [e.response for e in gold] + list(answered), cfg.data, "train"),
-              "gold": reader.blocks(list(gold), [e.response for e in gold], cfg.data, "gold"),
+    kd_rows, kd_responses, answer_info = training_rows(cfg, data, teacher, teacher_reader)
+    gold = list(data.gold)
+    blocks = {"train": reader.blocks(kd_rows, kd_responses, cfg.data, "train"),
+              "gold": reader.blocks(gold, [e.response for e in gold], cfg.data, "gold"),
               "validation": reader.blocks(data.splits["validation"],
                                           [e.response for e in data.splits["validation"]], cfg.data, "validation")}
-    fingerprint = run_fingerprint(cfg, {"train": [json.dumps([e.prompt, r]) for e, r in
-                                                  zip(kd_rows, [e.response for e in gold] + list(answered))],
+    fingerprint = run_fingerprint(cfg, {"train": [json.dumps([e.prompt, r]) for e, r in zip(kd_rows, kd_responses)],
                                         "validation": [json.dumps(e.prompt) for e in data.splits["validation"]]})
     with run_dir_for(cfg, run_dir, fingerprint, resume=resume, overwrite=overwrite), writing(run_dir):
         models, histories, shapes = train_phases(cfg, run_dir, blocks, teacher, reader, resume=resume,
@@ -254,21 +246,12 @@ def train_phases(cfg: RunConfig, run_dir: Path, blocks: dict[str, LMBlocks], tea
                               {**meta, "role": "no-KD baseline", "losses": {"lm": 1.0}})
     models, histories = {"teacher": teacher, "untrained": untrained}, {"teacher": None, "untrained": None}
     for name, (model, phase_spec, train_blocks, train, phase_meta) in phases.items():
-        saved = saved_phase(cfg, run_dir, name, resume)
-        if saved is not None:
-            models[name], histories[name] = saved, None
-            continue
-        checkpoints = phase_checkpoints(cfg, run_dir, name, resume, fingerprint)
         phase = Phase(model, [teacher] if any(TERMS[t].reads for t in phase_spec.active) else [],
                       reader.tokenizer, {"train": train_blocks, "validation": blocks["validation"]}, phase_spec,
-                      cfg.distill, train, cfg.task, name=name, log_dir=run_dir / "logs", checkpoints=checkpoints)
-        history = distill_causal(phase, pad_id=reader.pad_id, eos_id=reader.end_id)
-        save_history(run_dir, history)
-        save_model(model, reader.tokenizer, run_dir / name, {**phase_meta, "role": phase_meta.get("role", name),
-                                                              "train_wall_time_s": history.wall_time_s,
-                                                              "training": history.budget()})
-        checkpoints.clear()
-        models[name], histories[name] = model, history
+                      cfg.distill, train, cfg.task, name=name)
+        models[name], histories[name] = train_lm_phase(cfg, run_dir, phase, resume=resume, fingerprint=fingerprint,
+                                                       meta={**phase_meta, "role": phase_meta.get("role", name)},
+                                                       pad_id=reader.pad_id, eos_id=reader.end_id)
     return models, histories, shapes
 
 
