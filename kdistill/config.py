@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +175,59 @@ class EndpointConfig(_Section):
         return name
 
 
+PROMPT_FIELDS = {"text", "labels"}
+"""What a teacher.llm.prompt may hold in braces."""
+
+
+class LLMTeacherConfig(_Section):
+    """classification: an instruction-tuned causal LM as the teacher, asked through a prompt (teacher.llm). Its soft
+    labels are its log-probabilities of each label's answer word(s) as the assistant's reply, normalised over the
+    labels; the student (student.model) learns them as logits (kd) beside the gold labels (ce)."""
+
+    model: str = Field(min_length=1)
+    """The causal LM: a built-in alias (`qwen2.5-coder-0.5b`, `smollm2-135m`), a local model dir, a GGUF file or a
+    hub id. It is not fine-tuned; its tokenizer's chat template renders the prompt."""
+    prompt: str = ("Classify the text into one of these categories: {labels}.\n\nText: {text}\n\n"
+                   "Answer with the category only.")
+    """The user turn: `{text}` is the text, `{labels}` the verbalizers joined by ", "; rendered with the LLM's own
+    chat template, followed by its generation prompt. Other braces are written doubled (`{{`, `}}`)."""
+    verbalizers: dict[str, str] | None = None
+    """Label name -> the answer that means it, e.g. `{sport: Sports, tech: Technology}`; several tokens are fine
+    (their log-probabilities add up). None: each label's own name."""
+    shots: int = Field(0, ge=0)
+    """Labeled training rows shown before each text as earlier (user, assistant) turns: the first `shots` of the
+    shuffled labeled split (few-shot prompting). 0: zero-shot."""
+    batch_size: int = Field(8, ge=1)
+    """Texts scored per forward pass of the LLM."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, prompt: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"{e}; write a literal brace doubled ({{{{ or }}}})") from None
+        unknown = sorted(fields - PROMPT_FIELDS)
+        if unknown:
+            raise ValueError(f"{{{unknown[0]}}} is not a field; a prompt holds {{text}} and optionally {{labels}}")
+        if "text" not in fields:
+            raise ValueError("holds no {text}; the prompt must show the text to classify")
+        return prompt
+
+    @field_validator("verbalizers")
+    @classmethod
+    def _answers(cls, verbalizers: dict[str, str] | None) -> dict[str, str] | None:
+        if verbalizers is None:
+            return None
+        empty = [label for label, answer in verbalizers.items() if not answer.strip()]
+        if empty:
+            raise ValueError(f"label {empty[0]!r} has an empty answer; give the word(s) that mean it")
+        same = [a for a in verbalizers.values() if list(verbalizers.values()).count(a) > 1]
+        if same:
+            raise ValueError(f"two labels have the answer {same[0]!r}; each label needs its own")
+        return verbalizers
+
+
 class TeacherConfig(_Section):
     model: str | None = "minilm-l6"
     """Built-in alias (`minilm-l6`, `smollm2-135m`), a local Hugging Face model dir, a GGUF file, or a hub id. Not
@@ -185,6 +239,10 @@ class TeacherConfig(_Section):
     chat template renders them), after the teacher.shots gold rows as earlier turns. What comes back is text:
     sequence-level distillation (the `lm` term, no on-policy steps) into a student.model; teacher.model, path and
     from_scratch are not set."""
+    llm: LLMTeacherConfig | None = None
+    """classification: the teacher is an instruction-tuned causal LM asked through a prompt (see LLMTeacherConfig),
+    e.g. `{model: qwen2.5-coder-0.5b, verbalizers: {sport: sports}}`, instead of an encoder fine-tuned here;
+    teacher.model, path, from_scratch and endpoint are not set, student.model is."""
     from_scratch: FromScratchConfig | None = None
     """Train a teacher from scratch instead of fine-tuning `model`."""
     path: str | None = None
@@ -457,6 +515,43 @@ class RunConfig(_Section):
             raise ValueError(f"teacher.{loaded[0]}: the teacher is the one behind teacher.endpoint "
                              f"({t.endpoint.model}); nothing is loaded here, so remove teacher.{loaded[0]}")
         t.model = None  # the default alias is not the teacher either: nothing downstream may load it
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_llm(self):
+        t = self.teacher
+        if t.llm is None:
+            return self
+        if not get_task(self.task).has("llm_teacher"):
+            raise ValueError(f"teacher.llm: an LLM teaches {_tasks_with(lambda task: task.has('llm_teacher'))} "
+                             f"through a prompt, not {self.task}")
+        given = [k for k in ("path", "from_scratch", "endpoint") if getattr(t, k) is not None]
+        if "model" in t.model_fields_set and t.model is not None:
+            given.insert(0, "model")
+        if given:
+            raise ValueError(f"teacher.{given[0]}: the teacher is teacher.llm ({t.llm.model}); nothing else teaches "
+                             f"or is fine-tuned here, so remove teacher.{given[0]}")
+        t.model = None  # the default alias is not the teacher either: nothing downstream may load it
+        if not self.student.model:
+            raise ValueError("student.model: with teacher.llm the student is a given pretrained encoder (e.g. "
+                             "minilm-l6 or a model dir); there is no encoder teacher to derive it from")
+        shaped = sorted(self.student.model_fields_set & {"layers", "layer_map", "hidden_size", "num_attention_heads",
+                                                         "num_key_value_heads", "intermediate_size", "init"})
+        if shaped:
+            raise ValueError(f"student.{shaped[0]}: with teacher.llm the student.model is taken whole; remove it")
+        inner = sorted(term for term, w in self.distill.losses.items() if w > 0 and TERMS[term].family
+                       not in ("logits", "labels"))
+        if inner:
+            raise ValueError(f"distill.losses.{inner[0]}: an LLM teacher gives soft labels only (its verbalizer "
+                             "scores), no states to compare; use kd and ce")
+        if self.distill.strategy != "explicit" or self.distill.extra_teachers:
+            key = "strategy" if self.distill.strategy != "explicit" else "extra_teachers"
+            raise ValueError(f"distill.{key}: an LLM teacher is frozen and alone; use strategy explicit with no "
+                             "extra_teachers")
+        if self.data.augment or self.data.text_pair_column:
+            key = "augment" if self.data.augment else "text_pair_column"
+            raise ValueError(f"data.{key}: not with teacher.llm (its prompt shows one text, and augmentation reads an "
+                             "encoder teacher's embeddings)")
         return self
 
     @model_validator(mode="after")

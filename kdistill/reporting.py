@@ -369,6 +369,27 @@ def entity_sections(runs: list[dict]) -> list[str]:
     return lines
 
 
+def llm_teacher_lines(metrics: dict) -> list[str]:
+    """A run whose teacher is a prompted LLM (metrics.json "llm_teacher"): its own test scores and its cost per
+    1,000 texts beside the student's; [] for any other run."""
+    llm = metrics.get("llm_teacher")
+    if not llm:
+        return []
+    ratio = f"{llm['cpu_cost_ratio']:,.0f}x" if llm.get("cpu_cost_ratio") else "n/a"
+    stored = f"{llm['calls']:,} scored in this run, {llm['reused']:,} read from the store"
+    answers = ", ".join(f"{label} = {answer!r}" for label, answer in llm["verbalizers"].items())
+    return [f"## The LLM teacher ({metrics['run']})", "",
+            f"{llm['model']}, {llm['shots']}-shot, answers {answers}: "
+            f"accuracy {llm['accuracy']:.2%}, macro-F1 {llm['macro_f1']:.4f} on the {llm['n_test']} test texts "
+            "(the argmax of its answer log-probabilities); \"acc. retained\" above is relative to it.", "",
+            "| cost per 1,000 texts | CPU s | wall s |", "|---|---|---|",
+            f"| LLM (scoring {llm['forwards_per_text']} forward(s) per text) | {llm['cpu_s_per_1000_texts']:.1f} | "
+            f"{llm['wall_s_per_1000_texts']:.1f} |",
+            f"| student | {llm['student_cpu_s_per_1000_texts']:.3f} | {llm['student_wall_s_per_1000_texts']:.3f} |", "",
+            f"The LLM costs {ratio} the student's CPU time per text (batches of {llm['batch_size']}, "
+            f"{llm['threads']} threads). Its scores of {llm['texts_scored']:,} texts: {stored}.", ""]
+
+
 def write_classifier_report(runs: list[dict], out: Path, sections=None) -> Path:
     """A classifier's report (of texts or of tokens): the summary table, then `sections(runs)` (the task's own
     lines, e.g. entity F1 per type), the test set, the student's shape, the trade-off, curves and confusion plots."""
@@ -378,6 +399,7 @@ def write_classifier_report(runs: list[dict], out: Path, sections=None) -> Path:
     lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", ""]
     lines += [w for run in runs for w in (weak_teacher_warning(run["metrics"]), "") if w]
     lines += [summary_table(runs), ""]
+    lines += [line for run in runs for line in llm_teacher_lines(run["metrics"])]
     if sections is not None:
         lines += sections(runs)
     machine = first.get("machine", {})

@@ -73,7 +73,8 @@ class Task:
     (distill.intermediate_epochs), "prune_student_model" (a student.model cut to the recipe's shape), "trim_vocab"
     (student.trim_vocab: the trained student's WordPiece vocabulary cut to its texts' tokens), "held_out_limit"
     (data.held_out_limit: a cap of its own on the validation and test splits), "teacher_endpoint" (teacher.endpoint:
-    a teacher behind an OpenAI-compatible API)."""
+    a teacher behind an OpenAI-compatible API), "llm_teacher" (teacher.llm: a prompted causal LM's verbalizer
+    scores as the teacher's soft labels)."""
     length_key: str = "data.max_length"
     """The recipe key that bounds an example's length in tokens (checked against the teacher's positions)."""
     check_config: Callable[..., None] = _no_check

@@ -130,25 +130,37 @@ def load_causal_teacher(cfg: RunConfig):
         raise UserError("teacher.from_scratch: causal-lm distils a given pretrained LM; set teacher.model")
     if cfg.teacher.path:
         teacher, tokenizer, _ = load_model_dir(cfg.teacher.path, task=cfg.task)
-        name, file_mb = cfg.teacher.path, dir_size_mb(cfg.teacher.path)
+        return (*frozen(teacher, tokenizer, cfg.teacher.path, "teacher"), cfg.teacher.path,
+                dir_size_mb(cfg.teacher.path))
+    if not cfg.teacher.model:
+        raise UserError("teacher.model: causal-lm needs a teacher (built-in smollm2-135m, a local HF dir, "
+                        "a GGUF file or a hub id)")
+    teacher, tokenizer, file_mb = load_frozen_lm(cfg.teacher.model, "teacher")
+    return teacher, tokenizer, cfg.teacher.model, file_mb
+
+
+def load_frozen_lm(name: str, key: str):
+    """A causal LM by its name (built-in alias, model dir, GGUF file or hub id), as a frozen teacher: (model in eval
+    mode, tokenizer with a pad token, on-disk MB of its source or None). `key`: the recipe key that names it."""
+    source, extra = resolve_model_source(name)
+    tokenizer = load_tokenizer(name)
+    model = load_causal_lm(name)
+    if "gguf_file" in extra:
+        file_mb = (Path(source) / extra["gguf_file"]).stat().st_size / 2**20
     else:
-        if not cfg.teacher.model:
-            raise UserError("teacher.model: causal-lm needs a teacher (built-in smollm2-135m, a local HF dir, "
-                            "a GGUF file or a hub id)")
-        name = cfg.teacher.model
-        source, extra = resolve_model_source(name)
-        tokenizer = load_tokenizer(name)
-        teacher = load_causal_lm(name)
-        if "gguf_file" in extra:
-            file_mb = (Path(source) / extra["gguf_file"]).stat().st_size / 2**20
-        else:
-            file_mb = dir_size_mb(source) if Path(source).is_dir() else None
-    if not getattr(teacher, "can_generate", lambda: True)() or teacher.get_output_embeddings() is None:
-        raise UserError(f"teacher: {name} is not a causal language model")
+        file_mb = dir_size_mb(source) if Path(source).is_dir() else None
+    return (*frozen(model, tokenizer, name, key), file_mb)
+
+
+def frozen(model, tokenizer, name: str, key: str) -> tuple:
+    """(model, tokenizer) checked to be a causal LM, in eval mode without gradients; the tokenizer pads with EOS
+    where it has no pad token."""
+    if not getattr(model, "can_generate", lambda: True)() or model.get_output_embeddings() is None:
+        raise UserError(f"{key}: {name} is not a causal language model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    teacher.eval().requires_grad_(False)
-    return teacher, tokenizer, name, file_mb
+    model.eval().requires_grad_(False)
+    return model, tokenizer
 
 
 def max_positions(config) -> int | None:

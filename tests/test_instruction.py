@@ -16,7 +16,7 @@ from kdistill.config import RunConfig, load_config
 from kdistill.data import ChatExample
 from kdistill.errors import UserError
 from kdistill.pipeline import run
-from kdistill.tasks.instruction import with_shots
+from kdistill.data.chat import with_shots
 from tests.conftest import OBJECTS, SUBJECTS, VERBS
 from tests.helpers import write_recipe
 

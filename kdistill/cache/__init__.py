@@ -1,12 +1,13 @@
 """Teacher outputs stored for reuse: a frozen teacher gives the same outputs every epoch, so it runs once and they are
 read back.
 
-Three stores:
+Four stores:
   - the causal-LM *teacher signal*, the teacher's top-k next-token log-probabilities (a Parquet dataset kept across
     runs, which another run or tool can read): `keys` (what a signal is known by), `teacher_signal` (the format,
     and reading it: `open_teacher_signal`, `TopKCache`), `build` (running the teacher and writing it:
     `build_topk_cache`, `write_teacher_signal`);
   - a classifier teacher's logits over a training split, kept across runs (`logits`);
+  - a prompted LLM's label scores (classification with teacher.llm), kept across runs (`label_scores`);
   - a classifier teacher's hidden states (`feature_store.FeatureStore`, fp16 memory-mapped, built for one run by
     distill/explicit.py).
 """

@@ -62,7 +62,7 @@ def responses_key(teacher, prompts: Sequence[Sequence[int]], *, stop_ids: set[in
             "temperature": float(temperature) if sample else None, "seed": int(seed) if sample else None}
 
 
-def _read_shard(file: Path, key: dict, rows: range) -> pa.Table | None:
+def read_shard(file: Path, key: dict, rows: range) -> pa.Table | None:
     """The table of a shard of `key` holding `rows`: the rows stored so far, in order (all of them once finished),
     else None (absent, partial write, another key)."""
     try:
@@ -78,7 +78,7 @@ def _read_shard(file: Path, key: dict, rows: range) -> pa.Table | None:
     return table
 
 
-def _write_shard(file: Path, key: dict, rows: range, columns: dict[str, pa.Array]) -> None:
+def write_shard(file: Path, key: dict, rows: range, columns: dict[str, pa.Array]) -> None:
     table = pa.table(columns).replace_schema_metadata(
         {FOOTER: json.dumps({"key": key, "first_row": rows.start, "num_rows": len(rows)}).encode()})
     with output_errors(file), atomic_file(file) as f:
@@ -102,7 +102,7 @@ def teacher_responses(teacher, prompts: Sequence[Sequence[int]], *, pad_id: int,
     for s, first in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
         rows = range(first, min(len(prompts), first + SHARD_PROMPTS))
         file = path / f"shard-{s:05d}.parquet"
-        table = _read_shard(file, key, rows)
+        table = read_shard(file, key, rows)
         # a batch of prompts is generated at once: a shard is stored whole or not at all
         stored = table.column("response").to_pylist() if table is not None and len(table) == len(rows) else None
         if stored is None:
@@ -110,7 +110,7 @@ def teacher_responses(teacher, prompts: Sequence[Sequence[int]], *, pad_id: int,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, sample=sample,
                             temperature=temperature, seed=seed + s,
                             progress=f"teacher responses {rows.start}-{rows.stop} of {len(prompts)}")
-            _write_shard(file, key, rows, {"row": pa.array(list(rows), pa.int64()),
+            write_shard(file, key, rows, {"row": pa.array(list(rows), pa.int64()),
                                            "response": pa.array(made.responses, pa.list_(pa.int32()))})
             stored, calls = made.responses, calls + len(rows)
             new_tokens, seconds = new_tokens + made.new_tokens, seconds + made.seconds
@@ -149,7 +149,7 @@ class TextResponses:
         self.texts: dict[int, str] = {}
         self.tokens: dict[int, int | None] = {}
         for s in range(self.shards):
-            table = _read_shard(self._file(s), key, self._rows(s))
+            table = read_shard(self._file(s), key, self._rows(s))
             if table is not None:
                 for row, text, tokens in zip(*(table.column(c).to_pylist() for c in ("row", "response", "tokens"))):
                     self.texts[row], self.tokens[row] = text, tokens
@@ -186,7 +186,7 @@ class TextResponses:
 
     def _write(self, shard: int) -> None:
         rows = [i for i in self._rows(shard) if i in self.texts]
-        _write_shard(self._file(shard), self.key, self._rows(shard),
+        write_shard(self._file(shard), self.key, self._rows(shard),
                      {"row": pa.array(rows, pa.int64()),
                       "response": pa.array([self.texts[i] for i in rows], pa.string()),
                       "tokens": pa.array([self.tokens[i] for i in rows], pa.int32())})

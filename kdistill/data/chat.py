@@ -17,7 +17,7 @@ message (e.g. "<|im_end|>"), so the student learns to stop.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
@@ -176,7 +176,8 @@ def _render(tokenizer, messages: list[dict], where: str, *, generation_prompt: b
         raise DataError(f"{where}: the chat template refuses this conversation: {' '.join(str(e).split())}") from None
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """A message content's tokens: no special tokens added, a special token's string split into ordinary ones."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
@@ -210,7 +211,7 @@ def _prompt_ids(tokenizer, messages: list[dict], specials: re.Pattern | None, wh
         if isinstance(run, int):
             ids.append(run)
         elif run:
-            ids += _text_ids(tokenizer, run)
+            ids += text_ids(tokenizer, run)
     return ids
 
 
@@ -248,5 +249,20 @@ def encode_chat(tokenizer, example: ChatExample, *, max_prompt_tokens: int, max_
     cut = max(0, len(prompt) - max_prompt_tokens)
     response = example.response if response is None else response
     target = [] if response is None else \
-        _text_ids(tokenizer, response) + _end_of_turn(tokenizer, messages, specials, example.where)
+        text_ids(tokenizer, response) + _end_of_turn(tokenizer, messages, specials, example.where)
     return EncodedChat(prompt[cut:], target[:max_response_tokens], cut, max(0, len(target) - max_response_tokens))
+
+
+def with_shots(examples: list[ChatExample], shots: list[ChatExample]) -> list[ChatExample]:
+    """The teacher's view of `examples` (teacher.shots): each prompt after the `shots` gold rows as earlier (user,
+    assistant) turns, a system message kept first. The student answers without them: what it learns is the
+    teacher's in-context behaviour (context distillation, Snell et al. 2022)."""
+    if not shots:
+        return examples
+    turns = tuple(m for shot in shots for m in (*(t for t in shot.prompt if t["role"] != "system"),
+                                                {"role": "assistant", "content": shot.response}))
+    out = []
+    for e in examples:
+        system = tuple(e.prompt[:1]) if e.prompt[0]["role"] == "system" else ()
+        out.append(replace(e, prompt=system + turns + tuple(e.prompt[len(system):])))
+    return out

@@ -135,27 +135,34 @@ def run_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: bool,
             models["teacher_after"] = (run_dir / "teacher_after", teacher_history)
             teacher.load_state_dict(teacher_before)
 
-    if baseline_init is not None and resume and is_saved(run_dir / "baseline"):
-        log.info("baseline: trained before the run was resumed (%s)", run_dir / "baseline")
-        models["baseline"] = (run_dir / "baseline", None)
-    elif baseline_init is not None:
-        student.load_state_dict(baseline_init)  # same shape, same init: the loss is the only difference
-        checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume, fingerprint)
-        baseline_history = finetune(student, student_tokenizer, encodings(data, student_tokenizer), cfg.train,
-                                    name="baseline", task=cfg.task, log_dir=run_dir / "logs",
-                                    checkpoints=checkpoints)
-        if main:
-            save_history(run_dir, baseline_history)
-            save_model(student, student_tokenizer, run_dir / "baseline",
-                       {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
-                        "train_wall_time_s": baseline_history.wall_time_s})
-            checkpoints.clear()
-        models["baseline"] = (run_dir / "baseline", baseline_history)
+    if baseline_init is not None:
+        models["baseline"] = train_baseline(cfg, run_dir, student, baseline_init, student_tokenizer,
+                                            encodings(data, student_tokenizer), resume=resume, fingerprint=fingerprint)
 
     if not main:  # evaluation, export and report: the main process alone
         return run_dir
     metrics = evaluate_run(cfg, run_dir, models, student_data, shapes, encodings)  # (data summary: transfer rows)
     return finish_run(cfg, run_dir, data, metrics, started)
+
+def train_baseline(cfg: RunConfig, run_dir: Path, student, init: dict, tokenizer, encoded, *, resume: bool,
+                   fingerprint: dict) -> tuple:
+    """The no-KD baseline: `student` reset to `init` (the distilled student's start) trained on the gold labels
+    alone (`encoded`: the data without transfer rows), saved to run_dir/baseline; a resumed run's saved one is
+    kept. Returns its (dir, history or None) for evaluate_run."""
+    if resume and is_saved(run_dir / "baseline"):
+        log.info("baseline: trained before the run was resumed (%s)", run_dir / "baseline")
+        return run_dir / "baseline", None
+    student.load_state_dict(init)  # same shape, same init: the loss is the only difference
+    checkpoints = phase_checkpoints(cfg, run_dir, "baseline", resume, fingerprint)
+    history = finetune(student, tokenizer, encoded, cfg.train, name="baseline", task=cfg.task,
+                       log_dir=run_dir / "logs", checkpoints=checkpoints)
+    if is_main_process():
+        save_history(run_dir, history)
+        save_model(student, tokenizer, run_dir / "baseline",
+                   {"role": "no-KD baseline", "task": cfg.task, "max_length": cfg.data.max_length,
+                    "train_wall_time_s": history.wall_time_s})
+        checkpoints.clear()
+    return run_dir / "baseline", history
 
 def check_trim_vocab(cfg: RunConfig, student_tokenizer) -> None:
     """student.trim_vocab needs a WordPiece student tokenizer: checked before training, not after it."""
@@ -253,6 +260,9 @@ def export_student(cfg: RunConfig, run_dir: Path, data: DataBundle) -> dict:
 def teacher_run(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:
     """`kdistill train-teacher`: train (or take teacher.path) and evaluate the teacher alone; (run dir, teacher
     dir)."""
+    if cfg.teacher.llm:
+        raise UserError(f"teacher.llm: {cfg.teacher.llm.model} is prompted as it is, not trained; `kdistill run` "
+                        "scores the texts with it and trains the student")
     run_dir = run_dir_of(cfg, out)
     preflight(cfg, run_dir, overwrite=overwrite, distilling=False)
     data = get_task(cfg.task).load_data(cfg.data)

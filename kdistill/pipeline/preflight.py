@@ -45,6 +45,7 @@ def input_paths(cfg: RunConfig) -> dict[str, str | None]:
              "data.test_file": cfg.data.test_file, "data.unlabeled_file": cfg.data.unlabeled_file,
              "teacher.path": cfg.teacher.path,
              "teacher.model": cfg.teacher.model,
+             "teacher.llm.model": cfg.teacher.llm.model if cfg.teacher.llm else None,
              "student.model": cfg.student.model if cfg.student.model not in BUILTIN_MODELS else None,
              "teacher.from_scratch.tokenizer": scratch.tokenizer if scratch else None}
     return paths | {f"distill.extra_teachers[{i}]": p for i, p in enumerate(cfg.distill.extra_teachers)}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 
+from transformers import AutoConfig
+
 from kdistill.config import RunConfig, StudentConfig
 from kdistill.data import DataBundle, Encodings
 from kdistill.strategies.explicit import why_not_cached
 from kdistill.errors import UserError
-from kdistill.models import load_tokenizer, seeded
+from kdistill.models import load_classifier, load_tokenizer, resolve_model_source, seeded
 from kdistill.student import build_student, check_layers, num_layers_of, select_layers
 from kdistill.task import get_task
 from kdistill.terms import TERMS, TermSpec, layer_pairs
@@ -89,6 +91,18 @@ def student_reads(cfg: RunConfig, data: DataBundle, encodings: Encodings, tokeni
         return student_tokenizer, cross, calibration_batch(
             encodings(data, student_tokenizer, ("train",))["train"], student_tokenizer)
     return tokenizer, False, calibration_batch(encodings(data, tokenizer, ("train",))["train"], tokenizer)
+
+def student_classifier(cfg: RunConfig, labels: list[str]):
+    """student.model with a classification head for `labels` (a new one, unless it was trained on exactly these
+    labels already)."""
+    given = AutoConfig.from_pretrained(resolve_model_source(cfg.student.model)[0], trust_remote_code=False)
+    trained = any(a.endswith("ForSequenceClassification") for a in given.architectures or [])
+    names = [given.id2label[i] for i in range(given.num_labels)]
+    if trained and names != labels:
+        raise UserError(f"student.model: {cfg.student.model} was trained on labels {names}, the data has {labels}; "
+                        "give an encoder without a classification head (it gets one for the data's labels)")
+    with seeded(cfg.train.seed):  # a head new to the encoder
+        return load_classifier(cfg.student.model, labels, task=cfg.task)
 
 def make_student(cfg: RunConfig, teacher, calibration: dict | None):
     """The student the recipe describes, and the teacher layers it was copied from. A given student.model is

@@ -231,7 +231,8 @@ def cache_teacher_outputs(teachers, encoded_train, tokenizer, accelerator, *, sp
 
 
 def distill_explicit(phase: Phase, *, work_dir: Path | None = None, teacher_tokenizer=None, teacher_train=None,
-                     pooling: Pooling | None = None, keep_best: bool = True) -> History:
+                     pooling: Pooling | None = None, keep_best: bool = True,
+                     teacher_logits: torch.Tensor | None = None) -> History:
     """Train `phase.student` against its frozen `phase.teachers` (the first is the main one; several average their
     soft targets).
 
@@ -247,6 +248,8 @@ def distill_explicit(phase: Phase, *, work_dir: Path | None = None, teacher_toke
     A token classifier's examples carry one label per token: its teacher cache then holds per-token logits,
     (N, L_max, C).
     `keep_best`: False leaves the final weights (a first stage whose validation score says nothing yet).
+    `teacher_logits`: (N, C), the soft labels of a teacher that is not a model here (a prompted LLM's label scores,
+    cache/label_scores.py), in the training rows' order; they are the cache, `phase.teachers` is then [].
 
     Why one long function: a strategy reads top to bottom (set-up, teacher cache, loop), as its siblings do.
     """
@@ -256,7 +259,7 @@ def distill_explicit(phase: Phase, *, work_dir: Path | None = None, teacher_toke
     needs_teacher = "kd" in spec.active or spec.needs_teacher_features or spec.needs_pooled
     if spec.needs_pooled and pooling is None:
         raise ValueError(f"loss terms {sorted(spec.active)} read pooled sentence embeddings: give pooling")
-    if needs_teacher and not teachers:
+    if needs_teacher and not teachers and teacher_logits is None:
         raise ValueError(f"loss terms {sorted(spec.active)} need a teacher")
     if (teacher_tokenizer is None) != (teacher_train is None):
         raise ValueError("distill_explicit: teacher_tokenizer and teacher_train go together")
@@ -276,8 +279,12 @@ def distill_explicit(phase: Phase, *, work_dir: Path | None = None, teacher_toke
         cached, store_dir = None, None
         lengths = [len(ids) for ids in teacher_train["input_ids"]]
         teachers_read = teacher_tokenizer or tokenizer
-        if needs_teacher and plan_cache(spec, distill.cache_teacher, teachers_read, teachers[0], lengths, work_dir,
-                                        accelerator):
+        if teacher_logits is not None:
+            if len(teacher_logits) != len(encoded_train):
+                raise ValueError(f"teacher_logits: {len(teacher_logits)} rows for {len(encoded_train)} training rows")
+            cached = TeacherCache([teacher_logits.float()])
+        elif needs_teacher and plan_cache(spec, distill.cache_teacher, teachers_read, teachers[0], lengths, work_dir,
+                                          accelerator):
             if spec.teacher_hidden_layers[0]:  # one per process: each holds all rows
                 tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="kdistill-teacher-cache-",
                                                                         dir=work_dir))

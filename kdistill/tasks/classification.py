@@ -4,37 +4,30 @@ Data: texts with a class label (data.load_data: built-in datasets or CSV/TSV/JSO
 unlabeled transfer texts and augmentation). Models: a sequence classifier (AutoModelForSequenceClassification);
 a teacher from scratch is a BERT with a classification head. Terms: soft targets (kd, counted per example),
 labels (ce), [CLS] states, attention and Q/K/V relations, hidden states. Score: accuracy, then macro-F1.
-Pipeline: the encoder pipeline (teacher, student, no-KD baseline; pipeline/encoder.py).
+Pipeline: the encoder pipeline (teacher, student, no-KD baseline; pipeline/encoder.py); with teacher.llm the teacher
+is a prompted causal LM whose verbalizer scores the student learns (pipeline/llm_teacher.py).
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from kdistill.data import load_data
 from kdistill.deploy.predict import Predictor
 from kdistill.errors import UserError
-from kdistill.models import load_classifier, load_tokenizer, resolve_model_source, seeded
+from kdistill.models import load_tokenizer
 from kdistill.pipeline.encoder import run_encoder
+from kdistill.pipeline.llm_teacher import run_llm_phases
 from kdistill.pipeline.preflight import recipe_teacher_tokenizer
-from kdistill.pipeline.students import check_tokenizers
+from kdistill.pipeline.students import check_tokenizers, student_classifier
 from kdistill.pipeline.verbs import evaluate_classifier_dir
 from kdistill.reporting import COLUMNS, write_classifier_report
 from kdistill.task import Task
 
 
 def labeled_student_model(cfg, teacher):
-    """student.model with a classification head for the teacher's labels (a new one, unless it was trained on
-    exactly these labels already)."""
-    labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
-    given = AutoConfig.from_pretrained(resolve_model_source(cfg.student.model)[0], trust_remote_code=False)
-    trained = any(a.endswith("ForSequenceClassification") for a in given.architectures or [])
-    names = [given.id2label[i] for i in range(given.num_labels)]
-    if trained and names != labels:
-        raise UserError(f"student.model: {cfg.student.model} was trained on labels {names}, the data has {labels}; "
-                        "give an encoder without a classification head (it gets one for the data's labels)")
-    with seeded(cfg.train.seed):  # a head new to the encoder
-        return load_classifier(cfg.student.model, labels, task=cfg.task)
+    """student.model with a classification head for the teacher's labels."""
+    return student_classifier(cfg, [teacher.config.id2label[i] for i in range(teacher.config.num_labels)])
 
 
 def check_student_tokenizer(cfg, *, distilling: bool) -> None:
@@ -58,6 +51,12 @@ def with_model_labels(model_dir, info, data_cfg, spec):
     return data
 
 
+def run_classification(cfg, out=None, *, resume: bool = False, overwrite: bool = False):
+    """The encoder pipeline; with teacher.llm, its phases with a prompted LLM as the teacher."""
+    return run_encoder(cfg, out, resume=resume, overwrite=overwrite,
+                       phases=run_llm_phases if cfg.teacher.llm else None)
+
+
 def texts_and_labels(data):
     """Export parity: the test texts and their gold labels."""
     return list(data.splits["test"]["text"]), list(data.splits["test"]["label"])
@@ -72,11 +71,11 @@ TASK = Task(
     summary="A text (or text pair) in, one of N classes out; scored by accuracy and macro-F1.",
     term_units={"logits": "rows", "labels": None, "cls": None, "attention": None, "hidden": "tokens"},
     headline=("accuracy", "macro_f1"),
-    run=run_encoder,
+    run=run_classification,
     load_data=load_data,
     auto_model=AutoModelForSequenceClassification,
     scratch_model=BertForSequenceClassification,
-    features=frozenset({"two_stage", "prune_student_model", "trim_vocab"}),
+    features=frozenset({"two_stage", "prune_student_model", "trim_vocab", "llm_teacher"}),
     preflight_files=check_student_tokenizer,
     student_model=labeled_student_model,
     data_for_model=with_model_labels,
