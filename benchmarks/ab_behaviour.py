@@ -74,7 +74,10 @@ OVERRIDES: dict[str, list[str]] = {
     "embedding": encoder(),  # the teacher is the pretrained encoder, not trained; the ONNX export stays
     "instruct": ["data.limit=6", "data.labeled_limit=3", "train.max_steps=2", "train.eval_every=2",
                  "eval.samples=2"],  # Qwen2.5-0.5B answers 3 prompts and 6 test prompts; SmolLM2 student
+    "instruct-entities": ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "teacher.shots=1",
+                          "train.max_steps=2", "train.eval_every=2", "eval.samples=2"],
     "kd-attention": encoder() + ["teacher.epochs=1"],
+    "llm-teacher": encoder(limit=16) + ["data.labeled_limit=8"],  # Qwen2.5-0.5B scores 16 + 16 + 16 texts
     "kd-hidden": encoder() + ["teacher.epochs=1"],
     "kd-logits": encoder() + ["teacher.epochs=1"],
     "kd-minilm": encoder() + ["teacher.epochs=1"],

@@ -69,9 +69,9 @@ class DataConfig(_Section):
     limit: int | None = Field(None, ge=1)
     """Cap on examples per split, for quick runs."""
     held_out_limit: int | None = Field(None, ge=1)
-    """instruction only: cap on the validation rows and on the test prompts, each (default: data.limit). Every
-    model answers each test prompt and is validated on every validation row, so held-out rows cost far more time
-    than training rows: a run can use many transfer prompts and score on fewer."""
+    """instruction only: cap on the validation rows and on the test prompts, each (data.limit, if smaller, still
+    caps them). Every model answers each test prompt and is validated on every validation row, so held-out rows
+    cost far more time than training rows: a run can use many transfer prompts and score on fewer."""
     labeled_limit: int | None = Field(None, ge=1)
     """Keep the labels of only this many training examples (the first of the shuffled training split); the rest
     become unlabeled transfer data: the student learns the teacher's soft targets on them, label terms (`ce`, and

@@ -4,9 +4,9 @@ The report leads with one table (quality, size, speed, and the ratios against th
 training curves per loss term, accuracy against latency and against size for every model, and the student's
 confusion matrix (its most confused classes, when there are many). With several run dirs (e.g. one per strategy)
 every model of every run is a row. A plot that fails is logged and left out: the report is still written.
-Causal-LM runs (`write_lm_report`) show perplexity and generation speed instead, the loss curves, perplexity
-against speed, and the sample generations; several runs of different student sizes (e.g. `--set student.layers=`
-20, 15, 10, each over seeds) add the size trade-off: KD against no-KD per size, in a table and a plot.
+A task with a report of its own (tasks/causal_lm.py, tasks/instruction.py: `Task.report`) builds it from the
+pieces here (summary_table, student_line, budget_line, the plots, including the causal-LM curves and size
+trade-off).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdistill.errors import UserError  # noqa: E402
-from kdistill.measure import SAMPLE_NEW_TOKENS, SPEED_NEW_TOKENS  # noqa: E402
 from kdistill.io import atomic_write_text  # noqa: E402
 from kdistill.task import DEFAULT_TASK, get_task  # noqa: E402
 
@@ -44,20 +43,6 @@ COLUMNS = [
     ("accuracy_retained_pct", "acc. retained", "{:.1f}%"),
     ("train_wall_time_s", "train time (s)", "{:.0f}"),
 ]
-
-LM_COLUMNS = [  # causal-lm runs (metrics.json "task": "causal-lm")
-    ("perplexity", "test perplexity", "{:.2f}"),
-    ("bits_per_byte", "bits/byte", "{:.3f}"),
-    ("params", "params", "{:,}"),
-    ("block_params", "block params", "{:,}"),
-    ("size_mb", "MB", "{:.1f}"),
-    ("generate_tokens_per_s", "generate b=1 (tok/s)", "{:.1f}"),
-    ("score_tokens_per_s", "score (tok/s)", "{:.0f}"),
-    ("speedup_vs_teacher", "speed-up", "{:.2f}x"),
-    ("size_ratio_vs_teacher", "size ratio", "{:.2f}x"),
-    ("train_wall_time_s", "train time (s)", "{:.0f}"),
-]
-
 
 SIZE_AND_SPEED_COLUMNS = COLUMNS[COLUMNS.index(("params", "params", "{:,}")):COLUMNS.index(
     ("accuracy_retained_pct", "acc. retained", "{:.1f}%"))]
@@ -85,7 +70,7 @@ def load_run(run_dir: str | Path) -> dict:
     return {"dir": Path(run_dir), "metrics": metrics, "histories": histories}
 
 
-def _fmt(value, pattern: str) -> str:
+def format_cell(value, pattern: str) -> str:
     if value is None:
         return "–"
     try:
@@ -113,7 +98,7 @@ def entity_type_table(run: dict) -> str:
              "|" + "---|" * (len(models) + 2)]
     for t in types:
         support = next((m["per_type"][t]["support"] for m in models.values() if t in m.get("per_type", {})), 0)
-        cells = [_fmt(m.get("per_type", {}).get(t, {}).get("f1"), "{:.4f}") for m in models.values()]
+        cells = [format_cell(m.get("per_type", {}).get(t, {}).get("f1"), "{:.4f}") for m in models.values()]
         lines.append(f"| {t} | {support} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,7 +155,7 @@ def summary_table(runs: list[dict]) -> str:
     for run in runs:
         for name, m in run["metrics"]["models"].items():
             label = f"{run['metrics']['run']}/{name}" if many else name
-            lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k), p) for k, _, p in columns) + " |")
+            lines.append(f"| {label} | " + " | ".join(format_cell(m.get(k), p) for k, _, p in columns) + " |")
     return "\n".join(lines)
 
 
@@ -462,107 +447,6 @@ def write_embedding_report(runs: list[dict], out: Path) -> Path:
     if shape:
         lines += [student_line(shape), ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
-
-
-def write_lm_report(runs: list[dict], out: Path) -> Path:
-    """report.md for causal-LM runs: the perplexity table, loss curves, perplexity vs speed, sample generations."""
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    first = runs[0]["metrics"]
-    lines = [f"# kdistill report: {', '.join(r['metrics']['run'] for r in runs)}", "", summary_table(runs), ""]
-    data, machine = first["data"], first.get("machine", {})
-    some_model = next(iter(first["models"].values()))
-    predicted = some_model.get("n_test_tokens", data["tokens"]["test"])
-    in_bytes = f" ({some_model['n_test_bytes']:,} bytes: bits/byte = their NLL / (ln 2 x bytes))" \
-        if "n_test_bytes" in some_model else ""
-    lines += [f"Held-out perplexity on {predicted:,} predicted test tokens{in_bytes} ({data['documents']['test']} "
-              f"documents of {data['source']}, split by document, blocks of {data['block_size']} tokens). "
-              f"Generation: greedy, batch 1, {SPEED_NEW_TOKENS} new tokens; scoring: one forward over a batch of "
-              f"blocks. CPU, {machine.get('eval_threads', '?')} threads, medians after warm-up, all models "
-              f"interleaved in one process. `baseline` is the same student (same init, same steps) trained on the "
-              f"LM loss only.", ""]
-    shape = first.get("student_shape")
-    if shape:
-        lines += [student_line(shape), ""]
-    cache = first.get("teacher_cache")
-    if cache:
-        lines += [f"Teacher cache: top-{cache['k']} log-probs per token, {cache['status']} "
-                  f"({cache['seconds']:.0f} s), `{cache['path']}`; the KD losses renormalise over the stored "
-                  f"support.", ""]
-
-    if draw_or_skip(plot_lm_curves, runs, plots / "lm_curves_tradeoff.png"):
-        lines += ["## Training loss and perplexity against speed", "", "![lm](plots/lm_curves_tradeoff.png)", ""]
-    sizes = lm_size_points(runs)
-    if len(runs) > 1 and sizes:
-        lines += ["## Trade-off: student size against perplexity and speed", "", lm_size_table(sizes), "",
-                  "One row per student size (its transformer-block parameters; the embeddings are shared by every "
-                  "size): mean over the runs of that size, the range in brackets. KD / teacher: the KD student's "
-                  "mean perplexity over the teacher's. Speed-up: batch-1 generation against the teacher measured "
-                  "in the same run.", ""]
-        if draw_or_skip(plot_lm_sizes, sizes, plots / "lm_size_tradeoff.png"):
-            lines += ["![sizes](plots/lm_size_tradeoff.png)", ""]
-
-    for run in runs:
-        samples = run["metrics"].get("samples") or {}
-        if not samples:
-            continue
-        lines += [f"## Sample generations ({run['metrics']['run']}; greedy, {SAMPLE_NEW_TOKENS} new tokens)", ""]
-        names = list(samples)
-        for i, prompt in enumerate(samples[names[0]]):
-            lines += [f"**{prompt['prompt']}** …", ""]
-            for name in names:
-                text = " ".join(samples[name][i]["completion"].split())
-                lines.append(f"- *{name}*: {text}")
-            lines.append("")
-    return atomic_write_text(out / "report.md", "\n".join(lines))
-
-
-def lm_size_points(runs: list[dict]) -> list[dict]:
-    """The runs' students grouped by size (transformer-block parameters), smallest first: per size the lists, one
-    entry per run, of the KD student's and the no-KD baseline's perplexity, bits/byte and generation speed, and
-    the teacher's. Runs without both a student and a baseline are left out: a point needs its control."""
-    by_size: dict[int, dict] = {}
-    for run in runs:
-        models = run["metrics"]["models"]
-        if not {"teacher", "student", "baseline"} <= set(models):
-            continue
-        point = by_size.setdefault(models["student"]["block_params"], {
-            "block_params": models["student"]["block_params"], "runs": [],
-            **{f"{name}_{key}": [] for name in ("teacher", "student", "baseline")
-               for key in ("perplexity", "bits_per_byte", "generate_tokens_per_s")}})
-        point["runs"].append(run["metrics"]["run"])
-        for key in ("perplexity", "bits_per_byte", "generate_tokens_per_s"):
-            for name in ("teacher", "student", "baseline"):
-                point[f"{name}_{key}"].append(models[name].get(key))
-    points = sorted(by_size.values(), key=lambda p: p["block_params"])
-    for p in points:
-        p["teacher_block_params"] = runs[0]["metrics"]["models"]["teacher"]["block_params"]
-    return points
-
-
-def _mean_range(values: list[float], pattern: str) -> str:
-    if len(values) == 1:
-        return pattern.format(values[0])
-    return f"{pattern.format(np.mean(values))} ({pattern.format(min(values))}–{pattern.format(max(values))})"
-
-
-def lm_size_table(points: list[dict]) -> str:
-    """Markdown: per student size, KD vs no-KD perplexity and bits/byte, the ratio to the teacher, the speed-up."""
-    lines = ["| block params | runs | KD perplexity | no-KD perplexity | KD / teacher | KD below no-KD | "
-             "bits/byte KD | bits/byte no-KD | generation speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    for p in points:
-        below = sum(s < b for s, b in zip(p["student_perplexity"], p["baseline_perplexity"]))
-        speedup = [s / t for s, t in zip(p["student_generate_tokens_per_s"], p["teacher_generate_tokens_per_s"])
-                   if s and t]
-        lines.append(
-            f"| {p['block_params'] / 1e6:.1f}M ({p['block_params'] / p['teacher_block_params']:.0%}) | "
-            f"{len(p['runs'])} | {_mean_range(p['student_perplexity'], '{:.2f}')} | "
-            f"{_mean_range(p['baseline_perplexity'], '{:.2f}')} | "
-            f"{np.mean(p['student_perplexity']) / np.mean(p['teacher_perplexity']):.2f}x | "
-            f"{below}/{len(p['runs'])} | {_mean_range(p['student_bits_per_byte'], '{:.3f}')} | "
-            f"{_mean_range(p['baseline_bits_per_byte'], '{:.3f}')} | "
-            f"{_fmt(np.mean(speedup) if speedup else None, '{:.2f}x')} |")
-    return "\n".join(lines)
 
 
 def plot_lm_sizes(points: list[dict], path: Path) -> Path:

@@ -242,6 +242,8 @@ def test_held_out_limit_caps_validation_and_test_not_the_training_prompts(tmp_pa
     assert (len(loaded.gold), len(loaded.transfer)) == (5, 67)
     capped = load_instruction_data(cfg.model_copy(update={"limit": 10}))
     assert capped.summary()["sizes"] == {"train": 10, "validation": 3, "test": 3}
+    quick = load_instruction_data(cfg.model_copy(update={"limit": 2}))  # a quick run's data.limit caps every split
+    assert quick.summary()["sizes"] == {"train": 2, "validation": 2, "test": 2}
 
 
 def test_held_out_limit_is_a_config_error_for_a_task_without_it():

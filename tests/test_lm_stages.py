@@ -13,7 +13,8 @@ from kdistill.config import DataConfig, EvalConfig
 from kdistill.data import LMBlocks, load_lm_corpus
 from kdistill.errors import DataError
 from kdistill.measure import compare_lm_speed, compare_speed, torch_threads
-from kdistill.reporting import lm_size_points, lm_size_table, student_line, write_report
+from kdistill.reporting import student_line, write_report
+from kdistill.tasks.causal_lm import lm_size_points, lm_size_table
 
 
 def write_jsonl(path, texts):

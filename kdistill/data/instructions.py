@@ -121,7 +121,7 @@ def _draw(rows: list[ChatExample], fraction: float, seed: int, what: str, source
 
 def load_instruction_data(cfg: DataConfig) -> InstructionData:
     """The configured chat data, split and capped (`data.limit` per split; `data.held_out_limit`, if set, validation
-    and test), the gold rows and transfer prompts of train separated (`data.labeled_limit`)."""
+    and test further), the gold rows and transfer prompts of train separated (`data.labeled_limit`)."""
     scorer, options = None, {}
     if cfg.train_file:
         given, source = {"train": read_chat_file(cfg.train_file)}, cfg.train_file
@@ -143,8 +143,8 @@ def load_instruction_data(cfg: DataConfig) -> InstructionData:
         train = list(train)
         random.Random(cfg.seed).shuffle(train)  # so that the gold rows kept are a draw, not a file's first rows
     given["train"] = train
-    splits = {s: capped(given[s], cfg.limit if s == "train" else cfg.held_out_limit or cfg.limit, str(source), s)
-              for s in SPLITS}
+    held_out = min((x for x in (cfg.limit, cfg.held_out_limit) if x), default=None)
+    splits = {s: capped(given[s], cfg.limit if s == "train" else held_out, str(source), s) for s in SPLITS}
     for e in splits["validation"]:
         if e.response is None:
             raise DataError(f"{e.where}: a validation row needs a gold response (the student is validated by its "
