@@ -271,10 +271,11 @@ class TeacherConfig(_Section):
 
 
 class StudentConfig(_Section):
-    layers: int | list[int] = 2
-    """Number of layers, or the explicit teacher layer indices to copy (e.g. [0, 5])."""
-    layer_map: Literal["uniform", "first", "last", "importance"] = "uniform"
-    """Which teacher layers to copy when `layers` is a number: spread evenly, the first k, the last k, or
+    layers: int | list[int] | None = None
+    """Number of layers, or the explicit teacher layer indices to copy (e.g. [0, 5]). Unset: 2 for a student derived
+    from the teacher (or from a student.model another shape key prunes); a student.model is taken whole."""
+    layer_map: Literal["uniform", "first", "last", "importance"] | None = None
+    """Which teacher layers to copy when `layers` is a number (unset: uniform): spread evenly, the first k, the last k, or
     `importance`: the k blocks with the highest Block Influence (ShortGPT: 1 − cos(block input, block output), mean
     over the tokens of a calibration batch of the training data), shown in the report."""
     hidden_size: int | None = None
@@ -286,8 +287,8 @@ class StudentConfig(_Section):
     query heads (the GQA ratio stays); with num_attention_heads the two must keep it. None keeps the teacher's."""
     intermediate_size: int | None = None
     """Narrower feed-forward layer (the most active neurons are kept); None keeps the teacher's."""
-    init: Literal["teacher-layers", "pruned", "random"] = "teacher-layers"
-    """Copy the teacher's weights (pruned to width), or random init (the control)."""
+    init: Literal["teacher-layers", "pruned", "random"] | None = None
+    """Copy the teacher's weights (pruned to width), or random init (the control); unset: teacher-layers."""
     model: str | None = None
     """A pretrained student instead of one derived from the teacher: an encoder dir or a built-in alias
     (`minilm-l6`), with a new head for the data's labels. With another vocabulary than the teacher's, each model
@@ -301,6 +302,13 @@ class StudentConfig(_Section):
     11.7M of 22.7M parameters) shrinks to the rows the task reads. Text made of kept tokens reads exactly as before;
     an unseen word whose pieces were dropped splits into smaller kept pieces, at worst characters, which the
     student may read less well. The no-KD baseline keeps the whole vocabulary."""
+
+
+STUDENT_SHAPE_KEYS = ("layers", "layer_map", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size", "init")
+"""student keys that shape a student derived from a model (the teacher, or a student.model its task prunes)."""
+STUDENT_SHAPE_DEFAULTS = {"layers": 2, "layer_map": "uniform", "init": "teacher-layers"}
+"""What the unset shape keys become where a student is cut."""
 
 
 class DistillConfig(_Section):
@@ -535,8 +543,7 @@ class RunConfig(_Section):
         if not self.student.model:
             raise ValueError("student.model: with teacher.llm the student is a given pretrained encoder (e.g. "
                              "minilm-l6 or a model dir); there is no encoder teacher to derive it from")
-        shaped = sorted(self.student.model_fields_set & {"layers", "layer_map", "hidden_size", "num_attention_heads",
-                                                         "num_key_value_heads", "intermediate_size", "init"})
+        shaped = [key for key in STUDENT_SHAPE_KEYS if getattr(self.student, key) is not None]
         if shaped:
             raise ValueError(f"student.{shaped[0]}: with teacher.llm the student.model is taken whole; remove it")
         inner = sorted(term for term, w in self.distill.losses.items() if w > 0 and TERMS[term].family
@@ -552,6 +559,17 @@ class RunConfig(_Section):
             key = "augment" if self.data.augment else "text_pair_column"
             raise ValueError(f"data.{key}: not with teacher.llm (its prompt shows one text, and augmentation reads an "
                              "encoder teacher's embeddings)")
+        return self
+
+    @model_validator(mode="after")
+    def _student_shape(self):
+        # The shape keys stay unset (None) for a student.model taken whole and get their defaults wherever a student
+        # is cut, so that the config.yaml a run writes loads back to the same run (set-ness is not written there).
+        s = self.student
+        if s.model is None or any(getattr(s, key) is not None for key in STUDENT_SHAPE_KEYS):
+            for key, default in STUDENT_SHAPE_DEFAULTS.items():
+                if getattr(s, key) is None:
+                    setattr(s, key, default)
         return self
 
     @model_validator(mode="after")

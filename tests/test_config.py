@@ -1,7 +1,8 @@
 import pytest
 
-from kdistill.config import list_recipes, load_config, recipe_description, recipe_dir, validate_config
+from kdistill.config import dump_config, list_recipes, load_config, recipe_description, recipe_dir, validate_config
 from kdistill.errors import ConfigError
+from kdistill.pipeline.students import is_shaped
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
@@ -154,3 +155,29 @@ def test_cross_tokenizer_terms_are_refused_where_they_cannot_run(overrides, mess
     with pytest.raises(ConfigError) as err:
         load_config("lm-cross", overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_the_config_a_run_writes_loads_back_to_the_same_run(name, tmp_path):
+    """`--resume` and a copied config.yaml read the dumped config: it must mean what the recipe meant, including a
+    student.model taken whole (no shape key) against one cut by a shape key."""
+    cfg = load_config(name)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg), encoding="utf-8")
+    again = load_config(saved)
+    assert again.model_dump() == cfg.model_dump()
+    assert is_shaped(again.student) == is_shaped(cfg.student)
+
+
+@pytest.mark.parametrize(("overrides", "shaped", "layers"), [
+    (["student.model=null"], True, 2),                    # derived from the teacher: 2 layers by default
+    ([], False, None),                                    # a pretrained student (minilm-l6), taken whole
+    (["student.layers=3"], True, 3),                      # ... cut to 3 of its layers
+    (["student.hidden_size=128"], True, 2),               # a width alone cuts it to the default depth
+])
+def test_a_student_model_is_cut_only_where_a_shape_key_is_given(overrides, shaped, layers, tmp_path):
+    cfg = load_config("newsgroups", overrides)
+    assert (is_shaped(cfg.student), cfg.student.layers) == (shaped, layers)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg), encoding="utf-8")
+    assert (is_shaped(load_config(saved).student), load_config(saved).student.layers) == (shaped, layers)

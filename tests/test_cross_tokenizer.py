@@ -159,8 +159,7 @@ def test_a_pretrained_student_with_student_layers_is_pruned_from_its_own_weights
     whole, copied = make_student(cfg, teacher, None)
     assert whole.config.num_hidden_layers == 2 and copied is None  # no shape key: the model as it is
 
-    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"layers": [1]})})
-    cfg.student.model_fields_set.add("layers")
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"layers": [1], "init": "teacher-layers"})})
     sliced, copied = make_student(cfg, teacher, None)
     pretrained = BertModel.from_pretrained(student_dir)
     assert sliced.config.num_hidden_layers == 1 and copied is None  # not the teacher's layers: no `init` pairs

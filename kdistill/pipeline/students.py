@@ -7,7 +7,7 @@ import logging
 
 from transformers import AutoConfig
 
-from kdistill.config import RunConfig, StudentConfig
+from kdistill.config import STUDENT_SHAPE_KEYS, RunConfig, StudentConfig
 from kdistill.data import DataBundle, Encodings
 from kdistill.strategies.explicit import why_not_cached
 from kdistill.errors import UserError
@@ -37,13 +37,9 @@ def student_layers(s: StudentConfig, teacher_layers: int) -> list[int]:
         raise UserError(f"student.{message}" if message.startswith("layers") else f"student.layers: {message}") \
             from None
 
-SHAPE_KEYS = frozenset({"layers", "layer_map", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                        "intermediate_size", "init"})
-"""student keys that shape a student derived from a model (the teacher, or a student.model its task prunes)."""
-
 def is_shaped(student_cfg) -> bool:
     """Whether the recipe sets a student shape key: then a student.model is pruned by them, else taken whole."""
-    return bool(student_cfg.model_fields_set & SHAPE_KEYS)
+    return any(getattr(student_cfg, key) is not None for key in STUDENT_SHAPE_KEYS)
 
 POSITIONAL_TERMS = {name for name, term in TERMS.items() if term.positional}
 """Terms that compare the two models' states position by position: they need one tokenization for both."""
