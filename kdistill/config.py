@@ -132,7 +132,7 @@ class EndpointConfig(_Section):
     """A teacher behind an OpenAI-compatible API (teacher.endpoint): where it is, how to ask it, how hard to try."""
 
     url: str = Field(min_length=1)
-    """The API's base URL, the part before /chat/completions, e.g. `http://127.0.0.1:8000/v1`."""
+    """The API's base URL, the part before /chat/completions (or /completions), e.g. `http://127.0.0.1:8000/v1`."""
     model: str = Field(min_length=1)
     """The served model's name, sent as `model` (what the server's GET /models lists)."""
     api_key_env: str | None = None
@@ -199,6 +199,13 @@ class LLMTeacherConfig(_Section):
     shuffled labeled split (few-shot prompting). 0: zero-shot."""
     batch_size: int = Field(8, ge=1)
     """Texts scored per forward pass of the LLM."""
+    endpoint: EndpointConfig | None = None
+    """The LLM behind an OpenAI-compatible server instead of loaded here: its weights stay there, and `model` names
+    only its tokenizer (the same as the served model's: a built-in alias or a dir holding tokenizer files), whose
+    chat template renders each prompt here. Each text is one POST {url}/completions of token ids, the prompt followed
+    by each answer, with `echo` and `logprobs` (the server must return the prompt tokens' log-probabilities for a
+    token-id prompt: kdistill serve, vLLM and llama.cpp's server do); the scores are stored as they arrive, so a
+    killed run asks only for the texts still missing."""
 
     @field_validator("prompt")
     @classmethod

@@ -360,19 +360,27 @@ def llm_teacher_lines(metrics: dict) -> list[str]:
     llm = metrics.get("llm_teacher")
     if not llm:
         return []
-    ratio = f"{llm['cpu_cost_ratio']:,.0f}x" if llm.get("cpu_cost_ratio") else "n/a"
+    measure = "CPU" if llm.get("cpu_cost_ratio") else "wall"  # behind an endpoint the LLM's CPU is not seen
+    ratio = llm.get("cpu_cost_ratio") or llm.get("wall_cost_ratio")
+    ratio = f"{ratio:,.0f}x" if ratio else "n/a"
     stored = f"{llm['calls']:,} scored in this run, {llm['reused']:,} read from the store"
+    if llm.get("endpoint"):
+        where = f"behind {llm['endpoint']}, one request per text"
+        how = f"the LLM's wall time over {llm['requests']:,} requests against the student's batches of {llm['batch_size']}"
+    else:
+        where = f"scoring {llm['forwards_per_text']} forward(s) per text"
+        how = f"batches of {llm['batch_size']}, {llm['threads']} threads"
     answers = ", ".join(f"{label} = {answer!r}" for label, answer in llm["verbalizers"].items())
     return [f"## The LLM teacher ({metrics['run']})", "",
             f"{llm['model']}, {llm['shots']}-shot, answers {answers}: "
             f"accuracy {llm['accuracy']:.2%}, macro-F1 {llm['macro_f1']:.4f} on the {llm['n_test']} test texts "
             "(the argmax of its answer log-probabilities); \"acc. retained\" above is relative to it.", "",
             "| cost per 1,000 texts | CPU s | wall s |", "|---|---|---|",
-            f"| LLM (scoring {llm['forwards_per_text']} forward(s) per text) | {llm['cpu_s_per_1000_texts']:.1f} | "
+            f"| LLM ({where}) | {format_cell(llm['cpu_s_per_1000_texts'], '{:.1f}')} | "
             f"{llm['wall_s_per_1000_texts']:.1f} |",
             f"| student | {llm['student_cpu_s_per_1000_texts']:.3f} | {llm['student_wall_s_per_1000_texts']:.3f} |", "",
-            f"The LLM costs {ratio} the student's CPU time per text (batches of {llm['batch_size']}, "
-            f"{llm['threads']} threads). Its scores of {llm['texts_scored']:,} texts: {stored}.", ""]
+            f"The LLM costs {ratio} the student's {measure} time per text ({how}). Its scores of "
+            f"{llm['texts_scored']:,} texts: {stored}.", ""]
 
 
 def write_classifier_report(runs: list[dict], out: Path, sections=None) -> Path:

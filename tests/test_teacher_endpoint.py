@@ -87,13 +87,13 @@ def chats_asked(bodies: list[dict]) -> collections.Counter:
 
 
 class Counting:
-    """ASGI middleware keeping the JSON body of every POST /v1/chat/completions the server receives."""
+    """ASGI middleware keeping the JSON body of every POST to `path` the server receives."""
 
-    def __init__(self, app):
-        self.app, self.bodies = app, []
+    def __init__(self, app, path: str = "/v1/chat/completions"):
+        self.app, self.path, self.bodies = app, path, []
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+        if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:

@@ -10,7 +10,10 @@ change between runs, seeds or students: they are kept under `$KDISTILL_CACHE_DIR
 Parquet shards of `SHARD_TEXTS` texts (columns `row` int64, `scores` list<float32> (one per label), `cpu_s` and
 `wall_s` float64: each row's share of its batch's CPU and wall seconds, so that a run reading them back still knows
 what they cost), each written atomically with its key as soon as its texts are scored (the shard format of
-cache/responses.py). A killed pass resumes at the first missing shard.
+cache/responses.py). A killed pass resumes at the first missing shard. An LLM behind an endpoint
+(teacher_endpoint.endpoint_label_scores) keeps its scores in the same layout, keyed by the server's URL and model
+name, row by row as they arrive (cache/responses.RowStore), with `wall_s` and no `cpu_s` (the server's CPU is not
+seen).
 
 The key holds everything the scores depend on: the LLM's weights (a fingerprint), the rendered prompts' token ids
 (the template, the prompt, the shots and the texts) and each label's answer tokens.
@@ -48,11 +51,21 @@ def label_scores_root() -> Path:
 
 def label_scores_key(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> dict:
     """Everything the scores of `answers` after `prompts` depend on; equal keys, equal scores."""
+    return {"format": SCORES_FORMAT, "teacher": fingerprint_model(model), **_scored(prompts, answers)}
+
+
+def endpoint_scores_key(url: str, model: str, prompts: Sequence[Sequence[int]],
+                        answers: Sequence[Sequence[int]]) -> dict:
+    """The key of an endpoint's scores: the server (its URL and the model's name: the weights behind the name are
+    not seen) in place of the weights' fingerprint."""
+    return {"format": SCORES_FORMAT, "endpoint": url, "model": model, **_scored(prompts, answers)}
+
+
+def _scored(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> dict:
     h = hashlib.sha256()
     for p in prompts:
         h.update(json.dumps(list(map(int, p))).encode() + b"\n")
-    return {"format": SCORES_FORMAT, "teacher": fingerprint_model(model), "prompts": h.hexdigest()[:32],
-            "num_prompts": len(prompts), "answers": [list(map(int, a)) for a in answers]}
+    return {"prompts": h.hexdigest()[:32], "num_prompts": len(prompts), "answers": [list(map(int, a)) for a in answers]}
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ The key holds everything the responses depend on: the teacher's weights (a finge
 the stop ids, the generation settings (greedy or sampled, temperature, seed, max new tokens) and the format.
 
 A teacher behind an OpenAI-compatible endpoint answers in text, one prompt per request, in any order: its store
-(`TextResponses`) has the same layout with columns `row`, `response` string and `tokens` (the completion's tokens
+(`text_responses`, a `RowStore`) has the same layout with columns `row`, `response` string and `tokens` (the completion's tokens
 as the server counted them, null where it did not say), keyed by the endpoint's URL and model name, the
 conversations sent and the request's settings (the weights behind the name are not seen: a server that swaps them
 keeps its name's answers). An unfinished shard holds the rows answered so far, rewritten at most every
@@ -136,25 +136,26 @@ def text_responses_key(*, url: str, model: str, conversations: Sequence[Sequence
             "num_prompts": len(conversations), "max_tokens": int(max_tokens), "temperature": float(temperature)}
 
 
-class TextResponses:
-    """The stored text responses of one `text_responses_key`, shard by shard: what the store held when opened is
-    read at once; `record` keeps a new answer, on disk once its shard fills or at the next `flush` (which whoever
-    asks the endpoint calls every FLUSH_SECONDS, and when it stops)."""
+class RowStore:
+    """Values an endpoint returns row by row, in any order (a teacher's text answers, an LLM's label scores), stored
+    under `path` as the shards of one `key`, columns `row` and `columns` (name -> Arrow type): what the store held
+    when opened is read at once; `record` keeps a new row, on disk once its shard fills or at the next `flush`
+    (which whoever asks the endpoint calls every FLUSH_SECONDS, and when it stops)."""
 
-    def __init__(self, key: dict, root: str | Path | None = None):
+    def __init__(self, key: dict, path: Path, columns: dict[str, pa.DataType]):
         self.key = key
-        self.path = Path(root or responses_root()) / f"responses-{key_digest(key)}"
+        self.path = path
+        self.columns = columns
         check_writable(self.path, inside=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.texts: dict[int, str] = {}
-        self.tokens: dict[int, int | None] = {}
+        self.values: dict[int, tuple] = {}
         for s in range(self.shards):
             table = read_shard(self._file(s), key, self._rows(s))
             if table is not None:
-                for row, text, tokens in zip(*(table.column(c).to_pylist() for c in ("row", "response", "tokens"))):
-                    self.texts[row], self.tokens[row] = text, tokens
-        self.reused = len(self.texts)
-        """Prompts whose responses were read from the store."""
+                for row, *values in zip(*(table.column(c).to_pylist() for c in ("row", *columns))):
+                    self.values[row] = tuple(values)
+        self.reused = len(self.values)
+        """Rows read from the store."""
         self._unwritten: set[int] = set()
 
     @property
@@ -168,33 +169,37 @@ class TextResponses:
         return self.path / f"shard-{shard:05d}.parquet"
 
     def missing(self) -> list[int]:
-        """The prompts (row numbers, in order) the store holds no response to."""
-        return [i for i in range(self.key["num_prompts"]) if i not in self.texts]
+        """The rows (in order) the store holds nothing for."""
+        return [i for i in range(self.key["num_prompts"]) if i not in self.values]
 
-    def record(self, row: int, text: str, tokens: int | None) -> None:
-        """Keep the response to prompt `row` (its text, and its completion tokens or None)."""
-        self.texts[row], self.tokens[row] = text, tokens
+    def record(self, row: int, *values) -> None:
+        """Keep row `row`'s values, one per column."""
+        self.values[row] = values
         shard = row // SHARD_PROMPTS
         self._unwritten.add(shard)
-        if all(i in self.texts for i in self._rows(shard)):
+        if all(i in self.values for i in self._rows(shard)):
             self._write(shard)
 
     def flush(self) -> None:
-        """Write every shard that holds a response not yet on disk: what was answered so far."""
+        """Write every shard that holds a row not yet on disk: what was answered so far."""
         for shard in sorted(self._unwritten):
             self._write(shard)
 
     def _write(self, shard: int) -> None:
-        rows = [i for i in self._rows(shard) if i in self.texts]
-        write_shard(self._file(shard), self.key, self._rows(shard),
-                     {"row": pa.array(rows, pa.int64()),
-                      "response": pa.array([self.texts[i] for i in rows], pa.string()),
-                      "tokens": pa.array([self.tokens[i] for i in rows], pa.int32())})
+        rows = [i for i in self._rows(shard) if i in self.values]
+        arrays = {name: pa.array([self.values[i][c] for i in rows], kind)
+                  for c, (name, kind) in enumerate(self.columns.items())}
+        write_shard(self._file(shard), self.key, self._rows(shard), {"row": pa.array(rows, pa.int64()), **arrays})
         self._unwritten.discard(shard)
 
-    def finish(self) -> tuple[list[str], list[int | None]]:
-        """Every prompt's response text and token count, in order, once the store holds them all; writes the
-        manifest."""
+    def finish(self) -> list[list]:
+        """Each column's values over every row, in row order, once the store holds them all; writes the manifest."""
         atomic_write_json(self.path / "manifest.json", {"key": self.key, "shards": self.shards})
-        n = self.key["num_prompts"]
-        return [self.texts[i] for i in range(n)], [self.tokens[i] for i in range(n)]
+        rows = range(self.key["num_prompts"])
+        return [[self.values[i][c] for i in rows] for c in range(len(self.columns))]
+
+
+def text_responses(key: dict, root: str | Path | None = None) -> RowStore:
+    """The store of an endpoint's text responses of one `text_responses_key`: columns `response` and `tokens`."""
+    return RowStore(key, Path(root or responses_root()) / f"responses-{key_digest(key)}",
+                    {"response": pa.string(), "tokens": pa.int32()})

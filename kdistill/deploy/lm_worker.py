@@ -36,7 +36,8 @@ class Job:
     """One request, checked and ready for the worker thread."""
 
     prompts: list
-    """Completion prompts (strings) or one chat's messages (a list of {"role", "content"})."""
+    """Completion prompts (each a string, or a list of token ids used as given) or one chat's messages (a list of
+    {"role", "content"})."""
     chat: bool
     n: int
     max_tokens: int | None
@@ -182,6 +183,8 @@ class LMWorker:
         self.max_tokens = max_tokens
         self.default_max_tokens = default_max_tokens
         rows = self.model.get_input_embeddings().num_embeddings
+        self.vocab_size = rows
+        """Token ids the model reads: a prompt of token ids holds ids in [0, vocab_size)."""
         if len(self.tokenizer) > rows:
             raise UserError(f"{info.path}: the tokenizer has {len(self.tokenizer)} tokens but the model only {rows} "
                             "embeddings; save the model after resize_token_embeddings(len(tokenizer))")
@@ -278,6 +281,8 @@ class LMWorker:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _encode(self, job: Job, prompt) -> list[int]:
+        if isinstance(prompt, list) and not job.chat:  # token ids (checked by the route): read as they are
+            return list(prompt)
         if not job.chat:
             # verbose=False: a prompt over the context gets the 400 below, not also the tokenizer's log warning
             ids = self.tokenizer(prompt, split_special_tokens=True, verbose=False)["input_ids"]
@@ -332,8 +337,11 @@ class LMWorker:
         values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
         return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
 
-    def _echo(self, job: Job, prompt: str, ids: list[int], c: Continuation | None) -> tuple[str, list]:
-        """The echoed prompt's text and, with logprobs, its tokens' entries (the first has no log-prob)."""
+    def _echo(self, job: Job, prompt: str | list[int], ids: list[int], c: Continuation | None) -> tuple[str, list]:
+        """The echoed prompt's text (a prompt of token ids decoded as generated tokens are) and, with logprobs, its
+        tokens' entries (the first has no log-prob)."""
+        if not isinstance(prompt, str):
+            prompt = self._decode(ids)
         if job.top_k is None:
             return prompt, []
         chosen = c.prompt_logprobs.gather(1, torch.tensor(ids[1:], dtype=torch.long)[:, None])[:, 0].tolist()

@@ -4,7 +4,7 @@ for a decoder, so that OpenAI clients and tools talk to a distilled student unch
 Routes (added to kdistill.deploy.serve's app when the served dir is a causal LM; every one needs the API key when
 one is set, as X-API-Key or `Authorization: Bearer KEY`, which is what OpenAI clients send)
     GET  /v1/models                  the one served model; /v1/models/{name} that one
-    POST /v1/completions             prompt (a string or a list of strings) -> text
+    POST /v1/completions             prompt (a string, token ids, or a list of either) -> text
     POST /v1/chat/completions        messages, rendered by the model's own chat template -> an assistant message
 
 Sampling: `temperature` 0 is greedy (the same tokens as kdistill.generation.generate), above 0 a draw from the
@@ -19,7 +19,10 @@ start of a stop string, or half a UTF-8 character, is held back until it is know
 
 Text is text: a completion prompt is tokenised as the tokenizer does (its own BOS, if it adds one), with a literal
 "<|im_start|>" or "<|endoftext|>" read as characters, and a chat's special tokens come only from its template
-(kdistill.data.chat.encode_chat), so a user cannot forge a turn.
+(kdistill.data.chat.encode_chat), so a user cannot forge a turn. A completion prompt of token ids is read exactly as
+given (not tokenised, no BOS added; each id within the model's vocabulary, or a 400 naming it): a client that renders
+a chat template itself (kdistill's teacher.llm.endpoint scores each label's answer after a rendered prompt) needs
+the server to read exactly its ids, special tokens included.
 
 Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 a bad parameter (its name in
 `param`), a prompt longer than the model's context (the limit in the message; code context_length_exceeded) or an
@@ -144,6 +147,23 @@ def _check_text(text: str, where: str) -> None:
         raise APIError(400, str(e), param=where) from None
 
 
+def _completion_prompts(prompt: str | list, vocab_size: int) -> list:
+    """The request's prompts, each a string or a list of token ids; a 400 naming a string that is not UTF-8 text or
+    an id outside [0, vocab_size) ("prompt[1][3]")."""
+    one = isinstance(prompt, str) or isinstance(prompt[0], int)
+    prompts = [prompt] if one else prompt
+    for i, p in enumerate(prompts):
+        where = "prompt" if one else f"prompt[{i}]"
+        if isinstance(p, str):
+            _check_text(p, where)
+            continue
+        for j, token in enumerate(p):
+            if not 0 <= token < vocab_size:
+                raise APIError(400, f"{where}[{j}]: token id {token} is not in this model's vocabulary (0 to "
+                               f"{vocab_size - 1})", param=f"{where}[{j}]")
+    return prompts
+
+
 def _job(req: Sampling, worker: LMWorker, *, prompts: list, chat: bool, max_tokens: int | None,
          top_k: int | None, echo: bool, max_choices: int) -> Job:
     """The checks every request shares, beyond its body's schema; a 400 or 404 naming the parameter."""
@@ -205,9 +225,7 @@ def add_routes(app: FastAPI, worker: LMWorker, *, require_key: Callable, read_js
     @app.post("/v1/completions", dependencies=key, openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_json(request))
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        for i, p in enumerate(prompts):
-            _check_text(p, "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]")
+        prompts = _completion_prompts(req.prompt, worker.vocab_size)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens: must be at least 1 (0 only with echo, to score the prompt)",
                            param="max_tokens")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_STOPS = 4
@@ -32,6 +32,27 @@ class StreamOptions(_Body):
 
 StopStrings = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                               Field(max_length=MAX_STOPS)]
+
+
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
+def _prompt_form(value: Any) -> str | None:
+    # which form a prompt is, read from its first element, so that a bad one gets the errors of that form alone
+    # ("prompt[1]: Input should be a valid integer"), not one for each form it is not
+    if isinstance(value, str):
+        return "string"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    return "strings" if isinstance(first, str) else "id_lists" if isinstance(first, list) else "ids"
+
+
+Prompt = Annotated[Annotated[str, Tag("string")] | Annotated[list[str], Field(min_length=1), Tag("strings")]
+                   | Annotated[TokenIds, Tag("ids")] | Annotated[list[TokenIds], Field(min_length=1), Tag("id_lists")],
+                   Discriminator(_prompt_form, custom_error_type="prompt_form",
+                                 custom_error_message="Input should be a string, a list of strings, a list of token ids "
+                                 "(integers) or a list of lists of token ids")]
 
 
 class Sampling(_Body):
@@ -66,8 +87,10 @@ class Sampling(_Body):
 class CompletionRequest(Sampling):
     """Body of POST /v1/completions."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    """One prompt, or several: choice i * n + j is prompt i's j-th."""
+    prompt: Prompt
+    """A string is one prompt, a list of strings several: choice i * n + j is prompt i's j-th. A list of integers is
+    one prompt as token ids, a list of such lists several: read exactly as given (not tokenised, no special tokens or
+    BOS added), each id in [0, the model's vocabulary size)."""
     logprobs: int | None = Field(None, ge=0, le=5)
     """Log-probabilities of the chosen tokens and of the k most likely at each position."""
     echo: bool | None = None
@@ -155,7 +178,7 @@ def error_response(exc: StarletteHTTPException) -> Response:
 
 
 def _path(loc: tuple) -> list:
-    # the union members that pydantic adds to a location ('str', 'list[str]') are not where the value is
+    # the union members or tags that pydantic adds to a location ('str', 'ids') are not where the value is
     return [part for part in loc if isinstance(part, int) or part in _FIELDS]
 
 

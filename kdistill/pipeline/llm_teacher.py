@@ -8,7 +8,8 @@ assistant's reply (cache/label_scores.py), once per text, stored and reused by l
 the labels, the scores are the teacher's logits: the `kd` term reads them on every training row (transfer rows
 included), `ce` the gold labels of the labeled rows. The no-KD baseline is the same student on the gold labels
 alone. metrics.json "llm_teacher" holds the LLM's own test accuracy and macro-F1 (the argmax of its scores) and
-its cost per 1,000 texts beside the student's, measured alike (CPU seconds of a batched pass).
+its cost per 1,000 texts beside the student's, measured alike (CPU seconds of a batched pass). Behind
+teacher.llm.endpoint the LLM's CPU is the server's, not seen here: its cost is the pass's wall seconds and requests.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kdistill.strategies.explicit import distill_explicit
 from kdistill.strategies.phase import Phase
 from kdistill.task import get_task
 from kdistill.teacher import load_frozen_lm
+from kdistill.teacher_endpoint import endpoint_label_scores
 from kdistill.terms import TermSpec
 from kdistill.training import is_main_process
 
@@ -94,9 +96,13 @@ def llm_inputs(cfg: RunConfig, tokenizer, texts: list[str], shots: list[tuple[st
 def llm_signal(cfg: RunConfig, data: DataBundle) -> tuple[dict[str, torch.Tensor], dict]:
     """The LLM's label scores, raw log-probabilities (N, C), of every row of each of SCORED_SPLITS (`data`: the
     student's, transfer rows included), and the scoring pass's info (cache/label_scores.py). The LLM is loaded for
-    this pass alone."""
+    this pass alone; behind teacher.llm.endpoint, only its tokenizer is."""
     name = cfg.teacher.llm.model
-    llm, tokenizer, _ = load_frozen_lm(name, "teacher.llm.model")
+    endpoint = cfg.teacher.llm.endpoint
+    if endpoint is None:
+        llm, tokenizer, _ = load_frozen_lm(name, "teacher.llm.model")
+    else:
+        llm, tokenizer = None, load_tokenizer(name)
     answers = verbalizers(cfg, data.label_names)
     train = data.splits["train"]
     labeled = [(t, y) for t, y in zip(train["text"], train["label"]) if y != UNLABELED]
@@ -107,14 +113,18 @@ def llm_signal(cfg: RunConfig, data: DataBundle) -> tuple[dict[str, torch.Tensor
     prompts, answer_ids = llm_inputs(cfg, tokenizer, texts, labeled[: cfg.teacher.llm.shots], answers)
     log.info("teacher.llm %s: %d texts, %d labels (answers %s), prompts of %d-%d tokens", name, len(texts),
              len(answers), answers, min(map(len, prompts)), max(map(len, prompts)))
-    scores, info = llm_label_scores(llm, prompts, answer_ids, pad_id=pad_id_of(tokenizer),
-                                    batch_size=cfg.teacher.llm.batch_size)
+    if endpoint is None:
+        scores, info = llm_label_scores(llm, prompts, answer_ids, pad_id=pad_id_of(tokenizer),
+                                        batch_size=cfg.teacher.llm.batch_size)
+    else:
+        scores, info = endpoint_label_scores(endpoint, prompts, answer_ids)
     out, start = {}, 0
     for split in SCORED_SPLITS:
         n = len(data.splits[split])
         out[split], start = scores[start: start + n], start + n
     info.update(model=name, answers=answers, answer_tokens=[len(a) for a in answer_ids], shots=cfg.teacher.llm.shots,
-                params=sum(p.numel() for p in llm.parameters()))
+                params=sum(p.numel() for p in llm.parameters()) if llm is not None else None,
+                endpoint=endpoint.url if endpoint is not None else None)
     return out, info
 
 
@@ -150,7 +160,10 @@ def llm_metrics(cfg: RunConfig, data: DataBundle, scores: dict[str, torch.Tensor
         "student_cpu_s_per_1000_texts": student_cost["cpu_s_per_1000_texts"],
         "student_wall_s_per_1000_texts": student_cost["wall_s_per_1000_texts"],
         "cpu_cost_ratio": info["cpu_s_per_1000_texts"] / student_cost["cpu_s_per_1000_texts"]
-        if student_cost["cpu_s_per_1000_texts"] else None,
+        if info["cpu_s_per_1000_texts"] is not None and student_cost["cpu_s_per_1000_texts"] else None,
+        "wall_cost_ratio": info["wall_s_per_1000_texts"] / student_cost["wall_s_per_1000_texts"]
+        if student_cost["wall_s_per_1000_texts"] else None,
+        "endpoint": info["endpoint"], "requests": info.get("requests"),
         "batch_size": cfg.teacher.llm.batch_size, "threads": torch.get_num_threads(),
     }
 

@@ -18,6 +18,7 @@ from kdistill.errors import UserError
 from kdistill.models import load_tokenizer
 from kdistill.pipeline.encoder import run_encoder
 from kdistill.pipeline.llm_teacher import run_llm_phases
+from kdistill.teacher_endpoint import api_key
 from kdistill.pipeline.preflight import recipe_teacher_tokenizer
 from kdistill.pipeline.students import check_tokenizers, student_classifier
 from kdistill.pipeline.verbs import evaluate_classifier_dir
@@ -57,6 +58,11 @@ def run_classification(cfg, out=None, *, resume: bool = False, overwrite: bool =
                        phases=run_llm_phases if cfg.teacher.llm else None)
 
 
+def check_recipe(cfg, *, distilling: bool) -> None:
+    if cfg.teacher.llm is not None and cfg.teacher.llm.endpoint is not None:
+        api_key(cfg.teacher.llm.endpoint, "teacher.llm.endpoint")  # its variable is set, before any data is read
+
+
 def texts_and_labels(data):
     """Export parity: the test texts and their gold labels."""
     return list(data.splits["test"]["text"]), list(data.splits["test"]["label"])
@@ -76,6 +82,7 @@ TASK = Task(
     auto_model=AutoModelForSequenceClassification,
     scratch_model=BertForSequenceClassification,
     features=frozenset({"two_stage", "prune_student_model", "trim_vocab", "llm_teacher"}),
+    preflight=check_recipe,
     preflight_files=check_student_tokenizer,
     student_model=labeled_student_model,
     data_for_model=with_model_labels,

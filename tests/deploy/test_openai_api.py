@@ -218,6 +218,122 @@ def test_completion_logprobs_with_echo_score_the_prompt(server, lm):
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-6)
 
 
+# ------------------------------------------------------------------------------------------- token-id prompts
+
+
+def post_completion(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": NAME, **body}, timeout=60)
+
+
+def test_a_token_id_prompt_scores_as_its_text_does(server, lm):
+    _, tokenizer = lm
+    prompt = "The cat chased a ball."
+    ids = tokenizer(prompt)["input_ids"]
+    scoring = {"max_tokens": 0, "echo": True, "logprobs": 2}
+    text = post_completion(server, {"prompt": prompt, **scoring}).json()
+    by_ids = post_completion(server, {"prompt": ids, **scoring}).json()
+    a, b = text["choices"][0], by_ids["choices"][0]
+    assert b["text"] == a["text"] == prompt and b["finish_reason"] == "length"
+    assert b["logprobs"]["tokens"] == a["logprobs"]["tokens"] and len(b["logprobs"]["tokens"]) == len(ids)
+    assert b["logprobs"]["text_offset"] == a["logprobs"]["text_offset"]
+    assert a["logprobs"]["token_logprobs"][0] is None and b["logprobs"]["token_logprobs"][0] is None
+    assert b["logprobs"]["token_logprobs"][1:] == pytest.approx(a["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    assert by_ids["usage"] == text["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                                "total_tokens": len(ids)}
+
+
+def test_a_token_id_prompt_is_read_as_given_special_tokens_included(server, lm):
+    _, tokenizer = lm
+    ids = chat_ids(tokenizer, QUESTION)  # a chat rendered by the client: <|im_start|> ... as special tokens
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == start
+    scored = post_completion(server, {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    lp = scored["choices"][0]["logprobs"]
+    assert lp["tokens"][0] == "<|im_start|>" and scored["usage"]["prompt_tokens"] == len(ids)
+    logprobs = log_softmax_at(lm, ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(logprobs[at - 1, t]) for at, t in enumerate(ids) if at],
+                                                     abs=1e-4)
+    # the same characters as text are text: more tokens, no <|im_start|> among them
+    as_text = post_completion(server, {"prompt": tokenizer.decode(ids), "max_tokens": 0, "echo": True}).json()
+    assert as_text["usage"]["prompt_tokens"] > len(ids)
+    # a completion continues the ids as generate does (the ids are a prompt, not a chat: EOS alone ends it)
+    text, reason, n_tokens = expected(lm, ids, chat=False, max_tokens=6)
+    answer = post_completion(server, {"prompt": ids, "max_tokens": 6, "temperature": 0}).json()
+    assert (answer["choices"][0]["text"], answer["choices"][0]["finish_reason"]) == (text, reason)
+    assert answer["usage"]["completion_tokens"] == n_tokens
+
+
+def test_several_token_id_prompts_answer_as_each_alone(server, lm):
+    _, tokenizer = lm
+    prompts = [tokenizer("The dog found a bone.")["input_ids"], chat_ids(tokenizer, QUESTION)]
+    kwargs = {"max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 1}
+    both = post_completion(server, {"prompt": prompts, "n": 2, **kwargs}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3]
+    for i, ids in enumerate(prompts):
+        alone = post_completion(server, {"prompt": ids, **kwargs}).json()["choices"][0]
+        for choice in both["choices"][2 * i: 2 * i + 2]:  # choice i * n + j is prompt i's j-th
+            assert (choice["text"], choice["finish_reason"]) == (alone["text"], alone["finish_reason"])
+            assert choice["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+            assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(alone["logprobs"]["token_logprobs"][1:],
+                                                                             abs=1e-5)
+    assert both["usage"]["prompt_tokens"] == sum(len(ids) for ids in prompts)
+    texts = defaultdict(str)
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                      json={"prompt": prompts, "n": 2, "stream": True, **kwargs}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                texts[choice["index"]] += choice["text"]
+    assert [texts[i] for i in range(4)] == [c["text"] for c in both["choices"]]
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"prompt": [5, 99999]}, "prompt[1]", "prompt[1]: token id 99999 is not in this model's vocabulary (0 to "),
+    ({"prompt": [[5, 6], [7, 8, 9, -1]]}, "prompt[1][3]", "prompt[1][3]: token id -1 is not in this model's"),
+    ({"prompt": [10**30]}, "prompt[0]", f"token id {10**30} is not"),
+    ({"prompt": []}, "prompt", "prompt: List should have at least 1 item"),
+    ({"prompt": [[5], []]}, "prompt[1]", "prompt[1]: List should have at least 1 item"),
+    ({"prompt": [5, True]}, "prompt[1]", "prompt[1]: Input should be a valid integer"),
+    ({"prompt": [[5, 6.0]]}, "prompt[0][1]", "prompt[0][1]: Input should be a valid integer"),
+    ({"prompt": [5, "The dog"]}, "prompt[1]", "prompt[1]: Input should be a valid integer"),
+    ({"prompt": [[5], "The dog"]}, "prompt[1]", "prompt[1]: Input should be a valid list"),
+    ({"prompt": 5}, "prompt", "prompt: Input should be a string, a list of strings, a list of token ids"),
+    ({"prompt": [5] * 200}, "prompt", "context is 128 tokens"),
+    ({"prompt": [5] * 100, "max_tokens": 30}, "prompt", "over this model's context of 128"),
+])
+def test_bad_token_id_prompts_are_400s_naming_the_element(server, lm, body, param, says):
+    r = post_completion(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(says) or says in error["message"], error["message"]
+    assert "\n" not in error["message"]
+    if "vocabulary" in says:
+        assert error["message"].endswith(f"(0 to {len(lm[1]) - 1})")
+    assert post_completion(server, {"prompt": [5, 6], "max_tokens": 1}).status_code == 200  # and it still answers
+
+
+def test_the_openai_client_sends_token_id_prompts(server, lm):
+    _, tokenizer = lm
+    api = client(server)
+    prompt = "The dog found a bone."
+    ids = tokenizer(prompt)["input_ids"]
+    full = api.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12).choices[0].text
+    stop = full[len(full) // 2:][:2]
+    as_text = api.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12, stop=stop)
+    assert as_text.choices[0].finish_reason == "stop"  # the stop string cut it
+    for form in (ids, [ids]):
+        answer = api.completions.create(model=NAME, prompt=form, temperature=0, max_tokens=12, stop=stop)
+        assert len(answer.choices) == 1 and answer.choices[0].text == as_text.choices[0].text
+        assert answer.choices[0].finish_reason == as_text.choices[0].finish_reason
+        assert answer.usage.prompt_tokens == len(ids)
+    streamed = api.completions.create(model=NAME, prompt=[ids], temperature=0, max_tokens=12, stop=stop,
+                                      stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == as_text.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        api.completions.create(model=NAME, prompt=[[len(tokenizer)]], max_tokens=1)
+
+
 # ------------------------------------------------------------------------------------------------- streaming
 
 
