@@ -122,11 +122,14 @@ def evaluate(model: Path, data: Annotated[str, typer.Option(help="Built-in datas
 @app.command("report")
 def report(run_dirs: Annotated[list[Path], typer.Argument(help="One or more run dirs")],
            out: Annotated[Optional[Path], typer.Option(help="Where report.md goes (default: first run dir)")]
-           = None) -> Path:
-    """report.md + plots comparing every model of the given runs."""
+           = None,
+           peers: Annotated[Optional[list[Path]], typer.Option(
+               help="A peers table (python -m benchmarks.peers.run writes <out>/<table>/peers.json: the file or its "
+                    "dir) whose tools join the table and the trade-off plot; repeatable")] = None) -> Path:
+    """report.md + plots comparing every model of the given runs (and of the tools in --peers tables)."""
     from kdistill.reporting import write_report
 
-    path = write_report(run_dirs, out)
+    path = write_report(run_dirs, out, peers)
     typer.echo(str(path))
     return path
 

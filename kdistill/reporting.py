@@ -337,12 +337,38 @@ def student_line(shape: dict) -> str:
             f"the calibration tokens; the kept blocks in bold): {ranking}.")
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
+                 peers: list[str | Path] | None = None) -> Path:
     """Write report.md and plots/ into `out_dir` (default: the first run dir), as the runs' task lays it out
-    (Task.report); returns the report path."""
+    (Task.report); `peers`: tables of benchmarks/peers whose systems join the runs' models (`load_peers`); returns
+    the report path."""
     runs = [load_run(d) for d in run_dirs]
+    task = runs[0]["metrics"].get("task", DEFAULT_TASK)
+    runs += [load_peers(p, task) for p in peers or []]
     out = Path(out_dir) if out_dir else runs[0]["dir"]
-    return get_task(runs[0]["metrics"].get("task", DEFAULT_TASK)).report(runs, out)
+    return get_task(task).report(runs, out)
+
+
+def load_peers(path: str | Path, task: str) -> dict:
+    """A peers table (benchmarks/peers writes <out>/<table>/peers.json: the file or its dir) as one more run of the
+    report: the tools' systems, each with the quality, size and speed keys of a run's models, so the summary table
+    and the trade-off plot set them beside the runs' teacher, student and no-KD student. kdistill's own rows are
+    left out (the runs given are the ones to compare); a system that failed keeps its row, empty, named so."""
+    file = Path(path) / "peers.json" if Path(path).is_dir() else Path(path)
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))
+        models, table_task = table["models"], table["task"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--peers {path}: not a peers table (benchmarks/peers writes <out>/<table>/peers.json): "
+                        f"{e}") from None
+    if table_task != task:
+        raise UserError(f"--peers {path}: a table of {table_task} systems, the runs are {task}; give a table of "
+                        "the same task")
+    shown = {(f"{name} (failed)" if m.get("failed") else name): m
+             for name, m in models.items() if m.get("system") != "kdistill"}
+    name = table.get("table", file.parent.name)
+    return {"dir": file.parent, "histories": {},
+            "metrics": {"run": name, "task": task, "data": table.get("data", {}), "models": shown}}
 
 
 def entity_sections(runs: list[dict]) -> list[str]:

@@ -123,3 +123,32 @@ def test_a_plot_that_fails_is_logged_and_skipped_and_the_report_still_written(tm
     assert "| student | 50.00% |" in text
     assert "tradeoff" not in text and "![confusion](plots/confusion_run.png)" in text
     assert "plot tradeoff.png skipped (MemoryError: canvas too large)" in caplog.text
+
+
+def test_peers_join_the_table_and_the_tradeoff_plot(tmp_path, capsys):
+    """`kdistill report RUN --peers DIR`: the tools of a peers table (benchmarks/peers' peers.json) sit beside the
+    run's models, kdistill's own rows of that table left out, a failed tool named; another task's table is refused
+    in one line."""
+    from kdistill.cli import main
+    from tests.test_bench_peers import peers_doc
+
+    run = report_run(tmp_path, 2, [[3, 1], [0, 4]])
+    speed = {"latency_ms_batch1": 4.0, "size_mb": 2.0, "throughput_per_s": 10.0}
+    doc = peers_doc("peers-kd", {
+        "kdistill:student": {"system": "kdistill", "label": "student", "accuracy": 0.5, **speed},
+        "textbrewer": {"system": "textbrewer", "label": "TextBrewer", "accuracy": 0.625, **speed},
+        "hf-trainer-kd": {"system": "hf-trainer-kd", "label": "Trainer KD", "failed": "out of time"}})
+    (tmp_path / "peers-kd").mkdir()
+    (tmp_path / "peers-kd" / "peers.json").write_text(json.dumps(doc))
+    main(["report", str(run), "--peers", str(tmp_path / "peers-kd"), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| peers-kd/textbrewer | 62.50% |" in text and "| r/student | 50.00% |" in text
+    assert "peers-kd/hf-trainer-kd (failed) |" in text and "kdistill:student" not in text
+    assert (tmp_path / "out" / "plots" / "tradeoff.png").stat().st_size > 1000
+
+    (tmp_path / "peers-kd" / "peers.json").write_text(json.dumps({**doc, "task": "embedding"}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(run), "--peers", str(tmp_path / "peers-kd" / "peers.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: --peers ") and "a table of embedding systems" in err and "\n" not in err

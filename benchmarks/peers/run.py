@@ -37,8 +37,8 @@ Outputs:
   <results-dir>/<table>.json        per table, the results page's summary (format: benchmarks/render_results.py);
                                     then `python -m benchmarks.render_results` rewrites docs/results.md
 
-peers.json, one per table, shaped like a kdistill run's metrics.json so that a report can put its systems beside a
-run's models:
+peers.json, one per table, shaped like a kdistill run's metrics.json so that a report puts its systems beside a
+run's models (`kdistill report RUN_DIR --peers <out>/<table>`):
   {"table": "peers-kd", "recipe": "default", "task": "classification", "quick": false,
    "kdistill_run": "<the kdistill run dir>", "command": "...", "commit": "...", "date": "YYYY-MM-DD",
    "machine": {"cpu", "cores", "torch", "torch_threads", "python", "threads"},
