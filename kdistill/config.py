@@ -199,6 +199,11 @@ class LLMTeacherConfig(_Section):
     shuffled labeled split (few-shot prompting). 0: zero-shot."""
     batch_size: int = Field(8, ge=1)
     """Texts scored per forward pass of the LLM."""
+    calibration: Literal["batch", "none"] = "batch"
+    """`batch`: each label's mean log-probability over the training texts (labeled and transfer; never a held-out
+    one) is subtracted from every text's, so a label the prompt makes likely for any text (a prior the LLM brings,
+    not evidence from the text) stops winning by default (Batch Calibration, Zhou et al. 2024). The calibrated
+    scores are the soft labels and the LLM's own predictions; `none`: the raw log-probabilities."""
     endpoint: EndpointConfig | None = None
     """The LLM behind an OpenAI-compatible server instead of loaded here: its weights stay there, and `model` names
     only its tokenizer (the same as the served model's: a built-in alias or a dir holding tokenizer files), whose

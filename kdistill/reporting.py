@@ -397,10 +397,12 @@ def llm_teacher_lines(metrics: dict) -> list[str]:
         where = f"scoring {llm['forwards_per_text']} forward(s) per text"
         how = f"batches of {llm['batch_size']}, {llm['threads']} threads"
     answers = ", ".join(f"{label} = {answer!r}" for label, answer in llm["verbalizers"].items())
+    calibration = (f", batch-calibrated: {llm['raw_accuracy']:.2%} before the label prior was taken out"
+                   if llm.get("calibration") == "batch" else "")
     return [f"## The LLM teacher ({metrics['run']})", "",
             f"{llm['model']}, {llm['shots']}-shot, answers {answers}: "
             f"accuracy {llm['accuracy']:.2%}, macro-F1 {llm['macro_f1']:.4f} on the {llm['n_test']} test texts "
-            "(the argmax of its answer log-probabilities); \"acc. retained\" above is relative to it.", "",
+            f"(the argmax of its answer log-probabilities{calibration}); \"acc. retained\" above is relative to it.", "",
             "| cost per 1,000 texts | CPU s | wall s |", "|---|---|---|",
             f"| LLM ({where}) | {format_cell(llm['cpu_s_per_1000_texts'], '{:.1f}')} | "
             f"{llm['wall_s_per_1000_texts']:.1f} |",

@@ -16,7 +16,7 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import ConfigError, UserError
 from kdistill.pipeline import run
-from kdistill.pipeline.llm_teacher import llm_inputs, verbalizers
+from kdistill.pipeline.llm_teacher import calibrated, llm_inputs, verbalizers
 from tests.conftest import tiny_bert_config
 from tests.helpers import write_recipe, write_toy_csv
 from tests.test_instruction import chat_model_dir, chat_tokenizer  # noqa: F401 (a fixture)
@@ -111,6 +111,23 @@ def test_scores_are_stored_once_and_a_killed_pass_resumes_where_it_stopped(tmp_p
     assert torch.equal(resumed, whole)
 
 
+def test_batch_calibration_takes_out_the_label_prior_of_the_training_texts():
+    """An LLM that leans to label 0 for every text: raw, it predicts 0 for both test texts; less the mean
+    log-probability of each label over the training texts, each test text gets the label its own evidence favours."""
+    p = torch.tensor
+    scores = {"train": p([[0.8, 0.15, 0.05], [0.7, 0.25, 0.05], [0.7, 0.05, 0.25]]).log(),  # (N, C)
+              "test": p([[0.6, 0.35, 0.05], [0.6, 0.05, 0.35]]).log()}
+    raw, none = calibrated(scores, "none")
+    assert none is None and raw["test"].argmax(-1).tolist() == [0, 0]
+    assert torch.allclose(raw["test"].exp().sum(-1), torch.ones(2))
+    out, prior = calibrated(scores, "batch")
+    want_prior = raw["train"].mean(0)
+    assert prior == pytest.approx(want_prior.tolist())
+    assert torch.allclose(out["test"], raw["test"] - want_prior)
+    assert out["test"].argmax(-1).tolist() == [1, 2]
+    assert torch.allclose(out["train"].mean(0), torch.zeros(3), atol=1e-6)  # no label favoured on average
+
+
 def recipe(tmp_path, llm_dir, encoder_dir, llm: dict | None = None, **sections):
     data = write_toy_csv(tmp_path / "toy.csv", n=60, seed=3)
     return write_recipe(tmp_path / "llm.yaml", {
@@ -144,6 +161,8 @@ def test_a_run_learns_the_llm_scores_reports_its_accuracy_and_cost_and_reuses_th
     assert llm["forwards_per_text"] == len({tuple(a[:-1]) for a in answers})  # one per distinct answer prefix
     assert llm["cpu_s_per_1000_texts"] > 0 and llm["student_cpu_s_per_1000_texts"] > 0
     assert llm["cpu_cost_ratio"] == pytest.approx(llm["cpu_s_per_1000_texts"] / llm["student_cpu_s_per_1000_texts"])
+    assert llm["calibration"] == "batch" and 0.0 <= llm["raw_accuracy"] <= 1.0
+    assert sorted(llm["label_prior"]) == ["politics", "sport", "tech"]
     student = metrics["models"]["student"]
     assert student["accuracy_retained_pct"] == pytest.approx(100 * student["accuracy"] / llm["accuracy"]) \
         if llm["accuracy"] else student["accuracy_retained_pct"] is None

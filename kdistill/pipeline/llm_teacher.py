@@ -5,7 +5,8 @@ The LLM is an instruction-tuned causal LM, not fine-tuned. Each text goes into t
 the LLM's own chat template (kdistill.data.chat: special tokens come from the template alone), after teacher.llm.shots
 labeled training rows as earlier (user, assistant) turns; each label's answer (its verbalizer) is scored as the
 assistant's reply (cache/label_scores.py), once per text, stored and reused by later runs and seeds. Normalised over
-the labels, the scores are the teacher's logits: the `kd` term reads them on every training row (transfer rows
+the labels and calibrated (`calibrated`: less the label prior the LLM shows over the training texts), the scores are
+the teacher's logits: the `kd` term reads them on every training row (transfer rows
 included), `ce` the gold labels of the labeled rows. The no-KD baseline is the same student on the gold labels
 alone. metrics.json "llm_teacher" holds the LLM's own test accuracy and macro-F1 (the argmax of its scores) and
 its cost per 1,000 texts beside the student's, measured alike (CPU seconds of a batched pass). Behind
@@ -128,6 +129,18 @@ def llm_signal(cfg: RunConfig, data: DataBundle) -> tuple[dict[str, torch.Tensor
     return out, info
 
 
+def calibrated(scores: dict[str, torch.Tensor], how: str) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+    """Each split's label log-probabilities, normalised over the labels (log-softmax), and with `how` "batch" less
+    the label prior: log q(c | x) = log p(c | x) − mean over the training texts x' of log p(c | x') (Batch
+    Calibration, Zhou et al., ICLR 2024, in log space), estimated on the training split alone, so no held-out text
+    informs it. Returns (scores (N, C) per split, the prior (C,) or None)."""
+    normalised = {split: s.log_softmax(-1) for split, s in scores.items()}
+    if how == "none":
+        return normalised, None
+    prior = normalised["train"].mean(0)  # (C,)
+    return {split: s - prior for split, s in normalised.items()}, prior.tolist()
+
+
 def cost_per_1000(model, encoded, tokenizer, batch_size: int) -> dict:
     """CPU and wall seconds per 1,000 texts of `model`'s batched pass over `encoded`, measured as the LLM's scoring
     pass is (process CPU time around each batch)."""
@@ -139,10 +152,13 @@ def cost_per_1000(model, encoded, tokenizer, batch_size: int) -> dict:
 
 
 def llm_metrics(cfg: RunConfig, data: DataBundle, scores: dict[str, torch.Tensor], info: dict, student_dir: Path,
-                encodings: Encodings) -> dict:
-    """metrics.json "llm_teacher": the LLM's test (and validation) quality from the argmax of its scores, and its
-    cost per 1,000 texts beside the student's and their ratio."""
+                encodings: Encodings, raw: dict[str, torch.Tensor], prior: list[float] | None) -> dict:
+    """metrics.json "llm_teacher": the LLM's test (and validation) quality from the argmax of its (calibrated)
+    scores, the raw scores' test accuracy beside it, and its cost per 1,000 texts beside the student's and their
+    ratio."""
     test = quality_metrics(scores["test"].argmax(-1).tolist(), list(data.splits["test"]["label"]), data.label_names)
+    raw_accuracy = quality_metrics(raw["test"].argmax(-1).tolist(), list(data.splits["test"]["label"]),
+                                   data.label_names)["accuracy"]
     validation = quality_metrics(scores["validation"].argmax(-1).tolist(), list(data.splits["validation"]["label"]),
                                  data.label_names)
     student, tokenizer, _ = load_model_dir(student_dir)
@@ -154,6 +170,8 @@ def llm_metrics(cfg: RunConfig, data: DataBundle, scores: dict[str, torch.Tensor
         "answer_tokens": info["answer_tokens"], "shots": info["shots"], "params": info["params"],
         "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "n_test": test["n_test"],
         "confusion_matrix": test["confusion_matrix"], "validation_accuracy": validation["accuracy"],
+        "calibration": cfg.teacher.llm.calibration, "raw_accuracy": raw_accuracy,
+        "label_prior": dict(zip(data.label_names, prior)) if prior is not None else None,
         "texts_scored": info["texts"], "calls": info["calls"], "reused": info["reused"],
         "forwards_per_text": info["forwards_per_text"], "store": info["path"],
         "cpu_s_per_1000_texts": info["cpu_s_per_1000_texts"], "wall_s_per_1000_texts": info["wall_s_per_1000_texts"],
@@ -176,7 +194,8 @@ def run_llm_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: b
     main = is_main_process()
     encodings = Encodings(cfg.data.max_length, cfg.data.label_all_subtokens)
     student_data = with_transfer(data, cfg.data, None, None)  # data.unlabeled_file's rows (no augment: config)
-    scores, info = llm_signal(cfg, student_data)
+    raw, info = llm_signal(cfg, student_data)
+    scores, prior = calibrated(raw, cfg.teacher.llm.calibration)
 
     student_tokenizer = load_tokenizer(cfg.student.model)
     check_trim_vocab(cfg, student_tokenizer)
@@ -191,8 +210,8 @@ def run_llm_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: b
         phase = Phase(student, [], student_tokenizer, encodings(student_data, student_tokenizer),
                       TermSpec.of_recipe(cfg.distill.losses, [], cfg.distill), cfg.distill, cfg.train,
                       get_task(cfg.task), log_dir=run_dir / "logs", checkpoints=checkpoints)
-        # log-softmax over the labels: the LLM's distribution over the answers, read by kd as logits
-        history = distill_explicit(phase, work_dir=run_dir, teacher_logits=scores["train"].log_softmax(-1))
+        # normalised over the labels (and calibrated): the LLM's distribution over the answers, read by kd as logits
+        history = distill_explicit(phase, work_dir=run_dir, teacher_logits=scores["train"])
         models["student"] = (run_dir / "student", history)
         if main:
             save_history(run_dir, history)
@@ -209,7 +228,7 @@ def run_llm_phases(cfg: RunConfig, data: DataBundle, run_dir: Path, *, resume: b
     if not main:
         return run_dir
     metrics = evaluate_run(cfg, run_dir, models, student_data, None, encodings)
-    metrics["llm_teacher"] = llm = llm_metrics(cfg, data, scores, info, run_dir / "student", encodings)
+    metrics["llm_teacher"] = llm = llm_metrics(cfg, data, scores, info, run_dir / "student", encodings, raw, prior)
     for r in metrics["models"].values():  # against the LLM: there is no teacher model to time or size here
         r["accuracy_retained_pct"] = 100 * r["accuracy"] / llm["accuracy"] if llm["accuracy"] else None
         r.pop("speedup_vs_teacher", None)
