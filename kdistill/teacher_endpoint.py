@@ -293,7 +293,8 @@ def answer_scores(route: str, where: str, prompts: Sequence[Sequence[int]], answ
     log-probability, the sum of its tokens' log-probs, which sit right after the prompt's tokens."""
     def read(row: int, answer: dict) -> list[float]:
         prompt_tokens = len(prompts[row])
-        choices = sorted(answer["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+        # in prompt order: choice i answers prompt i (a choice without an integer index counts as the first)
+        choices = sorted(answer["choices"], key=lambda c: c["index"] if isinstance(c.get("index"), int) else 0)
         if len(choices) != len(answers):
             raise Failure(f"200 with {len(choices)} choices for {len(answers)} prompts")
         scores = []
