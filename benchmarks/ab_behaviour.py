@@ -78,6 +78,7 @@ OVERRIDES: dict[str, list[str]] = {
                           "train.max_steps=2", "train.eval_every=2", "eval.samples=2"],
     "kd-attention": encoder() + ["teacher.epochs=1"],
     "llm-teacher": encoder(limit=16) + ["data.labeled_limit=8"],  # Qwen2.5-0.5B scores 16 + 16 + 16 texts
+    "llm-teacher-chinese": encoder(limit=16) + ["data.labeled_limit=8"],  # 16 + 16 + 16 reviews; student from scratch
     "kd-hidden": encoder() + ["teacher.epochs=1"],
     "kd-logits": encoder() + ["teacher.epochs=1"],
     "kd-minilm": encoder() + ["teacher.epochs=1"],

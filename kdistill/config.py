@@ -308,6 +308,10 @@ class StudentConfig(_Section):
     layers / widths / init set here it is pruned as a teacher-derived student would be (e.g. `layers: 2`: two layers
     of a general-purpose encoder that never saw the task). causal-lm: a causal LM (built-in alias such as
     `smollm2-135m`, GGUF file or model dir); across tokenizers the terms are uld or aligned_kd."""
+    from_scratch: FromScratchConfig | None = None
+    """With teacher.llm, instead of student.model: a small BERT from random weights over a tokenizer built for the
+    data (a WordPiece trained on the training texts, transfer texts included), e.g. for Chinese text, which the
+    bundled encoders' English vocabularies read mostly as [UNK]."""
     trim_vocab: bool = False
     """Encoder tasks: once trained, the student keeps only the vocabulary its training and transfer texts tokenize
     to, plus the special tokens and every single character (bare and `##`): the word-embedding table (MiniLM-L6:
@@ -541,6 +545,9 @@ class RunConfig(_Section):
     def _teacher_llm(self):
         t = self.teacher
         if t.llm is None:
+            if self.student.from_scratch is not None:
+                raise ValueError("student.from_scratch: only with teacher.llm; other students are cut from their "
+                                 "teacher (student.layers, widths, init: random) or given as student.model")
             return self
         if not get_task(self.task).has("llm_teacher"):
             raise ValueError(f"teacher.llm: an LLM teaches {_tasks_with(lambda task: task.has('llm_teacher'))} "
@@ -552,9 +559,13 @@ class RunConfig(_Section):
             raise ValueError(f"teacher.{given[0]}: the teacher is teacher.llm ({t.llm.model}); nothing else teaches "
                              f"or is fine-tuned here, so remove teacher.{given[0]}")
         t.model = None  # the default alias is not the teacher either: nothing downstream may load it
-        if not self.student.model:
+        if not self.student.model and self.student.from_scratch is None:
             raise ValueError("student.model: with teacher.llm the student is a given pretrained encoder (e.g. "
-                             "minilm-l6 or a model dir); there is no encoder teacher to derive it from")
+                             "minilm-l6 or a model dir) or student.from_scratch; there is no encoder teacher to "
+                             "derive it from")
+        if self.student.model and self.student.from_scratch is not None:
+            raise ValueError("student.from_scratch: the student is student.model or trained from scratch, not both; "
+                             "remove one")
         shaped = [key for key in STUDENT_SHAPE_KEYS if getattr(self.student, key) is not None]
         if shaped:
             raise ValueError(f"student.{shaped[0]}: with teacher.llm the student.model is taken whole; remove it")
@@ -577,7 +588,10 @@ class RunConfig(_Section):
     def _student_shape(self):
         # The shape keys stay unset (None) for a student.model taken whole and get their defaults wherever a student
         # is cut, so that the config.yaml a run writes loads back to the same run (set-ness is not written there).
+        # A student from scratch is sized by student.from_scratch and cut from nothing.
         s = self.student
+        if s.from_scratch is not None:
+            return self
         if s.model is None or any(getattr(s, key) is not None for key in STUDENT_SHAPE_KEYS):
             for key, default in STUDENT_SHAPE_DEFAULTS.items():
                 if getattr(s, key) is None:

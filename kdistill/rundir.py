@@ -37,18 +37,22 @@ LOCK = ".kdistill.lock"
 """Held by the process that claimed the dir while its run lasts (claim_run_dir); not an output."""
 UNFINGERPRINTED = ("name", "eval", "export", "train.checkpoint_every", "train.num_threads")
 """Config keys that do not change what is trained, which a resumed run may see changed."""
+FINGERPRINTED_WHEN_SET = ("student.from_scratch",)
+"""Config keys newer than the runs one may resume: left out of the fingerprint while unset (None), which is what a
+run started before they existed meant, so that such a run still resumes."""
 
 
 def run_fingerprint(cfg: RunConfig, training_data) -> dict[str, str]:
-    """sha256 of the config (less UNFINGERPRINTED) and of `training_data` (the texts and labels training reads:
-    any JSON-able value)."""
+    """sha256 of the config (less UNFINGERPRINTED, and FINGERPRINTED_WHEN_SET where unset) and of `training_data`
+    (the texts and labels training reads: any JSON-able value)."""
     config = cfg.model_dump(mode="json")
-    for key in UNFINGERPRINTED:
+    for key in UNFINGERPRINTED + FINGERPRINTED_WHEN_SET:
         *sections, last = key.split(".")
         node = config
         for section in sections:
             node = node[section]
-        node.pop(last)
+        if key in UNFINGERPRINTED or node[last] is None:
+            node.pop(last)
     return {"config": _sha256(config), "data": _sha256(training_data)}
 
 

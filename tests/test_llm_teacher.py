@@ -14,7 +14,9 @@ import kdistill.cache.label_scores as label_scores
 from kdistill.cache.label_scores import answer_logprobs, llm_label_scores
 from kdistill.cli import main
 from kdistill.config import load_config
+from kdistill.data import load_data
 from kdistill.errors import ConfigError, UserError
+from kdistill.models import load_model_dir
 from kdistill.pipeline import run
 from kdistill.pipeline.llm_teacher import calibrated, llm_inputs, verbalizers
 from tests.conftest import tiny_bert_config
@@ -189,6 +191,10 @@ def test_a_run_learns_the_llm_scores_reports_its_accuracy_and_cost_and_reuses_th
     ({"distill": {"losses": {"kd": 1.0, "hidden_mse": 1.0}}}, "distill.losses.hidden_mse: an LLM teacher gives"),
     ({"distill": {"losses": {"kd": 1.0}, "strategy": "mutual"}}, "distill.strategy: an LLM teacher is frozen"),
     ({"task": "token-classification"}, "teacher.llm: an LLM teaches classification"),
+    ({"student": {"model": "minilm-l6", "from_scratch": {"hidden_size": 32, "num_attention_heads": 2}}},
+     "student.from_scratch: the student is student.model or trained from scratch, not both"),
+    ({"teacher": {"llm": None, "model": "minilm-l6"}, "student": {"model": None, "from_scratch": {}}},
+     "student.from_scratch: only with teacher.llm"),
 ])
 def test_config_errors_name_the_key_in_one_line(tmp_path, change, message, capsys):
     base = {"name": "x", "teacher": {"llm": {"model": "qwen2.5-coder-0.5b"}}, "student": {"model": "minilm-l6"},
@@ -204,6 +210,27 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, change, message, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdistill: ") and "\n" not in err
+
+
+def test_a_student_from_scratch_gets_a_wordpiece_of_the_training_texts_and_learns_the_llm_scores(
+        tmp_path, llm_dir, encoder_dir, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    scratch = {"tokenizer": "wordpiece", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "intermediate_size": 64}
+    cfg = load_config(recipe(tmp_path, llm_dir, encoder_dir, student={"model": None, "from_scratch": scratch}))
+    run_dir = run(cfg, tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["models"]) == {"student", "baseline"} and metrics["llm_teacher"]["cpu_cost_ratio"] > 0
+    student, tokenizer, _ = load_model_dir(run_dir / "student")
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (1, 32)
+    assert student.config.vocab_size == len(tokenizer) <= 200
+    # the vocabulary is the training texts' own: their words read without [UNK]
+    train_words = " ".join(load_data(cfg.data).splits["train"]["text"]).split()
+    assert tokenizer.unk_token_id not in tokenizer(" ".join(train_words[:50]))["input_ids"]
+    history = json.loads((run_dir / "logs" / "history_student.json").read_text(encoding="utf-8"))
+    assert all("kd" in step for step in history["steps"])
+    # the config the run wrote loads back to the same student
+    assert load_config(run_dir / "config.yaml").student.from_scratch == cfg.student.from_scratch
 
 
 def test_verbalizers_follow_the_labels_and_must_name_every_one_of_them(tmp_path, llm_dir, encoder_dir):

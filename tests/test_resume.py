@@ -257,6 +257,26 @@ def test_the_fingerprint_follows_what_is_trained_only():
     assert other_data["config"] == base["config"] and other_data["data"] != base["data"]
 
 
+def test_a_key_newer_than_a_run_is_fingerprinted_only_once_set():
+    """A run started before student.from_scratch existed resumes: the key, unset, is not in the fingerprint."""
+    import hashlib
+
+    from kdistill.rundir import run_fingerprint
+
+    cfg = load_config("llm-teacher")
+    before = cfg.model_dump(mode="json")
+    for key in ("name", "eval", "export"):
+        before.pop(key)
+    before["train"].pop("checkpoint_every")
+    before["train"].pop("num_threads")
+    del before["student"]["from_scratch"]  # as the config read before the key existed
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode("ascii")).hexdigest()
+    assert run_fingerprint(cfg, [])["config"] == digest
+    scratch = load_config("llm-teacher-chinese")
+    assert run_fingerprint(scratch, [])["config"] != run_fingerprint(
+        load_config("llm-teacher-chinese", ["student.from_scratch.hidden_size=128"]), [])["config"]
+
+
 
 def test_a_checkpoint_of_another_config_or_data_is_refused(monkeypatch, tmp_path, tiny_tokenizer):
     """Checkpoints carry the fingerprint of the config and data they were written for; another one is refused."""
