@@ -89,6 +89,7 @@ OVERRIDES: dict[str, list[str]] = {
     "ner": encoder() + ["teacher.epochs=1"],  # 64 sentences + 64 transfer sentences; the ONNX export stays
     "ner-chinese": encoder() + ["teacher.epochs=1"],
     "newsgroups": encoder(limit=32) + ["teacher.epochs=1", "data.labeled_limit=16"],  # mpnet-base teacher: 2 steps
+    "small": encoder() + ["teacher.epochs=1", "data.labeled_limit=32"],  # a pruned, vocabulary-trimmed student
     "tiny": encoder() + ["teacher.epochs=1"],
 }
 """Recipe -> its `--set` overrides (after COMMON). One entry per shipped recipe: a recipe without one is an error."""
