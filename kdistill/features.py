@@ -22,6 +22,7 @@ as is for a student that learns from these tensors.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -163,6 +164,11 @@ def qkv_hooks(model: nn.Module) -> Iterator[list[dict[str, Tensor]]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether `model`'s forward can compute its logits at chosen positions only (transformers' `logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def capture(

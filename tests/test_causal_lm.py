@@ -152,6 +152,57 @@ def test_each_lm_term_in_the_loop_matches_a_reference_and_trains(term, bpe_token
     assert all(p.grad is None for p in teacher.parameters())  # the teacher never learns
 
 
+class _AllLogits(torch.nn.Module):
+    """The same model behind a forward that cannot keep logits at chosen positions (no `logits_to_keep`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("terms", [{"forward_kl": 1.0, "lm": 0.5}, {"jsd": 1.0}])
+def test_prompt_rows_project_only_their_response_columns_onto_the_vocabulary(terms, bpe_tokenizer, docs):
+    """Prompt + response rows: the models compute logits only over the columns that hold targets, and every term
+    and gradient equals the one over whole rows (float64 models: the same sums to ~1e-15)."""
+    teacher = tiny_gpt2(bpe_tokenizer, seed=1).double()
+    batch = pack_blocks(docs, bpe_tokenizer, 16).batch(slice(0, 4))
+    batch["attention_mask"][1, -3:] = 0
+    batch = with_targets({**batch, "prompt_length": torch.tensor([9, 11, 8, 12])})
+    assert batch["valid"][:, :7].sum() == 0 and batch["valid"].sum() > 0
+    spec = TermSpec(terms, [], {"gjsd_beta": 0.4})
+    accelerator = make_accelerator(TrainConfig())
+    widths, results = [], []
+    for wrap in (lambda m: m, _AllLogits):
+        student = tiny_gpt2(bpe_tokenizer, layers=2, seed=2).double().train()
+        hook = student.lm_head.register_forward_hook(lambda m, i, out: widths.append(out.shape[1]))
+        logged = accumulate_step(wrap(student), wrap(teacher), [batch], spec=spec, temperature=2.0,
+                                 accelerator=accelerator)
+        hook.remove()
+        results.append((logged, [p.grad.clone() for p in student.parameters()]))
+    assert widths == [8, 16]  # columns 7 (prompt 8 predicts its first response token) to 14 (15 predicts none)
+    (windowed, g_windowed), (whole, g_whole) = results
+    for term in terms:
+        assert windowed[term] == pytest.approx(whole[term], rel=1e-6) and whole[term] > 0
+    for a, b in zip(g_windowed, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_validation_perplexity_of_prompt_rows_is_the_same_with_logits_on_their_responses_only(bpe_tokenizer, docs):
+    packed = pack_blocks(docs, bpe_tokenizer, 16)
+    blocks = LMBlocks(packed.input_ids[:6], packed.attention_mask[:6],
+                      prompt_lengths=torch.tensor([9, 11, 8, 12, 10, 7]))
+    model = tiny_gpt2(bpe_tokenizer, seed=3).double()
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, i, out: widths.append(out.shape[1]))
+    windowed, whole = perplexity(model, blocks, batch_size=3), perplexity(_AllLogits(model), blocks, batch_size=3)
+    assert widths == [8, 9, 16, 16]  # rows 0-2 from column 7, rows 3-5 from column 6; then whole rows
+    assert windowed["tokens"] == whole["tokens"] > 0
+    assert windowed["loss"] == pytest.approx(whole["loss"], rel=1e-9)
+
+
 def test_full_vocabulary_cache_equals_the_live_teacher(tmp_path, bpe_tokenizer, docs):
     """With K = V the cached forward KL (renormalised over the stored support) is the full-vocabulary loss."""
     teacher, student = tiny_gpt2(bpe_tokenizer, seed=1), tiny_gpt2(bpe_tokenizer, layers=2, seed=2)

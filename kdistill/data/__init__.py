@@ -46,6 +46,7 @@ from kdistill.data.lm import (
     next_token_targets,
     pack_blocks,
     pad_id_of,
+    target_window,
     text_blocks,
 )
 from kdistill.data.readers import (
@@ -120,6 +121,7 @@ __all__ = [
     "next_token_targets",
     "pack_blocks",
     "pad_id_of",
+    "target_window",
     "peoples_daily_sentence",
     "read_chat_file",
     "read_conll",

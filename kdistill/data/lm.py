@@ -215,3 +215,10 @@ def next_token_targets(input_ids: Tensor, attention_mask: Tensor, prompt_length:
     elif prompt_length > 1:
         valid[:, : prompt_length - 1] = False
     return labels, valid
+
+
+def target_window(valid: Tensor) -> slice:
+    """The columns of `valid` (B, L) from the first to the last that holds a next-token target of any row: where a
+    model must compute its (B, ·, V) logits (transformers' `logits_to_keep`) when prompts hold no targets."""
+    columns = valid.any(0).nonzero().flatten()
+    return slice(int(columns[0]), int(columns[-1]) + 1) if len(columns) else slice(0, valid.shape[1])

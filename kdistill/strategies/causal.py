@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from kdistill.data import LMBlocks, next_token_targets
+from kdistill.data import LMBlocks, next_token_targets, target_window
 from kdistill.strategies.phase import Phase
-from kdistill.features import capture
+from kdistill.features import capture, keeps_logits
 from kdistill.terms import TERMS, CrossTeacher, TermSpec, check_terms, compute_terms, step_temperature
 from kdistill.tokenalign import pairs_of_ends
 from kdistill.training import (
@@ -194,8 +194,20 @@ def lm_terms(student, teacher, batch: dict, *, spec: TermSpec, temperature: floa
     """(sum, count) of the active terms (but `skip`) on one micro-batch: input_ids, attention_mask, labels, valid
     (B, L), and idx (B,) for rows of the top-k cache (and aligned (3, P) with a teacher over another vocabulary,
     `with_alignment`). The teacher side comes from the cache where it holds what the terms read (then the teacher
-    does not run), else from the frozen teacher's forward."""
+    does not run), else from the frozen teacher's forward.
+
+    Where the targets fill only some columns (a prompt + response row learns its response alone), both models
+    project onto the vocabulary only there (`target_window`): the (B, L, V) logits of the prompt, most of a row,
+    would be computed and then masked out. Hidden-state terms and aligned positions read whole rows: no window."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels, valid = batch["labels"], batch["valid"]
+    window = target_window(valid)
+    if (window != slice(0, valid.shape[1]) and not spec.needs_hidden and not spec.cross_tokenizer
+            and keeps_logits(accelerator.unwrap_model(student)) and (teacher is None or keeps_logits(teacher))):
+        inputs["logits_to_keep"] = torch.arange(window.start, window.stop, device=valid.device)
+        labels, valid = labels[:, window], valid[:, window]
+    else:
+        window = slice(None)
     needs_teacher = any(TERMS[t].reads for t in spec.active if t not in skip)
     teacher_topk = teacher_feats = cross = None
     if needs_teacher and spec.cross_tokenizer:  # the signal at the teacher's positions of the aligned pairs
@@ -203,13 +215,13 @@ def lm_terms(student, teacher, batch: dict, *, spec: TermSpec, temperature: floa
         logprobs, ids = cache.lookup(batch["idx"], accelerator.device)  # (B, Lt, K) each
         cross = CrossTeacher(rows, s_pos, logprobs[rows, t_pos], ids[rows, t_pos])
     elif needs_teacher and cache is not None and "idx" in batch and not spec.needs_teacher_features:
-        teacher_topk = cache.lookup(batch["idx"], accelerator.device)
+        teacher_topk = tuple(t[:, window] for t in cache.lookup(batch["idx"], accelerator.device))  # (B, W, K)
     elif needs_teacher:
         with torch.no_grad(), accelerator.autocast():  # the frozen teacher
             teacher_feats = capture(teacher, inputs, hidden_states=spec.needs_hidden)
     student_feats = capture(student, inputs, hidden_states=spec.needs_hidden)
-    return compute_terms(spec, student_feats, teacher_feats, batch["labels"], temperature=temperature,
-                         task=task, valid=batch["valid"], teacher_topk=teacher_topk, cross=cross, skip=skip)
+    return compute_terms(spec, student_feats, teacher_feats, labels, temperature=temperature,
+                         task=task, valid=valid, teacher_topk=teacher_topk, cross=cross, skip=skip)
 
 
 def step_kind(seed: int, step: int, fractions: tuple[float, float]) -> str:

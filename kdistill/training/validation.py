@@ -15,8 +15,8 @@ from seqeval.metrics import classification_report as seqeval_report
 from seqeval.scheme import IOB2
 
 from kdistill import losses
-from kdistill.data import UNLABELED, LMBlocks, next_token_targets
-from kdistill.features import Pooling, capture
+from kdistill.data import UNLABELED, LMBlocks, next_token_targets, target_window
+from kdistill.features import Pooling, capture, keeps_logits
 from kdistill.training.batching import has_token_labels
 
 
@@ -137,13 +137,19 @@ def perplexity(model, blocks: LMBlocks, batch_size: int = 8, byte_lengths: Tenso
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    keep = blocks.prompt_lengths is not None and keeps_logits(model)
     total, count, nbytes = 0.0, 0, 0
     try:
         for start in range(0, len(blocks), batch_size):
             batch = blocks.batch(slice(start, start + batch_size))
             labels, valid = next_token_targets(batch["input_ids"], batch["attention_mask"],
                                                batch.pop("prompt_length", 0))
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            if keep:  # logits only where the targets are (an instruction row's response, not its prompt)
+                window = target_window(valid)
+                labels, valid = labels[:, window], valid[:, window]
+                inputs["logits_to_keep"] = torch.arange(window.start, window.stop, device=device)
+            logits = model(**inputs).logits.float()
             s, c = losses.lm_ce_tokens(logits, labels.to(device), mask=valid.to(device))
             total += float(s)
             count += int(c)
