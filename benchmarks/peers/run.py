@@ -152,7 +152,7 @@ class Table:
 
 
 TABLES = {t.id: t for t in (
-    Table("peers-embedding", 26, "embedding", "Peers: sentence embeddings (model2vec, sentence-transformers)",
+    Table("peers-embedding", 30, "embedding", "Peers: sentence embeddings (model2vec, sentence-transformers)",
           ("teacher", "student", "baseline"),
           ("system", "Spearman vs teacher", "recall@10", "k-NN acc.", "train wall", "latency b=1", "throughput",
            "size on disk"),
@@ -162,21 +162,21 @@ TABLES = {t.id: t for t in (
           "by kdistill's embedding metrics against the recipe's teacher on the same held-out texts (Spearman ρ of "
           "pairwise cosines, recall@10 of the teacher's neighbours, k-NN accuracy with the training texts as the "
           "index)."),
-    Table("peers-fewlabel", 27, "default", "Peers: few labels (SetFit)", ("teacher", "student", "baseline"),
+    Table("peers-fewlabel", 32, "default", "Peers: few labels (SetFit)", ("teacher", "student", "baseline"),
           ("system", "test accuracy", "macro F1", "train wall", "latency b=1", "throughput", "size on disk"),
           lambda n: [fmt(n, "accuracy", pct), fmt(n, "macro_f1", lambda x: f"{x:.4f}"), *speed_cells(n)],
           "kdistill's default recipe (few labels and a transfer set) against SetFit, the tool built for few "
           "labels: SetFit on the same labeled rows, and SetFit's own distillation of that model into the student "
           "kdistill trains, on the same unlabeled rows. Accuracy on the same test split, by kdistill's "
           "quality_metrics."),
-    Table("peers-kd", 28, "default", "Peers: classic encoder KD (Trainer subclass, TextBrewer)", ("teacher", "student"),
+    Table("peers-kd", 33, "default", "Peers: classic encoder KD (Trainer subclass, TextBrewer)", ("teacher", "student"),
           ("system", "test accuracy", "train samples/s", "train wall", "latency b=1", "throughput", "size on disk"),
           lambda n: [fmt(n, "accuracy", pct), fmt(n, "samples_per_s", lambda x: f"{x:.1f}"), *speed_cells(n)],
           "kdistill's default recipe against the same distillation written by hand: the run's fine-tuned "
           "teacher, the same student (the same layers of the same pretrained encoder), the same labeled and "
           "transfer rows, epochs, batch size, lr, temperature and loss weights. train samples/s = training rows x "
           "epochs / train wall time."),
-    Table("peers-instruct", 29, trl_peer.RECIPE, "Peers: instruction distillation (TRL GKD)",
+    Table("peers-instruct", 34, trl_peer.RECIPE, "Peers: instruction distillation (TRL GKD)",
           ("teacher", "untrained", "student"),
           ("system", "task score", "agrees with teacher", "tokens learned", "tokens learned/s", "train wall",
            "on-policy batches", "size on disk"),
