@@ -375,8 +375,8 @@ def test_instruct_table_runs_the_recipe_with_one_tokenizer():
     cfg = load_config("instruct", overrides)
     assert cfg.task == "instruction" and cfg.student.model is None and cfg.student.layers == 2  # --quick's 2
     assert (cfg.data.limit, cfg.train.max_steps, cfg.train.lr, cfg.distill.losses) == (8, 2, 1e-4, {"jsd": 1.0})
-    assert load_config("instruct", peers_run.kdistill_overrides("instruct", peers_run.parse_args([]))
-                       ).student.layers == 12
+    full = load_config("instruct", peers_run.kdistill_overrides("instruct", peers_run.parse_args([])))
+    assert (full.teacher.model, full.student.layers) == ("smollm2-135m", 12)
     assert [t.id for t in peers_run.TABLES.values() if t.recipe == "instruct"] == ["peers-instruct"]
     assert peers_run.PEERS["trl"].table == "peers-instruct"
 

@@ -10,8 +10,8 @@ Tables, one per group of peers:
                    distillation, all scored against the recipe's teacher
   peers-fewlabel   recipe default (few labels + a transfer set): kdistill vs SetFit and SetFit's distillation
   peers-kd         recipe default: kdistill vs a hand-written Trainer-subclass KD and TextBrewer
-  peers-instruct   recipe instruct with one tokenizer (a student cut from the teacher, GKD's jsd, half the batches
-                   on-policy; trl_peer.SAME_TOKENIZER): kdistill vs TRL's GKDTrainer, by task score and response
+  peers-instruct   recipe instruct with one tokenizer (SmolLM2-135M-Instruct and a student cut from it, GKD's jsd,
+                   half the batches on-policy; trl_peer.SAME_TOKENIZER): kdistill vs TRL's GKDTrainer, by task score and response
                    tokens learned per second (trl_peer.py's doc)
 
 How: for each recipe a table needs, kdistill runs it (<out>/<recipe>/kdistill; reused while its config.yaml is the
@@ -186,7 +186,7 @@ TABLES = {t.id: t for t in (
                      DASH if "batches" not in n else f"{n.get('on_policy_batches', 0)} of {n['batches']}",
                      fmt(n, "size_mb", lambda x: f"{x:.1f} MiB")],
           "kdistill's instruction distillation against TRL's GKDTrainer on the same work: the instruct recipe with "
-          "a student cut from the teacher (one tokenizer, which GKD needs), the same chat rows (gold responses and "
+          "SmolLM2-135M-Instruct as the teacher and a student cut from it (one tokenizer, which GKD needs), the same chat rows (gold responses and "
           "the teacher's stored responses to the transfer prompts), the same starting weights, teacher, steps, "
           "batch, lr and max lengths; the same loss (generalized JSD) and share of on-policy batches. Task score: "
           "the recipe's scorer on greedy test responses; tokens learned/s: response tokens learned per second of "

@@ -28,20 +28,20 @@ from benchmarks.peers.common import Peer, PeerFailed, Setup, disk_mb, write_json
 
 PACKAGES = ("trl==1.16.0", "transformers==5.25.0", "accelerate==1.16.0", "datasets==5.2.0")
 RECIPE = "instruct"
-SAME_TOKENIZER = ["student.model=null", "student.layers=12", "distill.losses={jsd: 1.0}", "distill.temperature=1.0",
-                  "distill.on_policy_fraction=0.5", "distill.baseline=false", "train.grad_accum=4",
-                  "train.eval_every=100000"]
-"""The instruct recipe as the table runs it: a student of 12 of the teacher's 24 layers (one tokenizer, which GKD
-needs), GKD's own setting (generalized JSD with beta 0.5, half the batches on-policy), at T = 1 (GKDTrainer's loss
-takes no temperature), no no-KD baseline (TRL has none to set beside it), each step's 8 rows in 4 micro-batches of 2
-(the same loss and gradients in both: each normalises over the whole step; full-vocabulary log-probs of 8 rows at
-once took TRL's worker past 16 GB), one validation, at the end (without early stopping it only logs; each pass over
-the 100 validation rows costs minutes on a CPU)."""
-QUICK = ["teacher.model=smollm2-135m", "student.layers=2", "data.limit=8", "data.held_out_limit=8",
-         "data.labeled_limit=4", "train.max_steps=2", "eval.samples=2"]
-"""--quick: the bundled SmolLM2-135M-Instruct as the teacher (with the recipe's Qwen2.5-0.5B, whose 152k-token
-vocabulary dominates every step, a smoke run takes over 20 minutes on 2 loaded cores) and 2 of its layers as the
-student, 8 prompts per split (4 gold rows, 4 the teacher answers), 2 steps of 8 rows."""
+SAME_TOKENIZER = ["teacher.model=smollm2-135m", "student.model=null", "student.layers=12", "distill.losses={jsd: 1.0}",
+                  "distill.temperature=1.0", "distill.on_policy_fraction=0.5", "distill.baseline=false",
+                  "train.grad_accum=4", "train.eval_every=100000"]
+"""The instruct recipe as the table runs it: the bundled SmolLM2-135M-Instruct as the teacher and a student of 12 of
+its 30 layers (one tokenizer, which GKD needs; with the recipe's Qwen2.5-0.5B, whose 152k-token vocabulary dominates
+every step, each system's 90 steps take hours on 2 cores), GKD's own setting (generalized JSD with beta 0.5, half the
+batches on-policy), at T = 1 (GKDTrainer's loss takes no temperature), no no-KD baseline (TRL has none to set beside
+it), each step's 8 rows in 4 micro-batches of 2 (the same loss and gradients in both: each normalises over the whole
+step; full-vocabulary log-probs of 8 rows at once took TRL's worker past 16 GB), one validation, at the end (without
+early stopping it only logs; each pass over the 100 validation rows costs minutes on a CPU)."""
+QUICK = ["student.layers=2", "data.limit=8", "data.held_out_limit=8", "data.labeled_limit=4", "train.max_steps=2",
+         "eval.samples=2"]
+"""--quick: 2 of the teacher's layers as the student, 8 prompts per split (4 gold rows, 4 the teacher answers), 2
+steps of 8 rows."""
 TOKENS_FILE = "kdistill-tokens.json"
 """Beside kdistill's run dir: what `counting` counted while it trained (a run reused without it is run again)."""
 PHASE = "train student"
