@@ -250,3 +250,19 @@ def test_held_out_limit_is_a_config_error_for_a_task_without_it():
     with pytest.raises(ValueError, match="data.held_out_limit: caps the held-out splits of instruction, not "
                                          "classification"):
         RunConfig(task="classification", data={"held_out_limit": 10})
+
+
+@pytest.mark.parametrize("teacher, student, baseline, hint", [
+    (0.51, 0.53, 0.93, True),     # the gold answers beat the teacher's: the report says so
+    (0.71, 0.60, 0.45, False),    # distillation wins
+    (0.95, 0.40, 0.50, False),    # it loses to a stronger teacher's student: no such hint
+])
+def test_the_verdict_says_when_the_gold_answers_beat_the_teachers(teacher, student, baseline, hint):
+    from kdistill.tasks.instruction import verdict
+
+    models = {"teacher": {"task_score": teacher}, "student": {"task_score": student},
+              "baseline": {"task_score": baseline}, "untrained": {"task_score": 0.2}}
+    line = verdict({"models": models, "losses": {"lm": 1.0}, "on_policy_fraction": 0.0})
+    gain = 100 * (student - baseline)
+    assert f"Distillation {'wins' if gain > 0 else 'loses'} by {abs(gain):.1f} points (lm 1)." in line
+    assert ("The teacher scores below the student fine-tuned on the gold responses" in line) == hint

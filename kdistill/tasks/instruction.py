@@ -368,6 +368,10 @@ def verdict(metrics: dict) -> str:
         line += (f" Distillation {'wins' if gain > 0 else 'loses' if gain < 0 else 'ties'} by {abs(gain):.1f} points "
                  f"({', '.join(f'{t} {w:g}' for t, w in metrics['losses'].items() if w)}"
                  f"{', on-policy fraction ' + format(metrics['on_policy_fraction'], 'g') if metrics['on_policy_fraction'] else ''}).")
+        if gain < 0 and teacher["task_score"] < models["baseline"]["task_score"]:
+            line += (" The teacher scores below the student fine-tuned on the gold responses: its answers teach less "
+                     "than the gold ones do; a stronger teacher (teacher.shots, a larger model) or fewer gold rows "
+                     "is where distillation pays.")
     answers = metrics.get("teacher_responses")
     shots = metrics.get("teacher_shots")
     if answers:
