@@ -113,6 +113,7 @@ def table(line: dict, args) -> dict:
     terms = ", ".join(f"{t} {w:g}" for t, w in first["losses"].items() if w)
     later = [r["run_wall_s"] for r in rows if not (r["teacher_pass"]["calls"] or r["teacher_test_calls"])]
     teacher_pass = next((r["teacher_pass"] for r in rows if r["teacher_pass"]["calls"]), None)
+    test_calls = next((r["teacher_test_calls"] for r in rows if r["teacher_test_calls"]), 0)
     labels = {"teacher": f"teacher: {first['teacher']}" + (f", {first['teacher_shots']} gold rows in context"
                                                            if first["teacher_shots"] else ""),
               "student": f"distilled student ({terms})",
@@ -136,11 +137,13 @@ def table(line: dict, args) -> dict:
         f"Distillation {won} by {abs(gap['mean']):.1f} ± {gap['std']:.1f} points against the no-KD baseline "
         f"(per seed: {' / '.join(f'{v:+.1f}' for v in gap['values'])}); every KD seed above every no-KD seed: "
         f"{'yes' if line['kd_above_every_nokd'] else 'no'}.",
-        "Cost: " + (f"the teacher's one-off pass answered {teacher_pass['calls']:,} transfer prompts in "
-                    f"{teacher_pass['seconds']:.0f} s, stored and read back by every later run; "
-                    if teacher_pass else "the teacher's responses were read from the store in every run; ")
-        + f"a whole run (both students trained, every model answering the test prompts) took "
-        + " / ".join(f"{r['run_wall_s'] / 60:.1f}" for r in rows) + " min"
+        f"Cost: the teacher's answers to the transfer prompts "
+        + (f"took {teacher_pass['seconds']:.0f} s ({teacher_pass['calls']:,} calls) in the first run" if teacher_pass
+           else "were read from the store (made by an earlier run)")
+        + "; its answers to the test prompts " + (f"were made in the first run ({test_calls:,} calls)" if test_calls
+                                                   else "were read from the store")
+        + "; both stay stored for every later run. A whole run (both students trained, every model answering the "
+        "test prompts) took " + " / ".join(f"{r['run_wall_s'] / 60:.1f}" for r in rows) + " min"
         + (f" ({' / '.join(f'{w / 60:.1f}' for w in later)} min with the teacher's answers read back)" if later
            else "") + ".",
         *args.note,
