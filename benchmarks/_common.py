@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 
 TEACHER_SLICE_STUDENT = ["student.model=null", "data.labeled_limit=null", "distill.temperature=4"]
@@ -32,3 +35,17 @@ def stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def run_seeds(name: str, args, run_seed, shown=lambda row: row) -> tuple[list[dict], Path]:
+    """`run_seed(args, seed, out)` for each of args.seeds, in args.out (default: a new temp dir, kept), each row
+    logged to stderr (`shown`: the part of it to log) while stdout is kept for the one JSON line. Returns the rows
+    and the dir."""
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"kdistill-{name.replace('_', '-')}-"))
+    print(f"{name}: runs in {out}", file=sys.stderr)
+    rows = []
+    with stdout_to_stderr():
+        for seed in args.seeds:
+            rows.append(run_seed(args, seed, out))
+            print(f"{name}: seed {seed}: {json.dumps(shown(rows[-1]))}", file=sys.stderr)
+    return rows, out

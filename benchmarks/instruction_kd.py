@@ -24,12 +24,11 @@ import logging
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
-from benchmarks._common import spread, stdout_to_stderr  # noqa: E402
+from benchmarks._common import run_seeds, spread  # noqa: E402
 
 SMOKE = ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "train.max_steps=2", "train.eval_every=2",
          "teacher.model=smollm2-135m", "teacher.shots=1", "eval.samples=1"]
@@ -137,7 +136,7 @@ def table(line: dict, args) -> dict:
         f"Distillation {won} by {abs(gap['mean']):.1f} ± {gap['std']:.1f} points against the no-KD baseline "
         f"(per seed: {' / '.join(f'{v:+.1f}' for v in gap['values'])}); every KD seed above every no-KD seed: "
         f"{'yes' if line['kd_above_every_nokd'] else 'no'}.",
-        f"Cost: the teacher's answers to the transfer prompts "
+        "Cost: the teacher's answers to the transfer prompts "
         + (f"took {teacher_pass['seconds']:.0f} s ({teacher_pass['calls']:,} calls) in the first run" if teacher_pass
            else "were read from the store (made by an earlier run)")
         + "; its answers to the test prompts " + (f"were made in the first run ({test_calls:,} calls)" if test_calls
@@ -183,15 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kdistill-instruction-kd-"))
-    print(f"instruction_kd: runs in {out}", file=sys.stderr)
     started = time.perf_counter()
-    rows = []
-    with stdout_to_stderr():
-        for seed in args.seeds:
-            rows.append(run_seed(args, seed, out))
-            print(f"instruction_kd: seed {seed}: " + json.dumps({k: v for k, v in rows[-1].items() if "score" in k}),
-                  file=sys.stderr)
+    rows, _ = run_seeds("instruction_kd", args, run_seed, lambda row: {k: v for k, v in row.items() if "score" in k})
     line = summarise(args, rows, started)
     if args.table:
         Path(args.table).write_text(json.dumps(table(line, args), indent=2, ensure_ascii=False) + "\n",

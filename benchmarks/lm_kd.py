@@ -21,12 +21,11 @@ import logging
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
-from benchmarks._common import spread, stdout_to_stderr  # noqa: E402
+from benchmarks._common import run_seeds, spread  # noqa: E402
 
 SMOKE = ["data.limit=4", "train.max_steps=3", "eval.repeats=1", "eval.warmup=0"]
 
@@ -78,14 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kdistill-lm-kd-"))
-    print(f"lm_kd: runs in {out}", file=sys.stderr)
     started = time.perf_counter()
-    rows = []
-    with stdout_to_stderr():
-        for seed in args.seeds:
-            rows.append(run_seed(args, seed, out))
-            print(f"lm_kd: seed {seed}: {json.dumps(rows[-1])}", file=sys.stderr)
+    rows, out = run_seeds("lm_kd", args, run_seed)
     kd, nokd = [r["kd_ppl"] for r in rows], [r["nokd_ppl"] for r in rows]
     line = {
         "benchmark": "lm_kd",

@@ -3,8 +3,6 @@ back by the next, finished runs read back, the summary and its results table."""
 
 from __future__ import annotations
 
-import json
-
 from benchmarks import instruction_kd
 from benchmarks.render_results import load_results
 from tests.test_instruction import chat_tokenizer, instruction_recipe  # noqa: F401  (a fixture and its recipe)
