@@ -15,7 +15,7 @@ from kdistill.cache import build_topk_cache
 from kdistill.cli import main
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.data import LMBlocks, load_lm_corpus, next_token_targets, pack_blocks
-from kdistill.strategies.causal import distill_causal, generate_continuations, with_targets
+from kdistill.strategies.causal import distill_causal, generate_continuations, generate_responses, with_targets
 from kdistill.measure import block_parameters, perplexity
 from kdistill.teacher import load_causal_teacher
 from kdistill.terms import TermSpec
@@ -247,6 +247,19 @@ def test_generated_continuations_keep_the_prompt_and_count_only_new_tokens(bpe_t
     assert out["input_ids"].shape == (3, 12)
     assert torch.equal(out["input_ids"][:, :6], batch["input_ids"][:, :6])
     assert out["valid"][:, :5].sum() == 0 and out["valid"][:, 5:11].all()  # positions 5..10 predict 6..11
+
+
+@pytest.mark.parametrize("max_new_tokens, generated", [(None, [6, 6]), (3, [3, 3])])
+def test_generated_responses_keep_the_prompt_and_stop_at_the_response_budget(bpe_tokenizer, docs, max_new_tokens,
+                                                                             generated):
+    # rows padded to a width of 14 (the longest row of a whole set): room for 14 - 8 new tokens after the longest prompt
+    batch = {**_batch(bpe_tokenizer, docs, rows=2, length=14), "prompt_length": torch.tensor([5, 8])}
+    torch.manual_seed(0)
+    out = generate_responses(tiny_gpt2(bpe_tokenizer), batch, pad_id=bpe_tokenizer.eos_token_id, eos_id=None,
+                             max_new_tokens=max_new_tokens)
+    assert torch.equal(out["input_ids"][0, :5], batch["input_ids"][0, :5])
+    assert torch.equal(out["input_ids"][1, :8], batch["input_ids"][1, :8])
+    assert out["valid"].sum(1).tolist() == generated  # only the generated tokens are targets
 
 
 def test_on_policy_and_sequence_level_steps_run_and_are_logged(bpe_tokenizer, docs):

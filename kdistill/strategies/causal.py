@@ -112,9 +112,12 @@ def with_alignment(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def generate_responses(model, batch: dict, *, pad_id: int, eos_id: int | None) -> dict:
+def generate_responses(model, batch: dict, *, pad_id: int, eos_id: int | None,
+                       max_new_tokens: int | None = None) -> dict:
     """Instruction rows (a batch with prompt_length (B,)): keep each row's prompt and sample a new response from
-    `model` (T = 1, full vocabulary), as long as the row's room allows (the batch's length L).
+    `model` (T = 1, full vocabulary) of at most `max_new_tokens` (the data's response length; None: as long as the
+    row's room allows, the batch's length L). The rows are padded to the longest row of the whole set, so their room
+    is no bound on a response.
 
     The prompts are left-padded for generation (a decoder continues from its last real token), then each row is
     rebuilt right-padded as prompt + generated tokens up to and including the first EOS, so that the same rows
@@ -131,8 +134,9 @@ def generate_responses(model, batch: dict, *, pad_id: int, eos_id: int | None) -
     was_training = model.training
     model.eval()
     try:
+        budget = length - width if max_new_tokens is None else min(length - width, max_new_tokens)
         out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=max(1, length - width), pad_token_id=pad_id,
+                             top_k=0, top_p=1.0, max_new_tokens=max(1, budget), pad_token_id=pad_id,
                              eos_token_id=eos_id)
     finally:
         model.train(was_training)
@@ -235,7 +239,8 @@ def step_kind(seed: int, step: int, fractions: tuple[float, float]) -> str:
 # ------------------------------------------------------------------------------------------------------- loop
 
 
-def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_id: int | None = None) -> History:
+def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_id: int | None = None,
+                   max_new_tokens: int | None = None) -> History:
     """Train `phase.student` on the blocks `phase.data["train"]` against the frozen `phase.teacher` (none for the
     LM-only control).
 
@@ -243,7 +248,8 @@ def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_i
     returns the history with every loss term per step and the validation perplexity per evaluation (on
     `phase.data["validation"]`). `phase.checkpoints`: where to save resumable state, and whether to continue from
     the last one saved there. Runs in several processes (DDP), each taking its share of every batch. `cache`: the
-    teacher signal; `pad_id`, `eos_id`: the student tokenizer's (default: its config's).
+    teacher signal; `pad_id`, `eos_id`: the student tokenizer's (default: its config's); `max_new_tokens`: the most
+    tokens a generated response of instruction rows may have (their data's response length).
     """
     student, teacher, name = phase.student, phase.teacher, phase.name
     train_blocks, val_blocks = phase.data["train"], phase.data["validation"]
@@ -297,8 +303,11 @@ def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_i
             group = [with_alignment(with_targets(b)) for b in group]
         else:  # generated continuations, scored by the live teacher
             generator = accelerator.unwrap_model(student) if kind == "student" else teacher
-            generate = generate_responses if "prompt_length" in group[0] else generate_continuations
-            group = [generate(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
+            if "prompt_length" in group[0]:
+                group = [generate_responses(generator, b, pad_id=pad_id, eos_id=eos_id,
+                                            max_new_tokens=max_new_tokens) for b in group]
+            else:
+                group = [generate_continuations(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
         # on-policy steps drop the lm term: its targets would be the student's own samples
         skip = ("lm",) if kind == "student" and kd else ()
         weights = {t: w for t, w in spec.active.items() if t not in skip}

@@ -251,7 +251,8 @@ def train_phases(cfg: RunConfig, run_dir: Path, blocks: dict[str, LMBlocks], tea
                       cfg.distill, train, cfg.task, name=name)
         models[name], histories[name] = train_lm_phase(cfg, run_dir, phase, resume=resume, fingerprint=fingerprint,
                                                        meta={**phase_meta, "role": phase_meta.get("role", name)},
-                                                       pad_id=reader.pad_id, eos_id=reader.end_id)
+                                                       pad_id=reader.pad_id, eos_id=reader.end_id,
+                                                       max_new_tokens=cfg.data.max_response_tokens)
     return models, histories, shapes
 
 
