@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -303,11 +304,9 @@ def distill_causal(phase: Phase, *, cache=None, pad_id: int | None = None, eos_i
             group = [with_alignment(with_targets(b)) for b in group]
         else:  # generated continuations, scored by the live teacher
             generator = accelerator.unwrap_model(student) if kind == "student" else teacher
-            if "prompt_length" in group[0]:
-                group = [generate_responses(generator, b, pad_id=pad_id, eos_id=eos_id,
-                                            max_new_tokens=max_new_tokens) for b in group]
-            else:
-                group = [generate_continuations(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
+            generate = (partial(generate_responses, max_new_tokens=max_new_tokens) if "prompt_length" in group[0]
+                        else generate_continuations)
+            group = [generate(generator, b, pad_id=pad_id, eos_id=eos_id) for b in group]
         # on-policy steps drop the lm term: its targets would be the student's own samples
         skip = ("lm",) if kind == "student" and kd else ()
         weights = {t: w for t, w in spec.active.items() if t not in skip}
