@@ -274,6 +274,8 @@ BUILD_SCRIPT = textwrap.dedent("""
     # a file per rank: two processes printing to one pipe can interleave their lines
     with open(f"{out}-rank{rank}.json", "w") as f:
         json.dump({"scored": scored, "path": str(signal.path), "reused": signal.reused}, f)
+    if torch.distributed.is_initialized():  # exit with no gloo thread left running (else an abort, now and then)
+        torch.distributed.destroy_process_group()
 """)
 
 
