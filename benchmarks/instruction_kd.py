@@ -22,13 +22,13 @@ import datetime
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
 from benchmarks._common import run_seeds, spread  # noqa: E402
+from benchmarks.peers.common import git_commit  # noqa: E402
 
 SMOKE = ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "train.max_steps=2", "train.eval_every=2",
          "teacher.model=smollm2-135m", "teacher.shots=1", "eval.samples=1"]
@@ -156,14 +156,6 @@ def table(line: dict, args) -> dict:
             "columns": ["model", "task score %, seeds", "mean ± std", "agrees with teacher %, seeds",
                         "train time (s), seeds", "parameters", "generate tokens/s, seeds"],
             "rows": body}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not recorded"
 
 
 def main(argv: list[str] | None = None) -> dict:
