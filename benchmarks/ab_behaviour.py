@@ -76,6 +76,8 @@ OVERRIDES: dict[str, list[str]] = {
                  "eval.samples=2"],  # Qwen2.5-0.5B answers 3 prompts and 6 test prompts; SmolLM2 student
     "instruct-entities": ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "teacher.shots=1",
                           "train.max_steps=2", "train.eval_every=2", "eval.samples=2"],
+    "instruct-sentiment": ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "train.max_steps=2",
+                           "train.eval_every=2", "eval.samples=2"],
     "kd-attention": encoder() + ["teacher.epochs=1"],
     "llm-teacher": encoder(limit=16) + ["data.labeled_limit=8"],  # Qwen2.5-0.5B scores 16 + 16 + 16 texts
     "llm-teacher-chinese": encoder(limit=16) + ["data.labeled_limit=8"],  # 16 + 16 + 16 reviews; student from scratch

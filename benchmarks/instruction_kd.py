@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kdistill, installed or not
 from benchmarks._common import run_seeds, spread  # noqa: E402
-from benchmarks.peers.common import git_commit  # noqa: E402
+from benchmarks.peers.common import git_commit, machine_line  # noqa: E402
 
 SMOKE = ["data.limit=6", "data.labeled_limit=3", "data.held_out_limit=3", "train.max_steps=2", "train.eval_every=2",
          "teacher.model=smollm2-135m", "teacher.shots=1", "eval.samples=1"]
@@ -75,6 +75,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "params": {role: models[role]["params"] for role in ROLES if role in models},
         "data": m["data"], "losses": m["losses"], "on_policy_fraction": m["on_policy_fraction"],
         "teacher": m["teacher"], "teacher_shots": m.get("teacher_shots"), "scorer": m["scorer"],
+        "threads": m["machine"]["torch_threads"],
     }
 
 
@@ -151,7 +152,8 @@ def table(line: dict, args) -> dict:
             f"recipe {args.recipe}, KD vs no-KD over seeds", "recipe": args.recipe,
             "command": f"python -m benchmarks.instruction_kd --recipe {args.recipe} --seeds "
                        f"{' '.join(map(str, line['seeds']))}" + "".join(f" --set {s}" for s in args.set),
-            "commit": git_commit(), "machine": args.machine, "date": datetime.date.today().isoformat(),
+            "commit": git_commit(), "machine": args.machine or machine_line(first["threads"]),
+            "date": datetime.date.today().isoformat(),
             "source": "benchmarks.instruction_kd --table", "notes": notes,
             "columns": ["model", "task score %, seeds", "mean ± std", "agrees with teacher %, seeds",
                         "train time (s), seeds", "parameters", "generate tokens/s, seeds"],
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--order", type=int, default=35, help="the table's place on the results page")
     parser.add_argument("--title", help="the table's title")
     parser.add_argument("--note", action="append", default=[], help="a paragraph to add to the table's notes")
-    parser.add_argument("--machine", default="2-core AMD EPYC CPU (AVX2, no AVX-512 or AMX); torch 2.13 CPU, "
-                                             "2 threads", help="the machine, in words, for the table")
+    parser.add_argument("--machine", help="the machine, in words, for the table (default: this one's CPU model, "
+                                          "cores and torch threads)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)

@@ -27,6 +27,8 @@ def test_seeds_summary_and_table(tmp_path, chat_tokenizer, monkeypatch):  # noqa
 
     result, = load_results(table.parent)  # the results page reads it
     assert result["id"] == "instruct-tiny" and len(result["rows"]) == 4
+    threads = first["threads"]  # the runs' torch threads, not the reading process's
+    assert result["machine"].endswith(f"CPU, {threads} thread{'s' * (threads != 1)}")
     teacher_row = result["rows"][0]
     assert teacher_row[1] == " / ".join(f"{100 * first['teacher_score']:.1f}" for _ in range(2))
     assert "every KD seed above every no-KD seed: " + ("yes" if line["kd_above_every_nokd"] else "no") in \

